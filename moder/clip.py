@@ -1,0 +1,136 @@
+"""Loading a frozen CLIP through open_clip, and the identity that tags everything it produces."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import open_clip
+import torch
+from torch import nn
+
+# The project's own tiny architectures live beside this module and are registered with
+# open_clip's config registry, so `open_clip.create_model("moder-tiny-clip")` just works.
+_CONFIG_DIR = Path(str(resources.files("moder") / "model_configs"))
+open_clip.add_model_config(_CONFIG_DIR)
+
+PROJECT_MODELS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
+
+
+class ModelLoadError(RuntimeError):
+    """The requested CLIP could not be built or its weights could not be found."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What produced a feature or an expert; consumers refuse anything made by another model."""
+
+    architecture: str
+    weights: str
+    embed_dim: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelIdentity":
+        data = json.loads(text)
+        data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
+        return cls(**data)
+
+
+@dataclass
+class LoadedClip:
+    model: nn.Module
+    preprocess: object
+    tokenizer: object
+    identity: ModelIdentity
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def _weights_tag(architecture: str, pretrained: str | None, checkpoint: Path | None, seed: int) -> str:
+    if checkpoint is not None:
+        return f"file:{file_digest(checkpoint)}"
+    if pretrained:
+        return f"tag:{pretrained}"
+    return f"random:seed={seed}"
+
+
+def load_clip(
+    architecture: str,
+    pretrained: str | None = None,
+    checkpoint: Path | str | None = None,
+    cache_dir: Path | str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> LoadedClip:
+    """Build a frozen open_clip model in eval mode.
+
+    Weights come from `checkpoint` (a local .safetensors/.pt file) when given, else from
+    open_clip's `pretrained` tag (downloaded into `cache_dir`), else the model is randomly
+    initialised from `seed` (the embedded benchmark pre-trains such a model itself).
+    """
+    if architecture not in open_clip.list_models():
+        raise ModelLoadError(
+            f"unknown CLIP architecture {architecture!r}; open_clip knows {len(open_clip.list_models())} "
+            f"architectures, e.g. ViT-B-16, ViT-L-14, and this project's {', '.join(PROJECT_MODELS)}"
+        )
+    if checkpoint is not None and pretrained:
+        raise ModelLoadError("give either a pretrained tag or a checkpoint path, not both")
+    source = None
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        if not checkpoint.is_file():
+            raise ModelLoadError(
+                f"CLIP checkpoint not found: {checkpoint} (model.checkpoint in params.yaml); "
+                "point it at a local .safetensors or .pt file holding an open_clip state dict"
+            )
+        source = str(checkpoint)
+    elif pretrained:
+        known = open_clip.list_pretrained_tags_by_model(architecture)
+        if pretrained not in known:
+            raise ModelLoadError(
+                f"unknown pretrained tag {pretrained!r} for {architecture}; known tags: {', '.join(known) or 'none'}"
+            )
+        source = pretrained
+    try:
+        with torch.random.fork_rng(devices=[]):  # seed the random init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                architecture,
+                pretrained=source,
+                device=device,
+                cache_dir=None if cache_dir is None else str(cache_dir),
+            )
+    except RuntimeError as error:
+        if checkpoint is not None:
+            raise ModelLoadError(f"could not load CLIP checkpoint {checkpoint} into {architecture}: {error}") from error
+        raise ModelLoadError(
+            f"could not fetch weights {architecture}/{pretrained} (looked in cache_dir={cache_dir or 'the Hugging Face cache'}): "
+            f"{error}. Offline, download the weights elsewhere and set model.checkpoint in params.yaml "
+            "to the local file, or set model.cache_dir to a directory that already holds them."
+        ) from error
+    model.eval().requires_grad_(False)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    image_size = cfg["size"]
+    identity = ModelIdentity(
+        architecture=architecture,
+        weights=_weights_tag(architecture, pretrained, checkpoint, seed),
+        embed_dim=int(open_clip.get_model_config(architecture)["embed_dim"]),
+        image_size=int(image_size[0] if isinstance(image_size, (tuple, list)) else image_size),
+        mean=tuple(float(v) for v in cfg["mean"]),
+        std=tuple(float(v) for v in cfg["std"]),
+    )
+    return LoadedClip(model, preprocess, open_clip.get_tokenizer(architecture), identity)

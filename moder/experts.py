@@ -1,0 +1,170 @@
+"""Per-class textual experts: learnable context tokens or LoRA on the text encoder.
+
+A set of E experts is stored as stacked tensors so that N classes, each with its own
+expert, are encoded in one batched forward (see `moder.text.TextTower.encode`).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+LORA_MODULES = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
+LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
+
+
+@dataclass
+class ContextExperts:
+    """E sets of n_ctx token embeddings that replace the prompt's leading words."""
+
+    ctx: Tensor  # [E, n_ctx, width]
+    kind: Literal["context"] = field(default="context", init=False)
+
+    def __len__(self) -> int:
+        return self.ctx.shape[0]
+
+    def select(self, rows: Tensor) -> "ContextExperts":
+        return ContextExperts(self.ctx[rows])
+
+    def parameters(self) -> list[Tensor]:
+        return [self.ctx]
+
+    def with_parameters(self, parameters: list[Tensor]) -> "ContextExperts":
+        """The same experts holding `parameters` (in the order of `parameters()`)."""
+        (ctx,) = parameters
+        return ContextExperts(ctx)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"ctx": self.ctx}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "n_ctx": self.ctx.shape[1]}
+
+
+@dataclass
+class LoraExperts:
+    """E low-rank updates W + scaling * B @ A per targeted linear map.
+
+    Targets are named "<layer>.<module>", module one of LORA_MODULES. Experts of
+    different rank batch together by zero-padding the rank dimension.
+    """
+
+    a: dict[str, Tensor]  # target -> [E, R, in]
+    b: dict[str, Tensor]  # target -> [E, out, R]
+    scaling: float
+    kind: Literal["lora"] = field(default="lora", init=False)
+
+    def __len__(self) -> int:
+        return next(iter(self.a.values())).shape[0]
+
+    @property
+    def rank(self) -> int:
+        return next(iter(self.a.values())).shape[1]
+
+    def select(self, rows: Tensor) -> "LoraExperts":
+        return LoraExperts({t: v[rows] for t, v in self.a.items()}, {t: v[rows] for t, v in self.b.items()}, self.scaling)
+
+    def parameters(self) -> list[Tensor]:
+        return [*self.a.values(), *self.b.values()]
+
+    def with_parameters(self, parameters: list[Tensor]) -> "LoraExperts":
+        """The same experts holding `parameters` (in the order of `parameters()`)."""
+        n = len(self.a)
+        return LoraExperts(dict(zip(self.a, parameters[:n])), dict(zip(self.b, parameters[n:])), self.scaling)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {**{f"lora_a.{t}": v for t, v in self.a.items()}, **{f"lora_b.{t}": v for t, v in self.b.items()}}
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "rank": self.rank, "scaling": self.scaling, "targets": sorted(self.a)}
+
+
+Experts = ContextExperts | LoraExperts
+
+
+def lora_targets(n_layers: int, layers: list[int] | None, modules: list[str]) -> list[str]:
+    """Target names for the given layers (None = all) and modules."""
+    chosen = range(n_layers) if layers is None else layers
+    for layer in chosen:
+        if not 0 <= layer < n_layers:
+            raise ValueError(f"LoRA layer {layer} is out of range for a text encoder with {n_layers} layers")
+    for module in modules:
+        if module not in LORA_MODULES:
+            raise ValueError(f"unknown LoRA module {module!r}; allowed: {', '.join(LORA_MODULES)}")
+    return [f"{layer}.{module}" for layer in chosen for module in modules]
+
+
+def init_lora_experts(
+    n: int, shapes: dict[str, tuple[int, int]], rank: int, scaling: float, generator: torch.Generator
+) -> LoraExperts:
+    """A random, B zero: every new expert starts as the frozen model."""
+    a, b = {}, {}
+    for target, (out_features, in_features) in shapes.items():
+        bound = 1.0 / math.sqrt(in_features)
+        a[target] = (torch.rand(n, rank, in_features, generator=generator) * 2 - 1) * bound
+        b[target] = torch.zeros(n, out_features, rank)
+    return LoraExperts(a, b, scaling)
+
+
+def init_context_experts(n: int, init_ctx: Tensor) -> ContextExperts:
+    """Every class starts from the embeddings of the template's leading words."""
+    return ContextExperts(init_ctx.detach().unsqueeze(0).repeat(n, 1, 1).clone())
+
+
+def concat_experts(parts: list[Experts]) -> Experts:
+    if not parts:
+        raise ValueError("no experts to concatenate")
+    first = parts[0]
+    if any(p.kind != first.kind for p in parts):
+        raise ValueError("cannot concatenate experts of different kinds")
+    if isinstance(first, ContextExperts):
+        return ContextExperts(torch.cat([p.ctx for p in parts]))
+    if any(p.describe() != first.describe() for p in parts):
+        raise ValueError("cannot concatenate LoRA experts with different rank, scaling or targets")
+    return LoraExperts(
+        {t: torch.cat([p.a[t] for p in parts]) for t in first.a},
+        {t: torch.cat([p.b[t] for p in parts]) for t in first.b},
+        first.scaling,
+    )
+
+
+def experts_from_tensors(tensors: dict[str, Tensor], description: dict) -> Experts:
+    if description["kind"] == "context":
+        return ContextExperts(tensors["ctx"])
+    a = {k.removeprefix("lora_a."): v for k, v in tensors.items() if k.startswith("lora_a.")}
+    b = {k.removeprefix("lora_b."): v for k, v in tensors.items() if k.startswith("lora_b.")}
+    return LoraExperts(a, b, float(description["scaling"]))
+
+
+def save_experts(path, experts: Experts, class_names: list[str], backbone: str, extra: dict | None = None) -> None:
+    """Write experts as safetensors; metadata holds class names, kind, rank and backbone identity."""
+    if len(class_names) != len(experts):
+        raise ValueError(f"{len(class_names)} class names for {len(experts)} experts")
+    metadata = {
+        "class_names": json.dumps(class_names),
+        "experts": json.dumps(experts.describe()),
+        "backbone": backbone,
+        **{k: json.dumps(v) for k, v in (extra or {}).items()},
+    }
+    save_file({k: v.detach().contiguous() for k, v in experts.tensors().items()}, str(path), metadata=metadata)
+
+
+def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str], dict]:
+    """Read experts written by `save_experts`; refuse those made on another backbone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    missing = {"class_names", "experts", "backbone"} - set(metadata)
+    if missing:
+        raise ValueError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
+    if backbone is not None and metadata["backbone"] != backbone:
+        raise ValueError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
+    experts = experts_from_tensors(load_file(str(path)), json.loads(metadata["experts"]))
+    extra = {k: json.loads(v) for k, v in metadata.items() if k not in {"class_names", "experts", "backbone"}}
+    return experts, json.loads(metadata["class_names"]), extra

@@ -1,0 +1,73 @@
+"""One factory for experts: the prompts a kind reads, fresh experts, and the null expert."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from moder.experts import (
+    LORA_MODULES,
+    ContextExperts,
+    Experts,
+    LoraExperts,
+    init_context_experts,
+    init_lora_experts,
+    lora_targets,
+)
+from moder.prompts import PromptSet, template_prompts
+from moder.text import TextTower
+
+
+@dataclass(frozen=True)
+class ExpertSpec:
+    kind: Literal["context", "lora"] = "context"
+    context_init: str = "a photo of a"
+    lora_rank: int = 4
+    lora_alpha: float = 8.0
+    lora_layers: tuple[int, ...] | None = None
+    lora_modules: tuple[str, ...] = LORA_MODULES
+
+
+class ExpertFactory:
+    """Builds experts of one spec for one text tower.
+
+    Context experts read "<context> <name>." with the context initialised from the spec's
+    phrase; LoRA experts read the template ensemble, like the zero-shot classifier.
+    """
+
+    def __init__(self, tower: TextTower, spec: ExpertSpec, templates: list[str]) -> None:
+        self.tower, self.spec, self.templates = tower, spec, list(templates)
+        if spec.kind == "context":
+            self._init_ctx = tower.context_prompts(["x"], spec.context_init)[1]
+        elif spec.kind == "lora":
+            self._shapes = tower.lora_shapes(
+                lora_targets(tower.n_layers, None if spec.lora_layers is None else list(spec.lora_layers), list(spec.lora_modules))
+            )
+        else:
+            raise ValueError(f"unknown expert kind {spec.kind!r}; allowed: context, lora")
+
+    @property
+    def scaling(self) -> float:
+        return self.spec.lora_alpha / self.spec.lora_rank
+
+    def prompts(self, class_names: list[str]) -> PromptSet:
+        if self.spec.kind == "context":
+            return PromptSet(self.tower.context_prompts(class_names, self.spec.context_init)[0], len(class_names), 1)
+        return template_prompts(self.tower, class_names, self.templates)
+
+    def new(self, n: int, generator: torch.Generator) -> Experts:
+        if self.spec.kind == "context":
+            return init_context_experts(n, self._init_ctx)
+        return init_lora_experts(n, self._shapes, self.spec.lora_rank, self.scaling, generator)
+
+    def null(self) -> Experts:
+        """The frozen model as an expert: the init phrase itself, or a zero LoRA delta."""
+        if self.spec.kind == "context":
+            return ContextExperts(self._init_ctx.unsqueeze(0).clone())
+        rank = self.spec.lora_rank
+        return LoraExperts(
+            {t: torch.zeros(1, rank, i) for t, (o, i) in self._shapes.items()},
+            {t: torch.zeros(1, o, rank) for t, (o, i) in self._shapes.items()},
+            self.scaling,
+        )

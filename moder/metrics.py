@@ -1,0 +1,82 @@
+"""Continual-learning metrics on an accuracy matrix (DESIGN.md section 3).
+
+A[i][j] is the accuracy (percent) on task j's test set after training step i; the code
+indexes from 0, the design from 1.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch.nn.functional as F
+from torch import Tensor
+
+Protocol = Literal["mtil", "classil"]
+
+
+def _square(matrix) -> np.ndarray:
+    a = np.asarray(matrix, dtype=float)
+    if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 1:
+        raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got shape {a.shape}")
+    if np.isnan(a).any():
+        raise ValueError("accuracy matrix has missing (NaN) entries")
+    return a
+
+
+def transfer(matrix) -> float:
+    """Mean over j = 2..T of the mean over i < j of A[i][j]: zero-shot ability on tasks not yet trained."""
+    a = _square(matrix)
+    if a.shape[0] < 2:
+        raise ValueError("transfer needs at least two tasks")
+    return float(np.mean([a[:j, j].mean() for j in range(1, a.shape[0])]))
+
+
+def average(matrix) -> float:
+    """Mean over j of the mean over i of A[i][j]."""
+    return float(_square(matrix).mean(axis=0).mean())
+
+
+def last(matrix) -> float:
+    """Mean over j of A[T][j]: every task after the final step."""
+    return float(_square(matrix)[-1].mean())
+
+
+def future(matrix) -> float:
+    """Mean over i = 1..T-1 of the mean over j > i of A[i][j] (mammoth's "AVG Transfer")."""
+    a = _square(matrix)
+    if a.shape[0] < 2:
+        raise ValueError("future needs at least two tasks")
+    return float(np.mean([a[i, i + 1 :].mean() for i in range(a.shape[0] - 1)]))
+
+
+def summarize(matrix, protocol: Protocol) -> dict[str, float]:
+    """The metrics.json entry of one method."""
+    summary = {"transfer": transfer(matrix), "avg": average(matrix), "last": last(matrix)}
+    if protocol == "classil":
+        summary["future"] = future(matrix)
+    elif protocol != "mtil":
+        raise ValueError(f"unknown protocol {protocol!r}; allowed: mtil, classil")
+    return summary
+
+
+def label_space(protocol: Protocol, task_classes: list[list[str]], step: int, task: int) -> list[str]:
+    """The classes that task `task`'s test set is classified among after training step `step`.
+
+    MTIL: the task's own dataset classes. Class-IL (mammoth's future-task evaluation): a task
+    already trained (task <= step) among the classes seen so far; a task not yet trained
+    among all classes of the benchmark.
+    """
+    if not (0 <= step < len(task_classes) and 0 <= task < len(task_classes)):
+        raise ValueError(f"step {step} or task {task} is outside 0..{len(task_classes) - 1}")
+    if protocol == "mtil":
+        return list(task_classes[task])
+    if protocol == "classil":
+        visible = task_classes[: step + 1] if task <= step else task_classes
+        return [name for classes in visible for name in classes]
+    raise ValueError(f"unknown protocol {protocol!r}; allowed: mtil, classil")
+
+
+def accuracy(features: Tensor, labels: Tensor, prototypes: Tensor) -> float:
+    """Percent of features whose most similar prototype is their own class's."""
+    predictions = (F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T).argmax(dim=1)
+    return 100.0 * (predictions == labels).float().mean().item()

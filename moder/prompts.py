@@ -1,0 +1,61 @@
+"""Prompts per class and the prototypes (class text embeddings) they encode to."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moder.experts import Experts
+from moder.text import TextTower
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """`per_class` token sequences for each of `n_classes` classes, class-major."""
+
+    tokens: Tensor  # [n_classes * per_class, L]
+    n_classes: int
+    per_class: int
+
+    def select(self, classes: Tensor) -> "PromptSet":
+        rows = (classes[:, None] * self.per_class + torch.arange(self.per_class)).reshape(-1)
+        return PromptSet(self.tokens[rows.to(self.tokens.device)], len(classes), self.per_class)
+
+
+def template_prompts(tower: TextTower, class_names: list[str], templates: list[str]) -> PromptSet:
+    """CLIP's template ensemble: every template filled with every class name."""
+    if not templates or any("{}" not in t for t in templates):
+        raise ValueError("templates must be a non-empty list of strings that each contain '{}'")
+    texts = [template.format(name) for name in class_names for template in templates]
+    return PromptSet(tower.tokenize(texts), len(class_names), len(templates))
+
+
+def encode_prototypes(
+    tower: TextTower,
+    prompts: PromptSet,
+    experts: Experts | None = None,
+    class_expert: Tensor | None = None,
+    chunk_classes: int | None = None,
+) -> Tensor:
+    """L2-normalised mean of each class's normalised prompt embeddings -> [n_classes, d].
+
+    With experts, class c is encoded by expert row `class_expert[c]`. `chunk_classes` bounds
+    memory for large no-grad encodings; training passes None to keep one batched forward.
+    """
+    step = chunk_classes or prompts.n_classes
+    parts = []
+    for start in range(0, prompts.n_classes, step):
+        classes = torch.arange(start, min(start + step, prompts.n_classes))
+        chunk = prompts.select(classes)
+        index = None if experts is None else class_expert[classes].repeat_interleave(prompts.per_class)
+        embeddings = tower.encode(chunk.tokens, experts, index)
+        parts.append(embeddings.view(len(classes), prompts.per_class, -1).mean(dim=1))
+    return F.normalize(torch.cat(parts), dim=-1)
+
+
+@torch.no_grad()
+def zeroshot_prototypes(tower: TextTower, class_names: list[str], templates: list[str], chunk_classes: int = 64) -> Tensor:
+    """The frozen model's template-ensembled class embeddings: keys, queries and the zero-shot classifier."""
+    return encode_prototypes(tower, template_prompts(tower, class_names, templates), chunk_classes=chunk_classes)

@@ -1,0 +1,154 @@
+"""The frozen CLIP text encoder, run functionally so that every sequence may carry its own expert.
+
+open_clip's modules hold the weights; this module only re-expresses their forward pass with
+two additions: per-sequence context tokens or LoRA deltas (batched with bmm, never a loop
+over experts), and truncation of each batch to its longest prompt. The causal mask means no
+position reads a later one, and the pooled feature is read at the end-of-text token, so the
+truncated result equals full-context encoding while skipping the padding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
+from torch import Tensor, nn
+
+from moder.experts import ContextExperts, Experts, LoraExperts
+
+_LORA_ATTN_IN, _LORA_ATTN_OUT, _LORA_FC, _LORA_PROJ = "attn_in", "attn_out", "mlp_fc", "mlp_proj"
+
+
+class UnsupportedTextTower(ValueError):
+    """The model's text encoder is not a standard open_clip causal transformer."""
+
+
+class TextTower:
+    """A view on a frozen open_clip model's text encoder."""
+
+    def __init__(self, model: nn.Module, tokenizer) -> None:
+        text = model.text if hasattr(model, "text") else model
+        if not hasattr(text, "transformer") or not hasattr(text, "token_embedding"):
+            raise UnsupportedTextTower(
+                f"{type(text).__name__} is not an open_clip text transformer (Hugging Face text towers are not supported)"
+            )
+        if getattr(text, "cls_emb", None) is not None:
+            raise UnsupportedTextTower("text towers with a CLS embedding (CoCa) are not supported")
+        self.blocks: list[ResidualAttentionBlock] = list(text.transformer.resblocks)
+        for i, block in enumerate(self.blocks):
+            if not isinstance(block, ResidualAttentionBlock) or not isinstance(block.attn, nn.MultiheadAttention):
+                raise UnsupportedTextTower(f"text block {i} is {type(block).__name__}, not a ResidualAttentionBlock")
+        self.token_embedding: nn.Embedding = text.token_embedding
+        self.positional_embedding: Tensor = text.positional_embedding
+        self.ln_final: nn.Module = text.ln_final
+        self.text_projection = text.text_projection
+        self.attn_mask: Tensor | None = text.attn_mask
+        self.pool_type: str = text.text_pool_type if hasattr(text, "text_pool_type") else text.pool_type
+        self.eos_id = getattr(text, "text_eos_id", getattr(text, "eos_id", None))
+        self.cast_dtype = text.transformer.get_cast_dtype()
+        self.tokenizer = tokenizer
+
+    @property
+    def width(self) -> int:
+        return self.token_embedding.embedding_dim
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def device(self) -> torch.device:
+        return self.token_embedding.weight.device
+
+    def lora_shapes(self, targets: list[str]) -> dict[str, tuple[int, int]]:
+        """(out_features, in_features) of each targeted linear map."""
+        shapes = {}
+        for target in targets:
+            layer, module = target.split(".")
+            weight = self._linear_weight(self.blocks[int(layer)], module)[0]
+            shapes[target] = tuple(weight.shape)
+        return shapes
+
+    @staticmethod
+    def _linear_weight(block: ResidualAttentionBlock, module: str) -> tuple[Tensor, Tensor | None]:
+        if module == _LORA_ATTN_IN:
+            return block.attn.in_proj_weight, block.attn.in_proj_bias
+        layer = {_LORA_ATTN_OUT: block.attn.out_proj, _LORA_FC: block.mlp.c_fc, _LORA_PROJ: block.mlp.c_proj}[module]
+        return layer.weight, layer.bias
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    def context_prompts(self, class_names: list[str], init_phrase: str) -> tuple[Tensor, Tensor]:
+        """Tokens of "<init_phrase> <name>." and the embeddings of the init phrase's words.
+
+        The init phrase's tokens sit right after start-of-text; a context expert replaces them.
+        """
+        n_ctx = len(self.tokenizer.encode(init_phrase)) if hasattr(self.tokenizer, "encode") else None
+        if not n_ctx:
+            raise ValueError(f"context init phrase {init_phrase!r} has no tokens")
+        tokens = self.tokenize([f"{init_phrase} {name}." for name in class_names])
+        with torch.no_grad():
+            init_ctx = self.token_embedding(tokens[0, 1 : 1 + n_ctx]).float()
+        return tokens, init_ctx
+
+    def sequence_length(self, tokens: Tensor) -> int:
+        """The shortest prefix that holds every sequence's pooled position."""
+        if self.attn_mask is None or self.pool_type not in ("argmax", "eos"):
+            return tokens.shape[1]  # bidirectional or last-token pooling reads the padding
+        if self.pool_type == "argmax":
+            last = tokens.argmax(dim=-1)
+        else:
+            last = (tokens == self.eos_id).int().argmax(dim=-1)
+        return int(last.max()) + 1
+
+    def encode(
+        self,
+        tokens: Tensor,
+        experts: Experts | None = None,
+        expert_index: Tensor | None = None,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> Tensor:
+        """Encode token sequences; sequence b uses expert `expert_index[b]` when experts are given."""
+        if experts is not None:
+            if expert_index is None or expert_index.shape != tokens.shape[:1]:
+                raise ValueError("expert_index must give one expert row per sequence")
+            per_sequence = experts.select(expert_index.to(self.device))
+        else:
+            per_sequence = None
+        length = self.sequence_length(tokens) if truncate else tokens.shape[1]
+        tokens = tokens[:, :length]
+        x = self.token_embedding(tokens).to(self.cast_dtype)
+        if isinstance(per_sequence, ContextExperts):
+            n_ctx = per_sequence.ctx.shape[1]
+            x = torch.cat([x[:, :1], per_sequence.ctx.to(x.dtype), x[:, 1 + n_ctx :]], dim=1)
+        x = x + self.positional_embedding[:length].to(self.cast_dtype)
+        mask = None if self.attn_mask is None else self.attn_mask[:length, :length].to(x.dtype)
+        lora = per_sequence if isinstance(per_sequence, LoraExperts) else None
+        for layer, block in enumerate(self.blocks):
+            x = x + block.ls_1(self._attention(block, layer, block.ln_1(x), mask, lora))
+            h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
+            x = x + block.ls_2(self._linear(block, layer, _LORA_PROJ, block.mlp.gelu(h), lora))
+        x = self.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _linear(self, block, layer: int, module: str, x: Tensor, lora: LoraExperts | None) -> Tensor:
+        weight, bias = self._linear_weight(block, module)
+        y = F.linear(x, weight, bias)
+        target = f"{layer}.{module}"
+        if lora is not None and target in lora.a:
+            a, b = lora.a[target].to(x.dtype), lora.b[target].to(x.dtype)
+            y = y + lora.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+        return y
+
+    def _attention(self, block, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None) -> Tensor:
+        batch, length, width = x.shape
+        heads = block.attn.num_heads
+        qkv = self._linear(block, layer, _LORA_ATTN_IN, x, lora)
+        q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, length, width)
+        return self._linear(block, layer, _LORA_ATTN_OUT, out, lora)

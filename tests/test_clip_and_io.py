@@ -1,0 +1,86 @@
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import open_clip
+from moder.clip import ModelIdentity, ModelLoadError, load_clip
+from moder.experts import load_experts, save_experts
+from moder.text import TextTower
+
+from conftest import random_lora
+
+
+def test_project_configs_are_registered_with_open_clip():
+    assert {"moder-micro-clip", "moder-tiny-clip"} <= set(open_clip.list_models())
+    assert open_clip.get_model_config("moder-tiny-clip")["text_cfg"]["width"] == 128
+
+
+def test_random_init_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a, b = load_clip("moder-micro-clip", seed=5), load_clip("moder-micro-clip", seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a.model.token_embedding.weight, b.model.token_embedding.weight)
+    assert a.identity == b.identity and a.identity.weights == "random:seed=5"
+
+
+def test_local_checkpoint_loads_and_tags_identity_with_its_digest(tmp_path, clip):
+    path = tmp_path / "micro.safetensors"
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(path))
+    loaded = load_clip("moder-micro-clip", checkpoint=path, seed=99)
+    tokens = loaded.tokenizer(["a photo of a red star."])
+    assert torch.equal(TextTower(loaded.model, loaded.tokenizer).encode(tokens), TextTower(clip.model, clip.tokenizer).encode(tokens))
+    assert loaded.identity.weights.startswith("file:") and loaded.identity.embed_dim == 32
+    assert ModelIdentity.from_json(loaded.identity.to_json()) == loaded.identity
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"architecture": "ViT-Q-99"}, "unknown CLIP architecture 'ViT-Q-99'"),
+        ({"architecture": "moder-micro-clip", "checkpoint": "/nowhere/w.safetensors"},
+         "CLIP checkpoint not found: /nowhere/w.safetensors"),
+        ({"architecture": "ViT-B-16", "pretrained": "no-such-tag"}, "unknown pretrained tag 'no-such-tag' for ViT-B-16"),
+    ],
+)
+def test_load_errors_say_what_was_looked_for(kwargs, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_clip(**kwargs)
+
+
+def test_wrong_checkpoint_is_reported_with_its_path(tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"unrelated": torch.zeros(2)}, str(path))
+    with pytest.raises(ModelLoadError, match=f"could not load CLIP checkpoint {path}"):
+        load_clip("moder-micro-clip", checkpoint=path)
+
+
+def test_experts_round_trip_with_metadata(tmp_path, lora_factory, context_factory):
+    for experts in (random_lora(lora_factory, 2), context_factory.new(2, torch.Generator())):
+        path = tmp_path / f"{experts.kind}.safetensors"
+        save_experts(path, experts, ["red star", "blue circle"], backbone="B", extra={"step": 3})
+        loaded, names, extra = load_experts(path, backbone="B")
+        assert names == ["red star", "blue circle"] and extra == {"step": 3}
+        assert loaded.describe() == experts.describe()
+        for name, tensor in experts.tensors().items():
+            assert torch.equal(loaded.tensors()[name], tensor)
+        with pytest.raises(ValueError, match="trained on backbone B, not C"):
+            load_experts(path, backbone="C")
+    with pytest.raises(ValueError, match="2 class names for 1 experts"):
+        save_experts(tmp_path / "x.safetensors", context_factory.new(1, torch.Generator()), ["a", "b"], backbone="B")
+
+
+def test_offline_pretrained_tag_error_says_how_to_use_a_local_copy(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from moder.clip import load_clip\n"
+        f"load_clip('ViT-B-16', pretrained='openai', cache_dir={str(tmp_path)!r})\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode != 0
+    assert f"could not fetch weights ViT-B-16/openai (looked in cache_dir={tmp_path})" in result.stderr
+    assert "set model.checkpoint in params.yaml" in result.stderr

@@ -1,0 +1,76 @@
+import torch
+
+from moder.metrics import accuracy
+from moder.prompts import zeroshot_prototypes
+from moder.synthetic import shifted_features
+from moder.train import TrainConfig, train_experts
+
+from conftest import TEMPLATES
+
+NAMES = [f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")]
+
+
+def _problem(tower, seed=0):
+    zeroshot = zeroshot_prototypes(tower, NAMES, TEMPLATES)
+    groups = torch.arange(3).repeat_interleave(3)
+    features, labels = shifted_features(zeroshot, groups, 20, shift=1.0, noise=0.3, generator=torch.Generator().manual_seed(seed))
+    return zeroshot, features, labels
+
+
+def _train(tower, factory, config, **kwargs):
+    zeroshot, features, labels = _problem(tower)
+    prompts = factory.prompts(NAMES)
+    experts = factory.new(len(NAMES), torch.Generator().manual_seed(config.seed))
+    return zeroshot, features, labels, prompts, train_experts(tower, prompts, experts, features, labels, config, **kwargs)
+
+
+def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_factory, context_factory):
+    from moder.prompts import encode_prototypes
+
+    for factory, lr in ((context_factory, 5e-3), (lora_factory, 1e-2)):
+        zeroshot, features, labels, prompts, result = _train(tower, factory, TrainConfig(epochs=15, batch_size=32, lr=lr))
+        before = accuracy(features, labels, zeroshot)
+        after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES))))
+        assert before < 90.0, "the generated problem must leave room to improve"
+        assert sum(result.losses[-3:]) < 0.5 * sum(result.losses[:3]), factory.spec.kind
+        assert after > before + 10.0, (factory.spec.kind, before, after)
+
+
+def test_training_is_deterministic_for_a_seed(tower, lora_factory):
+    config = TrainConfig(epochs=2, batch_size=16, lr=1e-2, seed=4)
+    first = _train(tower, lora_factory, config)[-1]
+    second = _train(tower, lora_factory, config)[-1]
+    assert first.losses == second.losses
+    for name, tensor in first.experts.tensors().items():
+        assert torch.equal(tensor, second.experts.tensors()[name])
+
+
+def test_one_batched_forward_per_optimisation_step(tower, context_factory, monkeypatch):
+    _, features, labels = _problem(tower)
+    prompts = context_factory.prompts(NAMES)
+    calls = []
+    original = type(tower).encode
+    monkeypatch.setattr(type(tower), "encode", lambda self, *a, **k: calls.append(a[0].shape[0]) or original(self, *a, **k))
+    train_experts(tower, prompts, context_factory.new(len(NAMES), torch.Generator()), features, labels,
+                  TrainConfig(epochs=1, batch_size=60))  # 180 samples -> 3 steps
+    assert calls == [len(NAMES)] * 3
+
+
+def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory):
+    from moder.prompts import encode_prototypes
+
+    def drift(reg):
+        zeroshot, _, _, prompts, result = _train(tower, context_factory, TrainConfig(epochs=5, lr=1e-2, reg_zeroshot=reg),
+                                                 zeroshot=zeroshot_prototypes(tower, NAMES, TEMPLATES))
+        own = encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES)))
+        return (1 - (own * zeroshot).sum(-1)).mean().item()
+
+    assert drift(100.0) < drift(0.0)
+
+
+def test_prior_prototypes_as_negatives_enter_the_loss(tower, context_factory):
+    config = TrainConfig(epochs=1, batch_size=180)
+    plain = _train(tower, context_factory, config)[-1]
+    negatives = zeroshot_prototypes(tower, ["pink star", "black circle", "white square"], TEMPLATES)
+    with_negatives = _train(tower, context_factory, config, negatives=negatives)[-1]
+    assert with_negatives.losses[0] > plain.losses[0]
