@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import open_clip
@@ -13,7 +12,7 @@ from torch import nn
 
 # The project's own tiny architectures live beside this module and are registered with
 # open_clip's config registry, so `open_clip.create_model("moder-tiny-clip")` just works.
-_CONFIG_DIR = Path(str(resources.files("moder") / "model_configs"))
+_CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(_CONFIG_DIR)
 
 PROJECT_MODELS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))

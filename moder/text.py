@@ -141,7 +141,8 @@ class TextTower:
         target = f"{layer}.{module}"
         if lora is not None and target in lora.a:
             a, b = lora.a[target].to(x.dtype), lora.b[target].to(x.dtype)
-            y = y + lora.scaling * torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
+            # in place: y is linear's fresh output, which autograd does not keep
+            y = y.baddbmm_(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2), alpha=lora.scaling)
         return y
 
     def _attention(self, block, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None) -> Tensor:
