@@ -83,7 +83,9 @@ class TextTower:
 
         The init phrase's tokens sit right after start-of-text; a context expert replaces them.
         """
-        n_ctx = len(self.tokenizer.encode(init_phrase)) if hasattr(self.tokenizer, "encode") else None
+        if not hasattr(self.tokenizer, "encode"):
+            raise UnsupportedTextTower(f"context experts need a BPE tokenizer with encode(); got {type(self.tokenizer).__name__}")
+        n_ctx = len(self.tokenizer.encode(init_phrase))
         if not n_ctx:
             raise ValueError(f"context init phrase {init_phrase!r} has no tokens")
         tokens = self.tokenize([f"{init_phrase} {name}." for name in class_names])
