@@ -64,12 +64,12 @@ class TextTower:
         shapes = {}
         for target in targets:
             layer, module = target.split(".")
-            weight = self._linear_weight(self.blocks[int(layer)], module)[0]
+            weight = self.linear_weight(self.blocks[int(layer)], module)[0]
             shapes[target] = tuple(weight.shape)
         return shapes
 
     @staticmethod
-    def _linear_weight(block: ResidualAttentionBlock, module: str) -> tuple[Tensor, Tensor | None]:
+    def linear_weight(block: ResidualAttentionBlock, module: str) -> tuple[Tensor, Tensor | None]:
         if module == _LORA_ATTN_IN:
             return block.attn.in_proj_weight, block.attn.in_proj_bias
         layer = {_LORA_ATTN_OUT: block.attn.out_proj, _LORA_FC: block.mlp.c_fc, _LORA_PROJ: block.mlp.c_proj}[module]
@@ -138,7 +138,7 @@ class TextTower:
         return F.normalize(x, dim=-1) if normalize else x
 
     def _linear(self, block, layer: int, module: str, x: Tensor, lora: LoraExperts | None) -> Tensor:
-        weight, bias = self._linear_weight(block, module)
+        weight, bias = self.linear_weight(block, module)
         y = F.linear(x, weight, bias)
         target = f"{layer}.{module}"
         if lora is not None and target in lora.a:

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -36,3 +38,15 @@ def lora_factory(tower):
 @pytest.fixture(scope="session")
 def context_factory(tower):
     return ExpertFactory(tower, ExpertSpec(kind="context"), TEMPLATES)
+
+
+def merged_lora_model(model, experts, rows, weights):
+    """A copy of `model` whose text weights absorb sum_j weights[j] * scaling * B[rows[j]] @ A[rows[j]]."""
+    merged = copy.deepcopy(model)
+    with torch.no_grad():
+        for target in experts.a:
+            layer, module = target.split(".")
+            weight, _ = TextTower.linear_weight(merged.transformer.resblocks[int(layer)], module)
+            for row, w in zip(rows, weights):
+                weight += w * experts.scaling * experts.b[target][row] @ experts.a[target][row]
+    return merged

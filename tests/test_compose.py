@@ -1,13 +1,10 @@
-import copy
-
 import torch
 
 from moder.compose import compose_parameters, compose_prototypes, seen_prototypes
 from moder.hub import NULL_EXPERT
 from moder.prompts import encode_prototypes, template_prompts, zeroshot_prototypes
-from moder.text import TextTower
 
-from conftest import CLASSES, TEMPLATES, random_lora
+from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 UNSEEN = ["orange circle", "pink star"]
 
@@ -34,13 +31,7 @@ def test_parameter_space_lora_composition_equals_merged_weights_model(clip, towe
     weights = torch.tensor([[0.5, 0.3, 0.2]])
     composed = compose_parameters(bank, lora_factory.null(), torch.tensor([[2, 0, 1]]), weights)
     assert next(iter(composed.a.values())).shape[1] == 3 * bank.rank  # one rank k*r LoRA
-    merged = copy.deepcopy(clip.model)
-    with torch.no_grad():
-        for target in bank.a:
-            layer, module = target.split(".")
-            weight, _ = TextTower._linear_weight(merged.transformer.resblocks[int(layer)], module)
-            for row, w in zip((2, 0, 1), weights[0]):
-                weight += w * bank.scaling * bank.b[target][row] @ bank.a[target][row]
+    merged = merged_lora_model(clip.model, bank, [2, 0, 1], weights[0])
     tokens = tower.tokenize(["a photo of a orange circle.", "a drawing of a pink star."])
     ours = tower.encode(tokens, composed, torch.zeros(2, dtype=torch.long))
     assert torch.allclose(ours, merged.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)

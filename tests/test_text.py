@@ -1,12 +1,9 @@
-import copy
-
 import torch
 
 from moder.experts import ContextExperts
 from moder.prompts import encode_prototypes, template_prompts
-from moder.text import TextTower
 
-from conftest import CLASSES, TEMPLATES, random_lora
+from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 
 def test_truncated_encoding_equals_full_context(clip, tower):
@@ -49,12 +46,7 @@ def test_batched_lora_experts_equal_per_class_loop(tower, lora_factory):
 
 def test_lora_expert_equals_merged_weights_model(clip, tower, lora_factory):
     experts = random_lora(lora_factory, 1, seed=3)
-    merged = copy.deepcopy(clip.model)
-    with torch.no_grad():
-        for target in experts.a:
-            layer, module = target.split(".")
-            weight, _ = TextTower._linear_weight(merged.transformer.resblocks[int(layer)], module)
-            weight += experts.scaling * experts.b[target][0] @ experts.a[target][0]
+    merged = merged_lora_model(clip.model, experts, [0], [1.0])
     tokens = tower.tokenize(["a photo of a red circle.", "a drawing of a blue star on a long line"])
     adapted = tower.encode(tokens, experts, torch.zeros(2, dtype=torch.long))
     assert torch.allclose(adapted, merged.encode_text(tokens, normalize=True), atol=1e-5, rtol=0)
