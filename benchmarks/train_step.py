@@ -1,8 +1,8 @@
 """Time and peak memory of one optimisation step: a 100-class task, rank-4 LoRA experts, ViT-B-16 text tower.
 
 Baseline: the naive step, which runs one forward per class (each with its own expert)
-before a single backward. Peak memory is the growth of the process's peak resident set
-during the measured steps (CPU), or torch's peak allocation (CUDA).
+before a single backward. Runs on the CPU; peak memory is the growth of the process's peak
+resident set during the measured steps, each variant in a fresh process.
 """
 from __future__ import annotations
 
