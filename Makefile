@@ -14,8 +14,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+# DVC runs each stage's `python -m stages.<name>`: the environment's python must come first on PATH.
 run: $(STAMP)
-	$(BIN)/python -m stages.demo --params params.yaml
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/python -m stages.report --summary-only
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

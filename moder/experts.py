@@ -7,12 +7,22 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from moder.io import atomic_path
+
+
+
+class ExpertFileError(ValueError):
+    """An experts file is missing, malformed or belongs to another backbone; the message names it."""
+
 
 LORA_MODULES = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
@@ -151,20 +161,21 @@ def save_experts(path, experts: Experts, class_names: list[str], backbone: str, 
         "backbone": backbone,
         **{k: json.dumps(v) for k, v in (extra or {}).items()},
     }
-    save_file({k: v.detach().contiguous() for k, v in experts.tensors().items()}, str(path), metadata=metadata)
+    with atomic_path(path) as temporary:
+        save_file({k: v.detach().contiguous() for k, v in experts.tensors().items()}, str(temporary), metadata=metadata)
 
 
 def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str], dict]:
     """Read experts written by `save_experts`; refuse those made on another backbone."""
-    from safetensors import safe_open
-
+    if not Path(path).is_file():
+        raise ExpertFileError(f"experts file not found: {path}")
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     missing = {"class_names", "experts", "backbone"} - set(metadata)
     if missing:
-        raise ValueError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
+        raise ExpertFileError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
     if backbone is not None and metadata["backbone"] != backbone:
-        raise ValueError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
+        raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
     experts = experts_from_tensors(load_file(str(path)), json.loads(metadata["experts"]))
     extra = {k: json.loads(v) for k, v in metadata.items() if k not in {"class_names", "experts", "backbone"}}
     return experts, json.loads(metadata["class_names"]), extra

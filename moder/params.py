@@ -9,7 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moder.experts import LORA_MODULES
 from moder.factory import ExpertSpec
+from moder.pretrain import PretrainConfig
 from moder.train import TrainConfig
+from moder.world import SHAPES, Domain, World
+
+
+def _with_slot(templates: list[str]) -> list[str]:
+    for template in templates:
+        if "{}" not in template:
+            raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
+    return templates
 
 
 class ParamsError(ValueError):
@@ -95,12 +104,95 @@ class CompositionParams(_Section):
     alpha: float = Field(1.0, ge=0, le=1)
 
 
-class DemoParams(_Section):
-    colours: list[str] = Field(default_factory=lambda: ["red", "green", "blue", "yellow"], min_length=2)
-    shapes: list[str] = Field(default_factory=lambda: ["circle", "square", "star", "triangle"], min_length=2)
-    samples_per_class: int = Field(40, ge=2)
-    shift: float = Field(1.0, ge=0)
-    noise: float = Field(0.3, ge=0)
+class DomainParams(_Section):
+    """How a rendered dataset draws its images (moder.world.Domain); defaults: the clean domain."""
+
+    background: tuple[float, float] = (0.0, 0.3)
+    texture: float = Field(0.0, ge=0, le=1)
+    tint: float = Field(0.0, ge=0, le=2)
+    outline: float = Field(0.0, ge=0, le=1)
+    noise: float = Field(0.02, ge=0, le=1)
+    blur: float = Field(0.0, ge=0, le=8)
+    contrast: float = Field(1.0, gt=0, le=2)
+    scale: tuple[float, float] = (0.45, 0.75)
+
+    @field_validator("background", "scale")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] <= value[1] <= 1:
+            raise ValueError("need 0 <= low <= high <= 1")
+        return value
+
+    def domain(self) -> Domain:
+        return Domain(**self.model_dump(include=set(DomainParams.model_fields)))
+
+
+class DatasetParams(DomainParams):
+    """A downstream dataset of the embedded world: its own class subset and its own shift."""
+
+    classes: int | None = Field(None, ge=2)  # how many of the world's classes; None: all
+    splits: int = Field(1, ge=1)  # Class-IL: into how many tasks its classes are cut
+
+
+class WorldParams(_Section):
+    image_size: int = Field(32, ge=8, le=256)
+    colours: dict[str, tuple[float, float, float]] = Field(
+        default_factory=lambda: {"red": (0.9, 0.15, 0.15), "green": (0.2, 0.75, 0.25), "blue": (0.15, 0.3, 0.95)},
+        min_length=2,
+    )
+    shapes: list[Literal[SHAPES]] = Field(default_factory=lambda: ["circle", "square", "star"], min_length=2)
+
+    @field_validator("colours")
+    @classmethod
+    def _rgb(cls, colours: dict[str, tuple[float, float, float]]) -> dict[str, tuple[float, float, float]]:
+        for name, rgb in colours.items():
+            if not all(0 <= v <= 1 for v in rgb):
+                raise ValueError(f"colour {name!r} needs RGB values in [0, 1], got {list(rgb)}")
+        return colours
+
+    @field_validator("shapes")
+    @classmethod
+    def _distinct(cls, shapes: list[str]) -> list[str]:
+        if len(set(shapes)) != len(shapes):
+            raise ValueError(f"shapes must be distinct, got {shapes}")
+        return shapes
+
+    def world(self, seed: int) -> World:
+        return World(dict(self.colours), tuple(self.shapes), self.image_size, seed)
+
+
+class PretrainParams(_Section):
+    steps: int = Field(900, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    warmup: int = Field(100, ge=1)
+    captions: list[str] = Field(default_factory=lambda: ["a {}.", "a photo of a {}."], min_length=1)
+    domain: DomainParams = DomainParams()
+
+    @field_validator("captions")
+    @classmethod
+    def _captions_have_slot(cls, captions: list[str]) -> list[str]:
+        return _with_slot(captions)
+
+    def config(self, seed: int) -> PretrainConfig:
+        return PretrainConfig(self.steps, self.batch_size, self.lr, self.weight_decay, self.warmup, seed)
+
+
+class ExtractParams(_Section):
+    train_per_class: int = Field(32, ge=1)
+    test_per_class: int = Field(32, ge=1)
+    batch_size: int = Field(256, ge=1)
+
+
+class BenchmarkParams(_Section):
+    name: str = "embedded-mtil"
+    protocol: Literal["mtil", "classil"] = "mtil"
+
+
+class TaskParams(_Section):
+    dataset: str
+    split: int = Field(1, ge=1)  # which part of the dataset's classes (Class-IL)
 
 
 class Params(_Section):
@@ -113,15 +205,36 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     retrieval: RetrievalParams = RetrievalParams()
     composition: CompositionParams = CompositionParams()
-    demo: DemoParams = DemoParams()
+    benchmark: BenchmarkParams = BenchmarkParams()
+    world: WorldParams = WorldParams()
+    pretrain: PretrainParams = PretrainParams()
+    extract: ExtractParams = ExtractParams()
+    datasets: dict[str, DatasetParams] = Field(default_factory=lambda: {"clean": DatasetParams()}, min_length=1)
+    tasks: dict[str, TaskParams] = Field(default_factory=lambda: {"clean": TaskParams(dataset="clean")}, min_length=1)
 
     @field_validator("templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
-        for template in templates:
-            if "{}" not in template:
-                raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
-        return templates
+        return _with_slot(templates)
+
+    @model_validator(mode="after")
+    def _tasks_fit_protocol(self) -> "Params":
+        seen: set[tuple[str, int]] = set()
+        for name, task in self.tasks.items():
+            if task.dataset not in self.datasets:
+                raise ValueError(f"tasks.{name}.dataset: unknown dataset {task.dataset!r}; datasets: {', '.join(self.datasets)}")
+            splits = self.datasets[task.dataset].splits
+            if task.split > splits:
+                raise ValueError(f"tasks.{name}.split: {task.split} but datasets.{task.dataset}.splits is {splits}")
+            if (task.dataset, task.split) in seen:
+                raise ValueError(f"tasks.{name}: split {task.split} of dataset {task.dataset!r} is already another task")
+            seen.add((task.dataset, task.split))
+        used = {task.dataset for task in self.tasks.values()}
+        if self.benchmark.protocol == "classil" and len(used) != 1:
+            raise ValueError(f"benchmark.protocol classil splits one dataset into tasks; the tasks use {sorted(used)}")
+        if self.benchmark.protocol == "mtil" and len(used) != len(self.tasks):
+            raise ValueError("benchmark.protocol mtil gives each task its own dataset; two tasks share one")
+        return self
 
 
 def _allowed(model: type[BaseModel] | None, location: tuple) -> str:
@@ -139,7 +252,10 @@ def _describe(error: dict) -> str:
     key = ".".join(str(part) for part in location) or "<root>"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'{_allowed(Params, location)}"
-    return f"key '{key}': {error['msg']} (got {error.get('input')!r})"
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:  # a check across sections names its keys itself
+        return message
+    return f"key '{key}': {message} (got {error.get('input')!r})"
 
 
 def parse_params(data: Any, source: str = "params.yaml") -> Params:

@@ -1,6 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from moder.params import ParamsError, load_params, parse_params
+from stages.use_benchmark import use_benchmark
 
 
 def test_repository_params_are_valid():
@@ -42,3 +45,39 @@ def test_bad_files(tmp_path):
     broken.write_text("seed: [1\n")
     with pytest.raises(ParamsError, match="broken.yaml: not valid YAML"):
         load_params(broken)
+
+
+def test_params_yaml_holds_the_embedded_mtil_preset_verbatim():
+    text = Path("params.yaml").read_text()
+    marker = "# Benchmark preset: configs/embedded-mtil.yaml\n"
+    assert text[text.index(marker) + len(marker):] == Path("configs/embedded-mtil.yaml").read_text()
+
+
+def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
+    target = tmp_path / "params.yaml"
+    target.write_text(Path("params.yaml").read_text().replace("  k: 3\n", "  k: 5\n"))
+    use_benchmark("embedded-classil", target, Path("configs"))
+    params = load_params(target)
+    assert params.benchmark.protocol == "classil" and list(params.tasks) == ["paint-1", "paint-2", "paint-3", "paint-4"]
+    assert params.retrieval.k == 5  # the rest of the file is untouched
+    use_benchmark("embedded-mtil", target, Path("configs"))
+    assert target.read_text() == Path("params.yaml").read_text().replace("  k: 3\n", "  k: 5\n")
+    with pytest.raises(ParamsError, match="no benchmark preset configs/nope.yaml; presets: embedded-classil, embedded-mtil"):
+        use_benchmark("nope", target, Path("configs"))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"benchmark": {"protocol": "classil"}}, "classil splits one dataset into tasks; the tasks use ['a', 'b']"),
+        ({"tasks": {"a": {"dataset": "a"}, "b": {"dataset": "a"}}}, "split 1 of dataset 'a' is already another task"),
+        ({"tasks": {"a": {"dataset": "a", "split": 2}}}, "tasks.a.split: 2 but datasets.a.splits is 1"),
+        ({"world": {"shapes": ["circle", "blob"]}}, "key 'world.shapes.1'"),
+        ({"world": {"colours": {"red": [1.5, 0, 0], "blue": [0, 0, 1]}}}, "colour 'red' needs RGB values in [0, 1]"),
+    ],
+)
+def test_benchmark_block_errors_name_the_key(change, message):
+    base = {"datasets": {"a": {"classes": 4}, "b": {"classes": 4}}, "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}}}
+    with pytest.raises(ParamsError) as error:
+        parse_params({**base, **change})
+    assert message in str(error.value)

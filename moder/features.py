@@ -1,0 +1,77 @@
+"""Feature and prototype tables as Parquet, tagged with the model that made them."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from moder.io import atomic_path
+
+_MODEL_KEY, _DATASET_KEY, _CLASSES_KEY = b"moder.model", b"moder.dataset", b"moder.classes"
+
+
+class FeatureFileError(ValueError):
+    """A feature file is missing, malformed or was made by another model; the message names the file."""
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """Rows of one dataset split (or one row per class for prototypes)."""
+
+    vectors: Tensor  # [N, d] float32
+    labels: Tensor  # [N] int64, indices into class_names
+    class_names: list[str]
+    dataset: str
+    model: str  # ModelIdentity JSON of the producing model
+
+
+def write_features(path: Path | str, table: FeatureTable) -> None:
+    """One Parquet file, written atomically: `label` and a fixed-size float32 `feature` column."""
+    vectors = table.vectors.detach().cpu().float().contiguous().numpy()
+    column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
+    arrow = pa.table({"label": pa.array(table.labels.cpu().numpy().astype(np.int32)), "feature": column})
+    arrow = arrow.replace_schema_metadata({
+        _MODEL_KEY: table.model.encode(),
+        _DATASET_KEY: table.dataset.encode(),
+        _CLASSES_KEY: json.dumps(table.class_names).encode(),
+    })
+    with atomic_path(path) as temporary:
+        pq.write_table(arrow, temporary)
+
+
+def read_features(path: Path | str, model: str | None = None) -> FeatureTable:
+    """Read a table written by `write_features`; with `model`, refuse one made by another model."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"feature file not found: {path}")
+    try:
+        arrow = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise FeatureFileError(f"{path}: not a readable Parquet file ({error})") from None
+    metadata = arrow.schema.metadata or {}
+    missing = [key.decode() for key in (_MODEL_KEY, _DATASET_KEY, _CLASSES_KEY) if key not in metadata]
+    if missing or "feature" not in arrow.column_names or "label" not in arrow.column_names:
+        raise FeatureFileError(f"{path}: not a MoDER feature file (missing {', '.join(missing) or 'feature/label columns'})")
+    producer = metadata[_MODEL_KEY].decode()
+    if model is not None and producer != model:
+        raise FeatureFileError(
+            f"{path} was made by another model:\n  file:     {producer}\n  expected: {model}\n"
+            "re-run its extract stage with the current model"
+        )
+    column = arrow.column("feature").combine_chunks()
+    width = column.type.list_size
+    vectors = np.asarray(column.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
+    labels = arrow.column("label").to_numpy().astype(np.int64)
+    return FeatureTable(
+        torch.from_numpy(vectors.copy()),
+        torch.from_numpy(labels),
+        json.loads(metadata[_CLASSES_KEY]),
+        metadata[_DATASET_KEY].decode(),
+        producer,
+    )

@@ -1,0 +1,65 @@
+"""What every stage shares: the data layout, loading the backbone, and turning errors into one clear line."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from moder.benchmark import Task, make_task
+from moder.clip import LoadedClip, ModelLoadError, load_clip
+from moder.experts import ExpertFileError
+from moder.features import FeatureFileError
+from moder.params import Params, ParamsError, load_params
+
+DATA = Path("data")
+PRETRAINED = DATA / "pretrain" / "clip.safetensors"
+FEATURES = DATA / "features"
+EXPERTS = DATA / "experts"
+EVALUATION = DATA / "eval"
+REPORTS = Path("reports")
+METRICS = Path("metrics.json")
+
+class MissingInput(RuntimeError):
+    """A stage's input file is not there; the message names it and the stage that makes it."""
+
+
+# Errors a user can fix from the message alone: printed as one line, no traceback.
+USER_ERRORS = (ParamsError, ModelLoadError, FeatureFileError, ExpertFileError, MissingInput)
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    return parser
+
+
+def load_backbone(params: Params, pretrained: Path) -> LoadedClip:
+    """The frozen CLIP every stage after `pretrain` uses: the embedded benchmark's own pre-trained one."""
+    if not pretrained.is_file():
+        raise ModelLoadError(f"pre-trained CLIP not found: {pretrained} (run the pretrain stage: dvc repro pretrain)")
+    return load_clip(params.model.architecture, checkpoint=pretrained, cache_dir=params.model.cache_dir,
+                     device=params.model.device, seed=params.seed)
+
+
+def check_task(params: Params, task: str) -> None:
+    if task not in params.tasks:
+        raise ParamsError(f"unknown task {task!r}; params.yaml tasks: {', '.join(params.tasks)}")
+
+
+def run_cli(main: Callable[[argparse.Namespace, Params], None], args: argparse.Namespace) -> None:
+    """Load the params named on the command line and run `main`; user errors exit with one line."""
+    try:
+        main(args, load_params(args.params))
+    except USER_ERRORS as error:
+        sys.exit(f"error: {error}")
+
+
+def tasks_of(params: Params, n_classes: dict[str, int]) -> list[Task]:
+    """The tasks, in sequence order, of the datasets in `n_classes` (dataset -> number of classes)."""
+    return [
+        make_task(name, step, task.dataset, task.split, params.datasets[task.dataset].splits,
+                  n_classes[task.dataset], params.seed)
+        for step, (name, task) in enumerate(params.tasks.items(), start=1)
+        if task.dataset in n_classes
+    ]

@@ -1,0 +1,68 @@
+"""Stage `evaluate@<step>`: accuracy of every task after training step <step>, for zero-shot and MoDER."""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from moder.benchmark import AccuracyRow, EvaluationSettings, TaskData, evaluate_step
+from moder.experts import ExpertFileError, load_experts
+from moder.factory import ExpertFactory
+from moder.features import read_features
+from moder.io import atomic_path
+from moder.params import Params
+from moder.text import TextTower
+from stages.common import EVALUATION, EXPERTS, FEATURES, PRETRAINED, check_task, load_backbone, parser, run_cli, tasks_of
+
+
+def evaluate(params: Params, step: str, pretrained: Path = PRETRAINED, features: Path = FEATURES,
+             experts: Path = EXPERTS, out: Path | None = None) -> list[AccuracyRow]:
+    check_task(params, step)
+    out = EVALUATION / f"{step}.parquet" if out is None else out
+    clip = load_backbone(params, pretrained)
+    identity = clip.identity.to_json()
+    datasets = dict.fromkeys(task.dataset for task in params.tasks.values())
+    classes = {d: read_features(features / d / "classes.parquet", identity) for d in datasets}
+    tests = {d: read_features(features / d / "test.parquet", identity) for d in datasets}
+    sequence = []
+    for task in tasks_of(params, {d: len(table.class_names) for d, table in classes.items()}):
+        own = torch.tensor(task.classes)
+        test = tests[task.dataset]
+        keep = torch.isin(test.labels, own)
+        remap = torch.full((len(classes[task.dataset].class_names),), -1, dtype=torch.long)
+        remap[own] = torch.arange(len(own))
+        sequence.append(TaskData(task, [classes[task.dataset].class_names[i] for i in task.classes],
+                                 classes[task.dataset].vectors[own], test.vectors[keep], remap[test.labels[keep]]))
+    trained = []
+    for data in sequence[: list(params.tasks).index(step) + 1]:
+        path = experts / f"{data.task.name}.safetensors"
+        task_experts, names, _ = load_experts(path, identity)
+        if names != data.class_names:
+            raise ExpertFileError(f"{path} holds experts for other classes than task {data.task.name}; re-run train@{data.task.name}")
+        trained.append(task_experts)
+
+    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert.spec(), params.templates)
+    settings = EvaluationSettings(params.benchmark.protocol, params.retrieval.k, params.retrieval.temperature,
+                                  params.retrieval.null_score, params.composition.space, params.composition.alpha)
+    rows = evaluate_step(factory, identity, sequence, trained, settings)
+    write_rows(out, rows)
+    return rows
+
+
+def write_rows(path: Path, rows: list[AccuracyRow]) -> None:
+    table = pa.Table.from_pylist([asdict(row) for row in rows])
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)
+
+
+def main() -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--step", required=True, help="the task after whose training to evaluate")
+    run_cli(lambda args, params: evaluate(params, args.step), cli.parse_args())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Stage `report`: the accuracy matrices as metrics.json (Transfer/Avg/Last per method), plot data and a summary."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from moder.benchmark import AccuracyRow
+from moder.io import atomic_path
+from moder.metrics import summarize
+from moder.params import Params
+from stages.common import EVALUATION, METRICS, REPORTS, MissingInput, parser, run_cli
+
+METHODS = ("zeroshot", "moder")
+
+
+def read_matrices(params: Params, evaluation: Path = EVALUATION) -> dict[str, np.ndarray]:
+    """A[i][j] per method: accuracy on task j after step i, from each step's evaluation rows."""
+    tasks = list(params.tasks)
+    matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
+    for i, step in enumerate(tasks):
+        path = evaluation / f"{step}.parquet"
+        if not path.is_file():
+            raise MissingInput(f"evaluation rows not found: {path} (run evaluate@{step})")
+        for row in (AccuracyRow(**r) for r in pq.read_table(path).to_pylist()):
+            if row.method in matrices and row.task in tasks:
+                matrices[row.method][i, tasks.index(row.task)] = row.accuracy
+    for method, matrix in matrices.items():
+        missing = [f"{tasks[i]}/{tasks[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)))]
+        if missing:
+            raise MissingInput(f"no {method} accuracy for step/task {', '.join(missing[:5])} in {evaluation}; "
+                               "re-run the evaluate stages (dvc repro)")
+    return matrices
+
+
+def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()}
+
+
+def _write(path: Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text)
+
+
+def report(params: Params, evaluation: Path = EVALUATION, metrics: Path = METRICS, reports: Path = REPORTS) -> dict:
+    matrices = read_matrices(params, evaluation)
+    figures = metrics_of(params, matrices)
+    _write(metrics, json.dumps(figures, indent=2) + "\n")
+    tasks = list(params.tasks)
+    cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": round(float(a[i, j]), 2)}
+             for m, a in matrices.items() for i in range(len(tasks)) for j in range(len(tasks))]
+    _write(reports / "accuracy.json", json.dumps(cells, indent=1) + "\n")
+    lines = ["step,zeroshot_seen,moder_seen,zeroshot_unseen,moder_unseen"]
+    for i, step in enumerate(tasks):
+        seen = {m: a[i, : i + 1].mean() for m, a in matrices.items()}
+        unseen = {m: a[i, i + 1 :].mean() if i + 1 < len(tasks) else math.nan for m, a in matrices.items()}
+        values = [seen["zeroshot"], seen["moder"], unseen["zeroshot"], unseen["moder"]]
+        lines.append(",".join([step] + ["" if math.isnan(v) else f"{v:.2f}" for v in values]))
+    _write(reports / "steps.csv", "\n".join(lines) + "\n")
+    print(summary(params, matrices, figures))
+    return figures
+
+
+def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, dict[str, float]]) -> str:
+    """Per task: accuracy before it is trained (mean over earlier steps) and after the last step; then the metrics."""
+    tasks = list(params.tasks)
+    zs, md = matrices["zeroshot"], matrices["moder"]
+    out = [
+        f"\nMoDER on {params.benchmark.name} ({params.benchmark.protocol}, {len(tasks)} tasks)",
+        f"{'':<14}{'not yet trained':^27}{'after the last step':^27}",
+        f"{'task':<14}" + f"{'zero-shot':>10}{'MoDER':>8}{'diff':>8}  " * 2,
+    ]
+    for j, task in enumerate(tasks):
+        before = ("" if j == 0 else f"{zs[:j, j].mean():>10.1f}{md[:j, j].mean():>8.1f}{md[:j, j].mean() - zs[:j, j].mean():>+8.1f}")
+        out.append(f"{task:<14}{before:<26}  {zs[-1, j]:>10.1f}{md[-1, j]:>8.1f}{md[-1, j] - zs[-1, j]:>+8.1f}")
+    out.append(f"\n{'metric':<14}{'zero-shot':>10}{'MoDER':>8}{'diff':>8}")
+    for name in figures["zeroshot"]:
+        z, m = figures["zeroshot"][name], figures["moder"][name]
+        out.append(f"{name.capitalize():<14}{z:>10.1f}{m:>8.1f}{m - z:>+8.1f}")
+    return "\n".join(out)
+
+
+def print_summary(params: Params, evaluation: Path = EVALUATION) -> None:
+    """The summary of the last run, with the settings that produced it (`make run`'s last step)."""
+    matrices = read_matrices(params, evaluation)
+    print(summary(params, matrices, metrics_of(params, matrices)))
+    print(f"\nseed {params.seed}; {params.expert.kind} experts; {params.composition.space}-space composition; "
+          f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}")
+
+
+def main() -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--summary-only", action="store_true", help="print the summary of the last run, write nothing")
+    run_cli(lambda args, params: print_summary(params) if args.summary_only else report(params), cli.parse_args())
+
+
+if __name__ == "__main__":
+    main()

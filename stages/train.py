@@ -1,0 +1,59 @@
+"""Stage `train@<task>`: train one expert per class of one task on its cached image features."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moder.experts import save_experts
+from moder.factory import ExpertFactory
+from moder.features import read_features
+from moder.params import Params
+from moder.text import TextTower
+from moder.train import TrainResult, train_experts
+from moder.world import seed_for
+from stages.common import EXPERTS, FEATURES, PRETRAINED, check_task, load_backbone, parser, run_cli, tasks_of
+
+
+def train(params: Params, task_name: str, pretrained: Path = PRETRAINED, features: Path = FEATURES,
+          out: Path | None = None) -> TrainResult:
+    check_task(params, task_name)
+    out = EXPERTS / f"{task_name}.safetensors" if out is None else out
+    clip = load_backbone(params, pretrained)
+    identity = clip.identity.to_json()
+    dataset = params.tasks[task_name].dataset
+    samples = read_features(features / dataset / "train.parquet", identity)
+    classes = read_features(features / dataset / "classes.parquet", identity)
+    tasks = tasks_of(params, {dataset: len(classes.class_names)})
+    position = [t.name for t in tasks].index(task_name)
+    task = tasks[position]
+    own = torch.tensor(task.classes)
+    keep = torch.isin(samples.labels, own)
+    remap = torch.full((len(classes.class_names),), -1, dtype=torch.long)
+    remap[own] = torch.arange(len(own))
+    names = [classes.class_names[i] for i in task.classes]
+    earlier = [c for t in tasks[:position] for c in t.classes]  # earlier tasks of the same dataset (Class-IL)
+    negatives = classes.vectors[earlier] if params.train.prior_negatives and earlier else None
+
+    tower = TextTower(clip.model, clip.tokenizer)
+    factory = ExpertFactory(tower, params.expert.spec(), params.templates)
+    generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task_name))
+    result = train_experts(
+        tower, factory.prompts(names), factory.new(len(names), generator), samples.vectors[keep],
+        remap[samples.labels[keep]], params.train.config(seed_for(params.seed, "train", task_name)),
+        zeroshot=classes.vectors[own], negatives=negatives, progress=True,
+    )
+    save_experts(out, result.experts, names, identity, {"task": task_name, "dataset": dataset})
+    print(f"trained {len(names)} {params.expert.kind} experts for task {task_name}: "
+          f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    return result
+
+
+def main() -> None:
+    cli = parser(__doc__)
+    cli.add_argument("--task", required=True)
+    run_cli(lambda args, params: train(params, args.task), cli.parse_args())
+
+
+if __name__ == "__main__":
+    main()
