@@ -17,7 +17,7 @@ venv: $(STAMP)
 # DVC runs each stage's `python -m stages.<name>`: the environment's python must come first on PATH.
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
-	$(BIN)/python -m stages.report --summary-only
+	$(BIN)/python -m stages.report --summary-only --reports reports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

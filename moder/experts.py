@@ -5,18 +5,15 @@ expert, are encoded in one batched forward (see `moder.text.TextTower.encode`).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from moder.io import atomic_path
+from moder.io import load_tensors, save_tensors
 
 
 
@@ -155,27 +152,18 @@ def save_experts(path, experts: Experts, class_names: list[str], backbone: str, 
     """Write experts as safetensors; metadata holds class names, kind, rank and backbone identity."""
     if len(class_names) != len(experts):
         raise ValueError(f"{len(class_names)} class names for {len(experts)} experts")
-    metadata = {
-        "class_names": json.dumps(class_names),
-        "experts": json.dumps(experts.describe()),
-        "backbone": backbone,
-        **{k: json.dumps(v) for k, v in (extra or {}).items()},
-    }
-    with atomic_path(path) as temporary:
-        save_file({k: v.detach().contiguous() for k, v in experts.tensors().items()}, str(temporary), metadata=metadata)
+    metadata = {"class_names": class_names, "experts": experts.describe(), "backbone": backbone, "extra": extra or {}}
+    save_tensors(path, experts.tensors(), metadata)
 
 
 def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str], dict]:
     """Read experts written by `save_experts`; refuse those made on another backbone."""
     if not Path(path).is_file():
         raise ExpertFileError(f"experts file not found: {path}")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    missing = {"class_names", "experts", "backbone"} - set(metadata)
+    tensors, metadata = load_tensors(path)
+    missing = {"class_names", "experts", "backbone", "extra"} - set(metadata or {})
     if missing:
         raise ExpertFileError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
     if backbone is not None and metadata["backbone"] != backbone:
         raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
-    experts = experts_from_tensors(load_file(str(path)), json.loads(metadata["experts"]))
-    extra = {k: json.loads(v) for k, v in metadata.items() if k not in {"class_names", "experts", "backbone"}}
-    return experts, json.loads(metadata["class_names"]), extra
+    return experts_from_tensors(tensors, metadata["experts"]), metadata["class_names"], metadata["extra"]

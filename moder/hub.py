@@ -1,7 +1,6 @@
 """The foundational hub: every trained expert, keyed by its class's zero-shot prototype."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,12 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from moder.experts import Experts, concat_experts, experts_from_tensors
-from moder.io import atomic_path
+from moder.io import atomic_path, load_tensors, save_tensors
 
 NULL_EXPERT = -1
 
@@ -72,10 +69,8 @@ class ExpertHub:
         """Keys and experts as safetensors, one manifest row per expert as Parquet; both atomic."""
         if self.experts is None:
             raise ValueError("cannot save an empty hub")
-        metadata = {"backbone": self.backbone, "experts": json.dumps(self.experts.describe())}
-        with atomic_path(tensors_path) as temporary:
-            save_file({"keys": self.keys.contiguous(), **{k: v.detach().contiguous() for k, v in self.experts.tensors().items()}},
-                      str(temporary), metadata=metadata)
+        save_tensors(tensors_path, {"keys": self.keys, **self.experts.tensors()},
+                     {"backbone": self.backbone, "experts": self.experts.describe()})
         table = pa.table({"row": list(range(len(self))), "class_name": self.class_names, "step": self.steps})
         table = table.replace_schema_metadata({b"backbone": self.backbone.encode()})
         with atomic_path(manifest_path) as temporary:
@@ -83,18 +78,17 @@ class ExpertHub:
 
     @classmethod
     def load(cls, tensors_path: Path | str, manifest_path: Path | str, backbone: str | None = None) -> "ExpertHub":
-        with safe_open(str(tensors_path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        tensors, metadata = load_tensors(tensors_path)
+        metadata = metadata or {}
         if "backbone" not in metadata or "experts" not in metadata:
             raise ValueError(f"{tensors_path}: not a hub file (metadata lacks backbone/experts)")
         if backbone is not None and metadata["backbone"] != backbone:
             raise ValueError(f"{tensors_path}: hub was built on backbone {metadata['backbone']}, not {backbone}")
-        tensors = load_file(str(tensors_path))
         manifest = pq.read_table(manifest_path).to_pydict()
         if manifest["row"] != list(range(tensors["keys"].shape[0])):
             raise ValueError(f"{manifest_path}: manifest rows do not match the {tensors['keys'].shape[0]} keys in {tensors_path}")
         hub = cls(metadata["backbone"])
         hub.keys = tensors.pop("keys")
-        hub.experts = experts_from_tensors(tensors, json.loads(metadata["experts"]))
+        hub.experts = experts_from_tensors(tensors, metadata["experts"])
         hub.class_names, hub.steps = manifest["class_name"], manifest["step"]
         return hub

@@ -1,4 +1,4 @@
-"""What every stage shares: the data layout, loading the backbone, and turning errors into one clear line."""
+"""What every stage shares: its command line, loading the backbone, and turning errors into one clear line."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +12,6 @@ from moder.experts import ExpertFileError
 from moder.features import FeatureFileError
 from moder.params import Params, ParamsError, load_params
 
-DATA = Path("data")
-PRETRAINED = DATA / "pretrain" / "clip.safetensors"
-FEATURES = DATA / "features"
-EXPERTS = DATA / "experts"
-EVALUATION = DATA / "eval"
-REPORTS = Path("reports")
-METRICS = Path("metrics.json")
-
 class MissingInput(RuntimeError):
     """A stage's input file is not there; the message names it and the stage that makes it."""
 
@@ -28,9 +20,12 @@ class MissingInput(RuntimeError):
 USER_ERRORS = (ParamsError, ModelLoadError, FeatureFileError, ExpertFileError, MissingInput)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, *paths: tuple[str, str]) -> argparse.ArgumentParser:
+    """--params plus one required path option per (name, help); dvc.yaml passes every path explicitly."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
+    for name, text in paths:
+        parser.add_argument(f"--{name}", type=Path, required=True, help=text)
     return parser
 
 

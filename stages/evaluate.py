@@ -15,13 +15,12 @@ from moder.features import read_features
 from moder.io import atomic_path
 from moder.params import Params
 from moder.text import TextTower
-from stages.common import EVALUATION, EXPERTS, FEATURES, PRETRAINED, check_task, load_backbone, parser, run_cli, tasks_of
+from stages.common import check_task, load_backbone, parser, run_cli, tasks_of
 
 
-def evaluate(params: Params, step: str, pretrained: Path = PRETRAINED, features: Path = FEATURES,
-             experts: Path = EXPERTS, out: Path | None = None) -> list[AccuracyRow]:
+def evaluate(params: Params, step: str, pretrained: Path, features: Path, experts: Path, out: Path) -> list[AccuracyRow]:
+    """Reads every task's test features and the experts <experts>/<task>.safetensors of steps 1..step."""
     check_task(params, step)
-    out = EVALUATION / f"{step}.parquet" if out is None else out
     clip = load_backbone(params, pretrained)
     identity = clip.identity.to_json()
     datasets = dict.fromkeys(task.dataset for task in params.tasks.values())
@@ -59,9 +58,11 @@ def write_rows(path: Path, rows: list[AccuracyRow]) -> None:
 
 
 def main() -> None:
-    cli = parser(__doc__)
+    cli = parser(__doc__, ("model", "the pre-trained CLIP checkpoint"), ("features", "the directory of feature directories"),
+                 ("experts", "the directory of experts files"), ("out", "the accuracy rows to write (.parquet)"))
     cli.add_argument("--step", required=True, help="the task after whose training to evaluate")
-    run_cli(lambda args, params: evaluate(params, args.step), cli.parse_args())
+    run_cli(lambda args, params: evaluate(params, args.step, args.model, args.features, args.experts, args.out),
+            cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from moder.pretrain import normalize_images
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 from moder.world import dataset_classes, render, seed_for
-from stages.common import FEATURES, PRETRAINED, load_backbone, parser, run_cli
+from stages.common import load_backbone, parser, run_cli
 
 
 @torch.no_grad()
@@ -23,11 +23,10 @@ def encode_images(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
                       for i in range(0, len(images), batch_size)])
 
 
-def extract(params: Params, dataset: str, pretrained: Path = PRETRAINED, out: Path | None = None) -> None:
+def extract(params: Params, dataset: str, pretrained: Path, out: Path) -> None:
     """Writes <out>/train.parquet, test.parquet (image features) and classes.parquet (zero-shot prototypes)."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
-    out = FEATURES / dataset if out is None else out
     clip = load_backbone(params, pretrained)
     identity = clip.identity.to_json()
     world, spec = params.world.world(params.seed), params.datasets[dataset]
@@ -49,9 +48,9 @@ def extract(params: Params, dataset: str, pretrained: Path = PRETRAINED, out: Pa
 
 
 def main() -> None:
-    cli = parser(__doc__)
+    cli = parser(__doc__, ("model", "the pre-trained CLIP checkpoint"), ("out", "the dataset's feature directory"))
     cli.add_argument("--dataset", required=True)
-    run_cli(lambda args, params: extract(params, args.dataset), cli.parse_args())
+    run_cli(lambda args, params: extract(params, args.dataset, args.model, args.out), cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from moder.io import atomic_path
 from moder.params import Params
 from moder.pretrain import PretrainResult, pretrain_clip
 from moder.text import TextTower
-from stages.common import PRETRAINED, REPORTS, parser, run_cli
+from stages.common import parser, run_cli
 
 
-def pretrain(params: Params, out: Path = PRETRAINED, summary: Path = REPORTS / "pretrain.json") -> PretrainResult:
+def pretrain(params: Params, out: Path, summary: Path) -> PretrainResult:
     clip = load_clip(params.model.architecture, device=params.model.device, seed=params.seed)
     if clip.identity.image_size != params.world.image_size:
         raise ModelLoadError(
@@ -36,8 +36,8 @@ def pretrain(params: Params, out: Path = PRETRAINED, summary: Path = REPORTS / "
 
 
 def main() -> None:
-    args = parser(__doc__).parse_args()
-    run_cli(lambda args, params: pretrain(params), args)
+    cli = parser(__doc__, ("out", "the checkpoint to write (.safetensors)"), ("summary", "its accuracy, as JSON"))
+    run_cli(lambda args, params: pretrain(params, args.out, args.summary), cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from moder.benchmark import AccuracyRow
 from moder.io import atomic_path
 from moder.metrics import summarize
 from moder.params import Params
-from stages.common import EVALUATION, METRICS, REPORTS, MissingInput, parser, run_cli
+from stages.common import MissingInput, parser, run_cli
 
 METHODS = ("zeroshot", "moder")
 
 
-def read_matrices(params: Params, evaluation: Path = EVALUATION) -> dict[str, np.ndarray]:
+def read_matrices(params: Params, evaluation: Path) -> dict[str, np.ndarray]:
     """A[i][j] per method: accuracy on task j after step i, from each step's evaluation rows."""
     tasks = list(params.tasks)
     matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
@@ -46,12 +46,12 @@ def _write(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
-def report(params: Params, evaluation: Path = EVALUATION, metrics: Path = METRICS, reports: Path = REPORTS) -> dict:
+def report(params: Params, evaluation: Path, metrics: Path, reports: Path) -> dict:
     matrices = read_matrices(params, evaluation)
     figures = metrics_of(params, matrices)
     _write(metrics, json.dumps(figures, indent=2) + "\n")
     tasks = list(params.tasks)
-    cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": round(float(a[i, j]), 2)}
+    cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
              for m, a in matrices.items() for i in range(len(tasks)) for j in range(len(tasks))]
     _write(reports / "accuracy.json", json.dumps(cells, indent=1) + "\n")
     lines = ["step,zeroshot_seen,moder_seen,zeroshot_unseen,moder_unseen"]
@@ -84,18 +84,34 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
     return "\n".join(out)
 
 
-def print_summary(params: Params, evaluation: Path = EVALUATION) -> None:
-    """The summary of the last run, with the settings that produced it (`make run`'s last step)."""
-    matrices = read_matrices(params, evaluation)
+def print_summary(params: Params, reports: Path) -> None:
+    """The summary of the last run from its reports/accuracy.json, with the settings that produced it."""
+    path = reports / "accuracy.json"
+    if not path.is_file():
+        raise MissingInput(f"{path} not found: run the pipeline first (dvc repro)")
+    tasks = list(params.tasks)
+    labels = [f"{i + 1}. {t}" for i, t in enumerate(tasks)]
+    matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
+    for cell in json.loads(path.read_text()):
+        if cell["step"] in labels and cell["task"] in labels and cell["method"] in matrices:
+            matrices[cell["method"]][labels.index(cell["step"]), labels.index(cell["task"])] = cell["accuracy"]
+    if any(np.isnan(matrix).any() for matrix in matrices.values()):
+        raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
     print(summary(params, matrices, metrics_of(params, matrices)))
     print(f"\nseed {params.seed}; {params.expert.kind} experts; {params.composition.space}-space composition; "
           f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}")
 
 
 def main() -> None:
-    cli = parser(__doc__)
-    cli.add_argument("--summary-only", action="store_true", help="print the summary of the last run, write nothing")
-    run_cli(lambda args, params: print_summary(params) if args.summary_only else report(params), cli.parse_args())
+    cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, steps.csv)"))
+    cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
+    cli.add_argument("--metrics", type=Path, default=Path("metrics.json"))
+    cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")
+    args = cli.parse_args()
+    if not args.summary_only and args.evaluation is None:
+        cli.error("--evaluation is required unless --summary-only")
+    run_cli(lambda args, params: print_summary(params, args.reports) if args.summary_only
+            else report(params, args.evaluation, args.metrics, args.reports), args)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,12 @@ from moder.params import Params
 from moder.text import TextTower
 from moder.train import TrainResult, train_experts
 from moder.world import seed_for
-from stages.common import EXPERTS, FEATURES, PRETRAINED, check_task, load_backbone, parser, run_cli, tasks_of
+from stages.common import check_task, load_backbone, parser, run_cli, tasks_of
 
 
-def train(params: Params, task_name: str, pretrained: Path = PRETRAINED, features: Path = FEATURES,
-          out: Path | None = None) -> TrainResult:
+def train(params: Params, task_name: str, pretrained: Path, features: Path, out: Path) -> TrainResult:
+    """Reads <features>/<dataset>/{train,classes}.parquet; writes the task's experts to `out`."""
     check_task(params, task_name)
-    out = EXPERTS / f"{task_name}.safetensors" if out is None else out
     clip = load_backbone(params, pretrained)
     identity = clip.identity.to_json()
     dataset = params.tasks[task_name].dataset
@@ -50,9 +49,10 @@ def train(params: Params, task_name: str, pretrained: Path = PRETRAINED, feature
 
 
 def main() -> None:
-    cli = parser(__doc__)
+    cli = parser(__doc__, ("model", "the pre-trained CLIP checkpoint"), ("features", "the directory of feature directories"),
+                 ("out", "the experts file to write (.safetensors)"))
     cli.add_argument("--task", required=True)
-    run_cli(lambda args, params: train(params, args.task), cli.parse_args())
+    run_cli(lambda args, params: train(params, args.task, args.model, args.features, args.out), cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -70,6 +70,16 @@ def test_experts_round_trip_with_metadata(tmp_path, lora_factory, context_factor
         save_experts(tmp_path / "x.safetensors", context_factory.new(1, torch.Generator()), ["a", "b"], backbone="B")
 
 
+def test_the_same_experts_always_give_the_same_bytes(tmp_path, lora_factory):
+    """DVC hashes files: recomputing an identical result must not look like a new one."""
+    experts = random_lora(lora_factory, 2)
+    written = set()
+    for _ in range(8):
+        save_experts(tmp_path / "e.safetensors", experts, ["a", "b"], backbone="B", extra={"task": "t", "dataset": "d"})
+        written.add((tmp_path / "e.safetensors").read_bytes())
+    assert len(written) == 1
+
+
 def test_offline_pretrained_tag_error_says_how_to_use_a_local_copy(tmp_path):
     import os
     import subprocess

@@ -165,13 +165,24 @@ def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.Complete
     ],
 )
 def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
-    result = _cli("train", {**copy.deepcopy(MINI), **change}, tmp_path, "--task", "a")
+    result = _cli("train", {**copy.deepcopy(MINI), **change}, tmp_path, "--task", "a", "--model", "m.safetensors",
+                  "--features", "features", "--out", "experts/a.safetensors")
     assert result.returncode == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_cli_reports_a_missing_pretrained_model(tmp_path):
-    result = _cli("extract", MINI, tmp_path, "--dataset", "a")
+    result = _cli("extract", MINI, tmp_path, "--dataset", "a", "--model", "data/pretrain/clip.safetensors",
+                  "--out", "data/features/a")
     assert result.returncode == 1
     assert "error: pre-trained CLIP not found: data/pretrain/clip.safetensors (run the pretrain stage" in result.stderr
     assert not (tmp_path / "data" / "features").exists()
+
+
+def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
+    root, _ = mtil_run
+    renamed = {**MINI, "datasets": {"a": {"classes": 4}, "c": {}}, "tasks": {"a": {"dataset": "a"}, "c": {"dataset": "c"}}}
+    result = _cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    assert result.returncode == 1 and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
+    shown = _cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
