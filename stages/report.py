@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -54,13 +53,13 @@ def report(params: Params, evaluation: Path, metrics: Path, reports: Path) -> di
     cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
              for m, a in matrices.items() for i in range(len(tasks)) for j in range(len(tasks))]
     _write(reports / "accuracy.json", json.dumps(cells, indent=1) + "\n")
-    lines = ["step,zeroshot_seen,moder_seen,zeroshot_unseen,moder_unseen"]
-    for i, step in enumerate(tasks):
-        seen = {m: a[i, : i + 1].mean() for m, a in matrices.items()}
-        unseen = {m: a[i, i + 1 :].mean() if i + 1 < len(tasks) else math.nan for m, a in matrices.items()}
-        values = [seen["zeroshot"], seen["moder"], unseen["zeroshot"], unseen["moder"]]
-        lines.append(",".join([step] + ["" if math.isnan(v) else f"{v:.2f}" for v in values]))
-    _write(reports / "steps.csv", "\n".join(lines) + "\n")
+    # Mean accuracy after each step over the tasks already trained, and over those not yet trained.
+    for name, columns in (("seen", lambda i: slice(0, i + 1)), ("unseen", lambda i: slice(i + 1, None))):
+        lines = ["step,task," + ",".join(METHODS)]
+        for i, step in enumerate(tasks):
+            if columns(i).start < len(tasks):
+                lines.append(",".join([str(i + 1), step] + [f"{matrices[m][i, columns(i)].mean():.2f}" for m in METHODS]))
+        _write(reports / f"{name}.csv", "\n".join(lines) + "\n")
     print(summary(params, matrices, figures))
     return figures
 
@@ -103,7 +102,7 @@ def print_summary(params: Params, reports: Path) -> None:
 
 
 def main() -> None:
-    cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, steps.csv)"))
+    cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, seen.csv, unseen.csv)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
     cli.add_argument("--metrics", type=Path, default=Path("metrics.json"))
     cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")

@@ -108,7 +108,12 @@ def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_
     assert json.loads((root / "metrics.json").read_text()) == figures
     cells = json.loads((root / "reports" / "accuracy.json").read_text())
     assert len(cells) == 2 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
-    assert (root / "reports" / "steps.csv").read_text().splitlines()[0] == "step,zeroshot_seen,moder_seen,zeroshot_unseen,moder_unseen"
+    matrix = matrices["moder"]
+    assert (root / "reports" / "seen.csv").read_text() == (
+        f"step,task,zeroshot,moder\n1,a,{matrices['zeroshot'][0, 0]:.2f},{matrix[0, 0]:.2f}\n"
+        f"2,b,{matrices['zeroshot'][1].mean():.2f},{matrix[1].mean():.2f}\n")
+    assert (root / "reports" / "unseen.csv").read_text() == (
+        f"step,task,zeroshot,moder\n1,a,{matrices['zeroshot'][0, 1]:.2f},{matrix[0, 1]:.2f}\n")
 
 
 def test_same_seed_gives_identical_metrics(mtil_run, tmp_path):
@@ -186,3 +191,12 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
     assert result.returncode == 1 and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
     shown = _cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
     assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
+
+
+def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_path):
+    data = {**MINI, "expert": {"kind": "lora", "lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
+            "composition": {"space": "output"}, "retrieval": {"k": 2, "null_score": 0.5}}
+    figures = run_pipeline(data, tmp_path)
+    experts, _, _ = load_experts(tmp_path / "experts" / "b.safetensors")
+    assert experts.kind == "lora" and experts.rank == 2 and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
+    assert set(figures) == {"zeroshot", "moder"}
