@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/text_truncation.py
 	$(BIN)/python benchmarks/batched_experts.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/prefect_vs_dvc.py
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -1,7 +1,13 @@
 import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from moder.clip import load_clip
 from moder.factory import ExpertFactory, ExpertSpec
@@ -50,3 +56,63 @@ def merged_lora_model(model, experts, rows, weights):
             for row, w in zip(rows, weights):
                 weight += w * experts.scaling * experts.b[target][row] @ experts.a[target][row]
     return merged
+
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = {
+    "seed": 0,
+    "templates": ["a photo of a {}.", "a drawing of a {}."],
+    "model": {"architecture": "moder-micro-clip"},
+    "world": {"image_size": 16, "colours": {"red": [0.9, 0.1, 0.1], "green": [0.1, 0.8, 0.2], "blue": [0.1, 0.2, 0.9]},
+              "shapes": ["circle", "square", "star"]},
+    "pretrain": {"steps": 3, "batch_size": 8, "warmup": 1, "captions": ["a {}."]},
+    "extract": {"train_per_class": 4, "test_per_class": 3, "batch_size": 16},
+    "train": {"epochs": 2, "batch_size": 8},
+    "benchmark": {"name": "mini-mtil", "protocol": "mtil"},
+    "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
+    "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
+}
+
+
+def full_params(data: dict) -> dict:
+    """Every key written out: DVC needs each param a stage declares to be present in params.yaml."""
+    from moder.params import parse_params
+
+    return parse_params(data).model_dump(mode="json")
+
+
+FULL = full_params(MINI)
+
+
+def run_command(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    return run_command([str(Path(sys.executable).parent / "dvc"), *args], cwd)
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    """A copy of the code with the miniature params, run once through `dvc repro` and committed."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "moder", "stages", "flows"):
+        source = REPO / name
+        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+         if source.is_dir() else shutil.copy(source, root / name))
+    (root / ".gitignore").write_text("/data/\n__pycache__/\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
+    run_command(["git", "init", "-q"], root)
+    run_command(["git", "config", "user.email", "test@example.com"], root)
+    run_command(["git", "config", "user.name", "test"], root)
+    dvc(root, "init", "-q")
+    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+    repro = dvc(root, "repro")
+    run_command(["git", "add", "-A"], root)
+    run_command(["git", "commit", "-qm", "mini run"], root)
+    return root, repro
+
+

@@ -1,57 +1,16 @@
 """The miniature configuration through DVC itself: repro, no-op re-run, exactly-the-right invalidation, metrics, plots."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import yaml
 
 from moder.params import parse_params
-from tests.test_stages import MINI
-
-# DVC needs every param a stage declares to be written out in params.yaml: write the defaults too.
-FULL = parse_params(MINI).model_dump(mode="json")
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
-
-def _dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    return _run([str(Path(sys.executable).parent / "dvc"), *args], cwd)
+from tests.conftest import FULL, MINI, dvc
 
 
 def _changed(cwd: Path, params: dict) -> set[str]:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return set(json.loads(_dvc(cwd, "status", "--json").stdout))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory):
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", "moder", "stages"):
-        source = REPO / name
-        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-         if source.is_dir() else shutil.copy(source, root / name))
-    (root / ".gitignore").write_text("/data/\n__pycache__/\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "config", "user.email", "test@example.com"], root)
-    _run(["git", "config", "user.name", "test"], root)
-    _dvc(root, "init", "-q")
-    shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
-    repro = _dvc(root, "repro")
-    _run(["git", "add", "-A"], root)
-    _run(["git", "commit", "-qm", "mini run"], root)
-    return root, repro
+    return set(json.loads(dvc(cwd, "status", "--json").stdout))
 
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
@@ -60,18 +19,18 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics) == {"zeroshot", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}
-    shown = json.loads(_dvc(root, "metrics", "show", "--json").stdout)
+    shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert json.dumps(metrics["moder"]["last"]) in json.dumps(shown)
 
 
 def test_second_repro_is_a_no_op(project):
     root, _ = project
-    assert "Data and pipelines are up to date." in _dvc(root, "repro").stdout
+    assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
 
 
 def test_plots_render_the_accuracy_heatmap_and_step_curves(project, tmp_path):
     root, _ = project
-    _dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
+    dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
     html = (tmp_path / "plots" / "index.html").read_text()
     assert '"mark": "rect"' in html.replace("'", '"') or '"rect"' in html
     assert "tasks not yet trained" in html and "zeroshot" in html
@@ -92,7 +51,7 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
 
 def test_exp_run_with_a_new_k_reruns_only_evaluation_and_report(project):
     root, _ = project
-    result = _dvc(root, "exp", "run", "-S", "retrieval.k=2")
+    result = dvc(root, "exp", "run", "-S", "retrieval.k=2")
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
     # report re-runs only if an evaluation output changed (with this tiny model it may not)
     assert {"evaluate@a", "evaluate@b"} <= ran <= {"evaluate@a", "evaluate@b", "report"}

@@ -21,22 +21,10 @@ from stages.extract import extract
 from stages.pretrain import pretrain
 from stages.report import read_matrices, report
 from stages.train import train
+from tests.conftest import MINI
 
 REPO = Path(__file__).resolve().parents[1]
 
-MINI = {
-    "seed": 0,
-    "templates": ["a photo of a {}.", "a drawing of a {}."],
-    "model": {"architecture": "moder-micro-clip"},
-    "world": {"image_size": 16, "colours": {"red": [0.9, 0.1, 0.1], "green": [0.1, 0.8, 0.2], "blue": [0.1, 0.2, 0.9]},
-              "shapes": ["circle", "square", "star"]},
-    "pretrain": {"steps": 3, "batch_size": 8, "warmup": 1, "captions": ["a {}."]},
-    "extract": {"train_per_class": 4, "test_per_class": 3, "batch_size": 16},
-    "train": {"epochs": 2, "batch_size": 8},
-    "benchmark": {"name": "mini-mtil", "protocol": "mtil"},
-    "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
-    "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
-}
 MINI_CLASSIL = {
     **MINI,
     "benchmark": {"name": "mini-classil", "protocol": "classil"},

@@ -1,0 +1,85 @@
+"""Wall time of the embedded pipeline through the Prefect flow vs through `dvc repro`, and of a fully cached flow re-run.
+
+Both run from scratch in a fresh copy of the project (no DVC cache, no Prefect results), on the
+committed params.yaml, one after the other on the same machine. The flow talks to a Prefect
+server started here on loopback, as a deployment would. Target: Prefect / DVC <= 1.2.
+
+    .venv/bin/python benchmarks/prefect_vs_dvc.py
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def timed(command: list[str], cwd: Path, env: dict) -> float:
+    start = time.perf_counter()
+    subprocess.run(command, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - start
+
+
+def start_server(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env={**env, "PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(240):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            return server, url
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError("the Prefect server did not start within 2 minutes")
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="moder-bench-") as scratch:
+        root = Path(scratch) / "project"
+        root.mkdir()
+        for name in ("dvc.yaml", "params.yaml", "moder", "stages", "flows", "configs"):
+            source = REPO / name
+            shutil.copytree(source, root / name) if source.is_dir() else shutil.copy(source, root / name)
+        (root / ".gitignore").write_text("/data/\n/out/\n")
+        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
+            subprocess.run(command, cwd=root, env=env, check=True)
+        shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
+
+        dvc_seconds = timed([str(BIN / "dvc"), "repro"], root, env)
+        home = Path(scratch) / "prefect-home"
+        server, url = start_server(home, env)
+        try:
+            env = {**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+            flow = [sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"]
+            prefect_seconds = timed(flow + ["--out", "out/first"], root, env)
+            cached_seconds = timed(flow + ["--out", "out/cached"], root, env)
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+        same = all(json.loads((root / d / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
+                   for d in ("out/first", "out/cached"))
+
+    print(f"dvc repro (baseline)        {dvc_seconds:7.1f} s")
+    print(f"Prefect flow, from scratch  {prefect_seconds:7.1f} s   ratio {prefect_seconds / dvc_seconds:.2f} (target <= 1.2)")
+    print(f"Prefect flow, fully cached  {cached_seconds:7.1f} s")
+    print(f"metrics.json identical across the three runs: {same}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The MoDER pipeline as a Prefect flow, running the same stage functions that `dvc repro` runs.
+
+Each stage instance is a task whose inputs and outputs are `Artifact`s: the files a stage
+reads and writes, carried as bytes. A task unpacks its inputs into a scratch directory,
+calls the stage function on those paths, and returns the files it wrote, so results live
+in Prefect's result storage (local by default, any storage block by configuration) and
+cached results restore on any machine. Cache keys are content-addressed: the stage, the
+slice of params it reads and the digest of its code — both taken from `dvc.yaml`, so DVC
+and Prefect invalidate the same things — plus the digests of its input artifacts.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import TaskRunContext
+from prefect.states import State
+
+from moder.io import atomic_path
+from moder.params import parse_params
+from stages.common import USER_ERRORS
+from stages.evaluate import evaluate
+from stages.extract import extract
+from stages.pretrain import pretrain
+from stages.report import report
+from stages.train import train
+
+GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
+_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """Files a stage wrote, by path relative to its output root, with one digest over all of them."""
+
+    files: dict[str, bytes]
+    digest: str
+
+    @classmethod
+    def pack(cls, root: Path, paths: list[Path]) -> "Artifact":
+        files = {}
+        for path in paths:
+            for file in sorted([path] if path.is_file() else path.rglob("*")):
+                if file.is_file():
+                    files[file.relative_to(root).as_posix()] = file.read_bytes()
+        digest = hashlib.sha256()
+        for name, content in files.items():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
+        return cls(files, digest.hexdigest())
+
+    def unpack(self, root: Path) -> None:
+        for name, content in self.files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_bytes(content)
+
+
+@dataclass(frozen=True)
+class StageCall:
+    """One stage instance as DVC defines it: its name, the params it reads, the digest of its code."""
+
+    stage: str
+    name: str  # the foreach key ("" for stages without foreach)
+    params: dict[str, Any]
+    code: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.stage}@{self.name}" if self.name else self.stage
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _digest_paths(root: Path, paths: list[str]) -> str:
+    digest = hashlib.sha256()
+    for relative in sorted(paths):
+        path = root / relative
+        for file in sorted([path] if path.is_file() else path.rglob("*")):
+            if file.is_file() and "__pycache__" not in file.parts:
+                digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+    return digest.hexdigest()
+
+
+def stage_calls(dvc_yaml: Path, params_data: dict) -> dict[str, StageCall]:
+    """Every stage instance of `dvc.yaml` with its params slice and code digest, keyed by its DVC name."""
+    root = dvc_yaml.parent
+    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    calls = {}
+    for stage, spec in stages.items():
+        items = {"": None}
+        if "foreach" in spec:
+            items = _lookup(params_data, _INTERPOLATION.fullmatch(spec["foreach"]).group(1))
+            spec = spec["do"]
+
+        for key, item in items.items():
+            def resolve(text: str) -> str:
+                def value(match: re.Match) -> str:
+                    name = match.group(1)
+                    if name == "key":
+                        return key
+                    if name.startswith("item."):
+                        return str(_lookup(item, name[len("item."):]))
+                    return str(_lookup(params_data, name))
+                return _INTERPOLATION.sub(value, text)
+
+            declared = [resolve(p) for p in spec.get("params", [])]
+            code = [resolve(d) for d in spec.get("deps", []) if not resolve(d).startswith("data/")]
+            calls[f"{stage}@{key}" if key else stage] = StageCall(
+                stage, key, {p: _lookup(params_data, p) for p in declared}, _digest_paths(root, code)
+            )
+    return calls
+
+
+def cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """The stage instance, its params slice, its code digest and the digests of its inputs."""
+    call: StageCall = parameters["call"]
+    inputs: dict[str, Artifact] = parameters["inputs"]
+    payload = {
+        "stage": call.label,
+        "params": call.params,
+        "code": call.code,
+        "inputs": {name: artifact.digest for name, artifact in sorted(inputs.items())},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _retry_unless_user_error(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Transient failures are retried; a bad param or input file would fail the same way again."""
+    return not isinstance(state.result(raise_on_failure=False), USER_ERRORS)
+
+
+def _run_stage(call: StageCall, params_data: dict, inputs: dict[str, Artifact],
+               body: Callable[[Any, Path], list[Path]]) -> Artifact:
+    """Unpack `inputs` into a scratch directory, run `body(params, root)`, pack what it wrote."""
+    params = parse_params(params_data)
+    with tempfile.TemporaryDirectory(prefix=f"moder-{call.stage}-") as scratch:
+        root = Path(scratch)
+        for artifact in inputs.values():
+            artifact.unpack(root)
+        try:
+            outputs = body(params, root)
+        except Exception as error:
+            sources = ", ".join(f"{name} ({artifact.digest[:12]})" for name, artifact in sorted(inputs.items()))
+            message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
+            raise type(error)(message) if isinstance(error, USER_ERRORS) else RuntimeError(message) from error
+        return Artifact.pack(root, outputs)
+
+
+_TASK_OPTIONS = dict(cache_key_fn=cache_key, persist_result=True, retries=2, retry_delay_seconds=5,
+                     retry_condition_fn=_retry_unless_user_error)
+
+
+@task(name="pretrain", tags=[GPU_TAG], task_run_name="pretrain", **_TASK_OPTIONS)
+def pretrain_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        pretrain(params, root / "pretrain" / "clip.safetensors", root / "reports" / "pretrain.json")
+        return [root / "pretrain", root / "reports"]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@task(name="extract", tags=[GPU_TAG], task_run_name="extract@{call.name}", **_TASK_OPTIONS)
+def extract_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        extract(params, call.name, root / "pretrain" / "clip.safetensors", root / "features" / call.name)
+        return [root / "features" / call.name]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@task(name="train", tags=[GPU_TAG], task_run_name="train@{call.name}", **_TASK_OPTIONS)
+def train_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        out = root / "experts" / f"{call.name}.safetensors"
+        train(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", out)
+        return [out]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@task(name="evaluate", tags=[GPU_TAG], task_run_name="evaluate@{call.name}", **_TASK_OPTIONS)
+def evaluate_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        out = root / "eval" / f"{call.name}.parquet"
+        evaluate(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", root / "experts", out)
+        return [out]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@task(name="report", task_run_name="report", **_TASK_OPTIONS)
+def report_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        report(params, root / "eval", root / "metrics.json", root / "reports")
+        return [root / "metrics.json", root / "reports"]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@flow(name="moder-pipeline", log_prints=True)
+def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect", dvc_yaml: str = "dvc.yaml") -> dict:
+    """pretrain -> extract per dataset -> train per task (in parallel) -> evaluate per step -> report.
+
+    Writes metrics.json and reports/ under `out_dir` and returns the metrics. Evaluation of
+    step t waits only for the experts of steps 1..t.
+    """
+    params_data = yaml.safe_load(Path(params_path).read_text())
+    params = parse_params(params_data, params_path)
+    params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
+    calls = stage_calls(Path(dvc_yaml), params_data)
+
+    pretrained = pretrain_task.submit(calls["pretrain"], params_data, {})
+    features = {d: extract_task.submit(calls[f"extract@{d}"], params_data, {"pretrain": pretrained})
+                for d in params.datasets if any(t.dataset == d for t in params.tasks.values())}
+    experts = {
+        name: train_task.submit(calls[f"train@{name}"], params_data,
+                                {"pretrain": pretrained, f"features/{t.dataset}": features[t.dataset]})
+        for name, t in params.tasks.items()
+    }
+    evaluations = {}
+    for step, name in enumerate(params.tasks, start=1):
+        inputs = {"pretrain": pretrained, **{f"features/{d}": f for d, f in features.items()},
+                  **{f"experts/{t}": experts[t] for t in list(params.tasks)[:step]}}
+        evaluations[name] = evaluate_task.submit(calls[f"evaluate@{name}"], params_data, inputs)
+    # Waiting in dependency order raises the first failing stage's own error (naming its stage and
+    # inputs), not the "upstream never finished" of a task downstream of it.
+    for future in [pretrained, *features.values(), *experts.values(), *evaluations.values()]:
+        future.result()
+    reported = report_task.submit(calls["report"], params_data, {f"eval/{t}": e for t, e in evaluations.items()}).result()
+
+    out = Path(out_dir)
+    for name, content in reported.files.items():
+        with atomic_path(out / name) as temporary:
+            temporary.write_bytes(content)
+    metrics = json.loads(reported.files["metrics.json"])
+    get_run_logger().info("metrics written to %s: %s", out / "metrics.json", json.dumps(metrics))
+    return metrics
+
+
+def with_task_runner(pipeline: Any, dask_workers: int | None = None, dask_address: str | None = None) -> Any:
+    """The flow on Prefect's default thread pool, or fanned out over a Dask cluster (local or remote)."""
+    if dask_workers is None and dask_address is None:
+        return pipeline
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address is not None:
+        return pipeline.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    return pipeline.with_options(task_runner=DaskTaskRunner(
+        cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}))
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run the MoDER pipeline as a Prefect flow, once.")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--out", default="out/prefect", help="where metrics.json and reports/ are written")
+    parser.add_argument("--dask-workers", type=int, default=None, help="fan out over a local Dask cluster")
+    parser.add_argument("--dask-address", default=None, help="or over an existing one, e.g. tcp://host:8786")
+    args = parser.parse_args()
+    with_task_runner(moder_pipeline, args.dask_workers, args.dask_address)(params_path=args.params, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    main()

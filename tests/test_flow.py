@@ -1,0 +1,199 @@
+"""The Prefect flow against a real Prefect server on loopback: caching, deployment, Dask, GPU limit."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import FULL, MINI, REPO, full_params
+
+prefect = pytest.importorskip("prefect")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the whole module: every process started without one would start its own (slow)."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+    process = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
+                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        process.kill()
+        pytest.fail("the Prefect server did not start within 60 s")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: env[k] for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_API_URL",
+                                           "PREFECT_LOCAL_STORAGE_PATH")})
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
+        yield {"url": url, "env": env, "home": home}
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _run(params_path: Path, out: Path, **runner) -> tuple[dict, dict[str, str]]:
+    """Run the flow in this process; return its metrics and {task run name: final state name}."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.pipeline import moder_pipeline, with_task_runner
+
+    state = with_task_runner(moder_pipeline, **runner)(params_path=str(params_path), out_dir=str(out),
+                                                        dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+    assert state.is_completed(), state.message
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return state.result(), {run.name: run.state.name for run in runs}
+
+
+def _executed(states: dict[str, str]) -> set[str]:
+    return {name for name, state in states.items() if state != "Cached"}
+
+
+def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
+    params = _write(tmp_path / "params.yaml", FULL)
+    first, states = _run(params, tmp_path / "run1")
+    everything = {"pretrain", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"}
+    assert set(states) == everything and _executed(states) == everything
+    assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
+
+    again, states = _run(params, tmp_path / "run2")
+    assert again == first and _executed(states) == set() and set(states.values()) == {"Cached"}
+
+    appended = full_params({**MINI, "datasets": {**MINI["datasets"], "c": {"classes": 3}},
+                            "tasks": {**MINI["tasks"], "c": {"dataset": "c"}}})
+    _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3")
+    assert _executed(states) == {"extract@c", "train@c", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
+
+    other_k = {**appended, "retrieval": {**appended["retrieval"], "k": 2}}
+    _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4")
+    assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"}
+
+
+def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
+    from flows.pipeline import stage_calls
+
+    for name in ("dvc.yaml", "moder", "stages"):
+        source = REPO / name
+        shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source, tmp_path / name)
+    calls = stage_calls(tmp_path / "dvc.yaml", FULL)
+    assert calls["train@a"].params == {"seed": 0, "model": FULL["model"], "templates": FULL["templates"],
+                                       "expert": FULL["expert"], "train": FULL["train"], "tasks.a": FULL["tasks"]["a"],
+                                       "datasets.a": FULL["datasets"]["a"]}
+    assert set(calls["report"].params) == {"benchmark", "tasks"}
+    (tmp_path / "stages" / "train.py").write_text((tmp_path / "stages" / "train.py").read_text() + "\n# edited\n")
+    edited = stage_calls(tmp_path / "dvc.yaml", FULL)
+    changed = {name for name in calls if calls[name].code != edited[name].code}
+    assert changed == {"train@a", "train@b"}
+
+
+def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
+    root, _ = project
+    env = {**server["env"], "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "test"], cwd=root, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out = tmp_path / "served"
+        command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "moder-pipeline/test",
+                   "--param", f"out_dir={out}", "--watch"]
+        for _ in range(60):  # the deployment exists once the serving process has registered it
+            result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+            if "not found" not in (result.stdout + result.stderr).lower():
+                break
+            time.sleep(1)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Completed" in result.stdout
+        assert json.loads((out / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
+    finally:
+        serving.terminate()
+        serving.wait(timeout=30)
+
+
+def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, monkeypatch):
+    root, _ = project
+    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "storage"))  # nothing cached: tasks run on workers
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage")}):
+        metrics, states = _run(root / "params.yaml", tmp_path / "dask", dask_workers=2)
+    assert _executed(states) == set(states) and len(states) == 8
+    assert metrics == json.loads((root / "metrics.json").read_text())
+
+
+def test_gpu_tag_limit_is_created_and_updated(server):
+    from flows.setup import gpu_slots, set_gpu_limit
+
+    assert gpu_slots(3) == 3 and gpu_slots() >= 1
+    assert set_gpu_limit(2) == 2
+    assert set_gpu_limit(1) == 1
+    with pytest.raises(ValueError, match="at least 1"):
+        set_gpu_limit(0)
+
+
+def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_input(server, tmp_path):
+    from flows.pipeline import moder_pipeline
+
+    broken = full_params({**MINI, "model": {"architecture": "moder-micro-clip"}, "world": {**MINI["world"], "image_size": 32}})
+    state = moder_pipeline(params_path=str(_write(tmp_path / "bad.yaml", broken)), out_dir=str(tmp_path / "out"),
+                           dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match=r"pretrain failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"):
+        state.result()
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    pretrain_run = next(run for run in runs if run.name == "pretrain")
+    assert pretrain_run.run_count == 1  # a bad input is not retried
+
+
+def test_only_transient_failures_are_retried():
+    from prefect.states import Failed
+
+    from flows.pipeline import _retry_unless_user_error
+    from moder.features import FeatureFileError
+    from moder.params import ParamsError
+
+    assert _retry_unless_user_error(None, None, Failed(data=RuntimeError("CUDA error: unspecified launch failure")))
+    assert not _retry_unless_user_error(None, None, Failed(data=ParamsError("bad key")))
+    assert not _retry_unless_user_error(None, None, Failed(data=FeatureFileError("made by another model")))
