@@ -12,6 +12,7 @@ from moder.experts import ExpertFileError
 from moder.features import FeatureFileError
 from moder.params import Params, ParamsError, load_params
 
+
 class MissingInput(RuntimeError):
     """A stage's input file is not there; the message names it and the stage that makes it."""
 

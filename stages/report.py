@@ -1,7 +1,6 @@
 """Stage `report`: the accuracy matrices as metrics.json (Transfer/Avg/Last per method), plot data and a summary."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
