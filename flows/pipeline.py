@@ -190,16 +190,16 @@ def train_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) 
 @task(name="evaluate", tags=[GPU_TAG], task_run_name="evaluate@{call.name}", **_TASK_OPTIONS)
 def evaluate_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        out = root / "eval" / f"{call.name}.parquet"
-        evaluate(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", root / "experts", out)
-        return [out]
+        out, unseen = root / "eval" / f"{call.name}.parquet", root / "unseen" / f"{call.name}.parquet"
+        evaluate(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", root / "experts", out, unseen)
+        return [out, unseen]
     return _run_stage(call, params_data, inputs, body)
 
 
 @task(name="report", task_run_name="report", **_TASK_OPTIONS)
 def report_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        report(params, root / "eval", root / "metrics.json", root / "reports")
+        report(params, root / "eval", root / "unseen", root / "metrics.json", root / "reports")
         return [root / "metrics.json", root / "reports"]
     return _run_stage(call, params_data, inputs, body)
 
@@ -221,19 +221,19 @@ def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect
                 for d in params.datasets if any(t.dataset == d for t in params.tasks.values())}
     experts = {
         name: train_task.submit(calls[f"train@{name}"], params_data,
-                                {"pretrain": pretrained, f"features/{t.dataset}": features[t.dataset]})
+                                {"pretrain": pretrained, f"extract@{t.dataset}": features[t.dataset]})
         for name, t in params.tasks.items()
     }
     evaluations = {}
     for step, name in enumerate(params.tasks, start=1):
-        inputs = {"pretrain": pretrained, **{f"features/{d}": f for d, f in features.items()},
-                  **{f"experts/{t}": experts[t] for t in list(params.tasks)[:step]}}
+        inputs = {"pretrain": pretrained, **{f"extract@{d}": f for d, f in features.items()},
+                  **{f"train@{t}": experts[t] for t in list(params.tasks)[:step]}}
         evaluations[name] = evaluate_task.submit(calls[f"evaluate@{name}"], params_data, inputs)
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
     for future in [pretrained, *features.values(), *experts.values(), *evaluations.values()]:
         future.result()
-    reported = report_task.submit(calls["report"], params_data, {f"eval/{t}": e for t, e in evaluations.items()}).result()
+    reported = report_task.submit(calls["report"], params_data, {f"evaluate@{t}": e for t, e in evaluations.items()}).result()
 
     out = Path(out_dir)
     for name, content in reported.files.items():

@@ -4,12 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moder.compose import compose_prototypes, seen_prototypes
 from moder.experts import Experts
 from moder.factory import ExpertFactory
-from moder.hub import ExpertHub
+from moder.hub import NULL_EXPERT, ExpertHub
 from moder.metrics import Protocol, accuracy, label_space
 from moder.world import class_splits
 
@@ -57,6 +58,31 @@ class AccuracyRow:
     n_test: int
 
 
+@dataclass(frozen=True)
+class UnseenClassRow:
+    """Why composition helped or hurt one class not yet trained: what it retrieved, and its accuracy."""
+
+    step: str
+    task: str
+    class_name: str
+    zeroshot: float  # percent of the class's test images right, in the task's label space
+    moder: float
+    retrieved: str  # "hub class [its task] weight; ..." in retrieval order; "null" is the frozen model
+
+
+@dataclass(frozen=True)
+class StepEvaluation:
+    rows: list[AccuracyRow]
+    unseen_classes: list[UnseenClassRow]
+
+
+def _class_accuracy(features: Tensor, labels: Tensor, prototypes: Tensor, classes: int) -> Tensor:
+    """Percent right per label 0..classes-1 (NaN for a label with no test image)."""
+    right = (features @ F.normalize(prototypes, dim=-1).T).argmax(dim=1).eq(labels).float()
+    totals = torch.bincount(labels, minlength=classes).float()
+    return 100.0 * torch.bincount(labels, weights=right, minlength=classes) / totals
+
+
 @torch.no_grad()
 def evaluate_step(
     factory: ExpertFactory,
@@ -64,11 +90,12 @@ def evaluate_step(
     sequence: list[TaskData],
     experts: list[Experts],
     settings: EvaluationSettings,
-) -> list[AccuracyRow]:
+) -> StepEvaluation:
     """Accuracy of every task after step t = len(experts), for `zeroshot` and `moder`.
 
     Tasks 1..t use their own experts (seen classes); the classes of later tasks get
     prototypes composed from the hub of experts 1..t, retrieved by zero-shot prototype.
+    Each class of a later task also gets an `UnseenClassRow`.
     """
     step = len(experts)
     if not 1 <= step <= len(sequence):
@@ -82,8 +109,14 @@ def evaluate_step(
             tower, factory.prompts(data.class_names), task_experts, data.zeroshot, settings.alpha
         )
         moder.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})
+    retrieved: dict[tuple[str, str], str] = {}
     for data in sequence[step:]:
         retrieval = hub.query(data.zeroshot, settings.k, settings.temperature, settings.null_score)
+        for name, rows_, weights in zip(data.class_names, retrieval.indices.tolist(), retrieval.weights.tolist()):
+            retrieved[(data.task.dataset, name)] = "; ".join(
+                f"null {w:.3f}" if r == NULL_EXPERT else f"{hub.class_names[r]} [{sequence[hub.steps[r] - 1].task.name}] {w:.3f}"
+                for r, w in zip(rows_, weights)
+            )
         prototypes = compose_prototypes(
             tower, factory.prompts(data.class_names), hub.experts, factory.null(),
             retrieval.indices, retrieval.weights, settings.space,
@@ -92,13 +125,20 @@ def evaluate_step(
     zeroshot = {(d.task.dataset, n): p for d in sequence for n, p in zip(d.class_names, d.zeroshot)}
 
     task_classes = [data.class_names for data in sequence]
-    rows = []
+    step_name = sequence[step - 1].task.name
+    rows, unseen = [], []
     for index, data in enumerate(sequence):
         space = label_space(settings.protocol, task_classes, step - 1, index)
         position = {name: i for i, name in enumerate(space)}
         labels = torch.tensor([position[data.class_names[int(y)]] for y in data.test_labels])
+        per_class = {}
         for method, table in (("zeroshot", zeroshot), ("moder", moder)):
             prototypes = torch.stack([table[(data.task.dataset, name)] for name in space])
-            rows.append(AccuracyRow(sequence[step - 1].task.name, data.task.name, method,
+            rows.append(AccuracyRow(step_name, data.task.name, method,
                                     accuracy(data.test_features, labels, prototypes), len(labels)))
-    return rows
+            per_class[method] = _class_accuracy(F.normalize(data.test_features, dim=-1), labels, prototypes, len(space))
+        if index >= step:
+            unseen += [UnseenClassRow(step_name, data.task.name, name, float(per_class["zeroshot"][position[name]]),
+                                      float(per_class["moder"][position[name]]), retrieved[(data.task.dataset, name)])
+                       for name in data.class_names]
+    return StepEvaluation(rows, unseen)

@@ -44,8 +44,22 @@ def _write(path: Path, text: str) -> None:
         temporary.write_text(text)
 
 
-def report(params: Params, evaluation: Path, metrics: Path, reports: Path) -> dict:
+def write_unseen_classes(params: Params, unseen: Path, out: Path) -> None:
+    """Every class not yet trained after each step: zero-shot vs composed accuracy and what was retrieved."""
+    lines = ["step,task,class,zeroshot,moder,diff,retrieved"]
+    for step in params.tasks:
+        path = unseen / f"{step}.parquet"
+        if not path.is_file():
+            raise MissingInput(f"per-class report not found: {path} (run evaluate@{step})")
+        for row in pq.read_table(path).to_pylist():
+            lines.append(f"{row['step']},{row['task']},{row['class_name']},{row['zeroshot']:.2f},{row['moder']:.2f},"
+                         f"{row['moder'] - row['zeroshot']:+.2f},{row['retrieved']}")
+    _write(out, "\n".join(lines) + "\n")
+
+
+def report(params: Params, evaluation: Path, unseen: Path, metrics: Path, reports: Path) -> dict:
     matrices = read_matrices(params, evaluation)
+    write_unseen_classes(params, unseen, reports / "unseen_classes.csv")
     figures = metrics_of(params, matrices)
     _write(metrics, json.dumps(figures, indent=2) + "\n")
     tasks = list(params.tasks)
@@ -103,13 +117,14 @@ def print_summary(params: Params, reports: Path) -> None:
 def main() -> None:
     cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, seen.csv, unseen.csv)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
+    cli.add_argument("--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)")
     cli.add_argument("--metrics", type=Path, default=Path("metrics.json"))
     cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")
     args = cli.parse_args()
-    if not args.summary_only and args.evaluation is None:
-        cli.error("--evaluation is required unless --summary-only")
+    if not args.summary_only and (args.evaluation is None or args.unseen is None):
+        cli.error("--evaluation and --unseen are required unless --summary-only")
     run_cli(lambda args, params: print_summary(params, args.reports) if args.summary_only
-            else report(params, args.evaluation, args.metrics, args.reports), args)
+            else report(params, args.evaluation, args.unseen, args.metrics, args.reports), args)
 
 
 if __name__ == "__main__":

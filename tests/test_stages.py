@@ -43,8 +43,9 @@ def run_pipeline(data: dict, root: Path) -> dict:
     for task in params.tasks:
         train(params, task, model, root / "features", root / "experts" / f"{task}.safetensors")
     for step in params.tasks:
-        evaluate(params, step, model, root / "features", root / "experts", root / "eval" / f"{step}.parquet")
-    return report(params, root / "eval", root / "metrics.json", root / "reports")
+        evaluate(params, step, model, root / "features", root / "experts", root / "eval" / f"{step}.parquet",
+                 root / "unseen" / f"{step}.parquet")
+    return report(params, root / "eval", root / "unseen", root / "metrics.json", root / "reports")
 
 
 @pytest.fixture(scope="module")
@@ -188,3 +189,24 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
     experts, _, _ = load_experts(tmp_path / "experts" / "b.safetensors")
     assert experts.kind == "lora" and experts.rank == 2 and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
     assert set(figures) == {"zeroshot", "moder"}
+
+
+def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
+    root, _ = mtil_run
+    lines = (root / "reports" / "unseen_classes.csv").read_text().splitlines()
+    assert lines[0] == "step,task,class,zeroshot,moder,diff,retrieved"
+    rows = [line.split(",") for line in lines[1:]]
+    names = read_features(root / "features" / "b" / "classes.parquet").class_names
+    assert [(r[0], r[1], r[2]) for r in rows] == [("a", "b", name) for name in names]  # after step a, task b is unseen
+    task_a = read_features(root / "features" / "a" / "classes.parquet").class_names
+    for row in rows:
+        entries = row[6].split("; ")
+        assert len(entries) == 3  # k = 3, no null expert
+        assert all(entry.rsplit(" [", 1)[0] in task_a and entry.split("] ")[0].endswith("[a") for entry in entries)
+        assert sum(float(entry.rsplit(" ", 1)[1]) for entry in entries) == pytest.approx(1.0, abs=2e-3)
+        assert float(row[5]) == pytest.approx(float(row[4]) - float(row[3]), abs=0.011)
+    # a balanced test set: the mean of the per-class accuracies is the task's accuracy
+    task_rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
+    for column, method in ((3, "zeroshot"), (4, "moder")):
+        task_accuracy = next(r["accuracy"] for r in task_rows if r["task"] == "b" and r["method"] == method)
+        assert sum(float(r[column]) for r in rows) / len(rows) == pytest.approx(task_accuracy, abs=0.01)
