@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from flows.local_server import local_server
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -27,24 +27,6 @@ def timed(command: list[str], cwd: Path, env: dict) -> float:
     start = time.perf_counter()
     subprocess.run(command, cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
-
-
-def start_server(home: Path, env: dict) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                              env={**env, "PREFECT_HOME": str(home)}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            return server, url
-        except OSError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("the Prefect server did not start within 2 minutes")
 
 
 def main() -> None:
@@ -62,16 +44,11 @@ def main() -> None:
         shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
 
         dvc_seconds = timed([str(BIN / "dvc"), "repro"], root, env)
-        home = Path(scratch) / "prefect-home"
-        server, url = start_server(home, env)
-        try:
-            env = {**env, "PREFECT_HOME": str(home), "PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
+        with local_server(Path(scratch) / "prefect-home") as client_env:
+            env = {**env, **client_env}
             flow = [sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"]
             prefect_seconds = timed(flow + ["--out", "out/first"], root, env)
             cached_seconds = timed(flow + ["--out", "out/cached"], root, env)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
         same = all(json.loads((root / d / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
                    for d in ("out/first", "out/cached"))
 

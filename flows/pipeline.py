@@ -37,6 +37,12 @@ GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps 
 _INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 
 
+def _files(path: Path) -> list[Path]:
+    """`path` itself if it is a file, else every file below it; sorted, caches left out."""
+    candidates = [path] if path.is_file() else path.rglob("*")
+    return sorted(f for f in candidates if f.is_file() and "__pycache__" not in f.parts)
+
+
 @dataclass(frozen=True)
 class Artifact:
     """Files a stage wrote, by path relative to its output root, with one digest over all of them."""
@@ -46,11 +52,7 @@ class Artifact:
 
     @classmethod
     def pack(cls, root: Path, paths: list[Path]) -> "Artifact":
-        files = {}
-        for path in paths:
-            for file in sorted([path] if path.is_file() else path.rglob("*")):
-                if file.is_file():
-                    files[file.relative_to(root).as_posix()] = file.read_bytes()
+        files = {file.relative_to(root).as_posix(): file.read_bytes() for path in paths for file in _files(path)}
         digest = hashlib.sha256()
         for name, content in files.items():
             digest.update(name.encode() + b"\0" + hashlib.sha256(content).digest())
@@ -86,10 +88,8 @@ def _lookup(data: dict, dotted: str) -> Any:
 def _digest_paths(root: Path, paths: list[str]) -> str:
     digest = hashlib.sha256()
     for relative in sorted(paths):
-        path = root / relative
-        for file in sorted([path] if path.is_file() else path.rglob("*")):
-            if file.is_file() and "__pycache__" not in file.parts:
-                digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
+        for file in _files(root / relative):
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
     return digest.hexdigest()
 
 

@@ -2,11 +2,9 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,51 +15,30 @@ from tests.conftest import FULL, MINI, REPO, full_params
 prefect = pytest.importorskip("prefect")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """One server for the whole module: every process started without one would start its own (slow)."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": url, "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage")}
-    process = subprocess.Popen([str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("the Prefect server did not start within 60 s")
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: env[k] for k in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_API_URL",
-                                           "PREFECT_LOCAL_STORAGE_PATH")})
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: url, PREFECT_LOCAL_STORAGE_PATH: str(home / "storage")}):
-        yield {"url": url, "env": env, "home": home}
-        from prefect.events.worker import EventsWorker
-        from prefect.logging.handlers import APILogWorker
+    from flows.local_server import local_server
 
-        APILogWorker.drain_all()
-        EventsWorker.drain_all()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-    process.terminate()
-    process.wait(timeout=30)
+    home = tmp_path_factory.mktemp("prefect-home")
+    with local_server(home) as client_env:
+        saved = {key: os.environ.get(key) for key in client_env}
+        os.environ.update(client_env)  # Dask workers and served runs inherit it
+        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"],
+                                 PREFECT_LOCAL_STORAGE_PATH: client_env["PREFECT_LOCAL_STORAGE_PATH"]}):
+            yield {"url": client_env["PREFECT_API_URL"], "env": {**os.environ, **client_env}, "home": home}
+            from prefect.events.worker import EventsWorker
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all()  # before the server goes away
+            EventsWorker.drain_all()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _write(path: Path, data: dict) -> Path:
