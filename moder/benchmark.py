@@ -4,14 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from moder.compose import compose_prototypes, seen_prototypes
 from moder.experts import Experts
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT, ExpertHub
-from moder.metrics import Protocol, accuracy, label_space
+from moder.metrics import Protocol, accuracy, class_accuracy, label_space
 from moder.world import class_splits
 
 
@@ -76,13 +75,6 @@ class StepEvaluation:
     unseen_classes: list[UnseenClassRow]
 
 
-def _class_accuracy(features: Tensor, labels: Tensor, prototypes: Tensor, classes: int) -> Tensor:
-    """Percent right per label 0..classes-1 (NaN for a label with no test image)."""
-    right = (features @ F.normalize(prototypes, dim=-1).T).argmax(dim=1).eq(labels).float()
-    totals = torch.bincount(labels, minlength=classes).float()
-    return 100.0 * torch.bincount(labels, weights=right, minlength=classes) / totals
-
-
 @torch.no_grad()
 def evaluate_step(
     factory: ExpertFactory,
@@ -136,7 +128,8 @@ def evaluate_step(
             prototypes = torch.stack([table[(data.task.dataset, name)] for name in space])
             rows.append(AccuracyRow(step_name, data.task.name, method,
                                     accuracy(data.test_features, labels, prototypes), len(labels)))
-            per_class[method] = _class_accuracy(F.normalize(data.test_features, dim=-1), labels, prototypes, len(space))
+            if index >= step:  # classes not yet trained get the per-class report
+                per_class[method] = class_accuracy(data.test_features, labels, prototypes)
         if index >= step:
             unseen += [UnseenClassRow(step_name, data.task.name, name, float(per_class["zeroshot"][position[name]]),
                                       float(per_class["moder"][position[name]]), retrieved[(data.task.dataset, name)])

@@ -30,6 +30,14 @@ class FeatureTable:
     dataset: str
     model: str  # ModelIdentity JSON of the producing model
 
+    def select(self, classes: list[int]) -> tuple[Tensor, Tensor]:
+        """The rows of `classes` only, labelled by position in `classes` (a task's slice of its dataset)."""
+        own = torch.tensor(classes, dtype=torch.long)
+        keep = torch.isin(self.labels, own)
+        position = torch.full((len(self.class_names),), -1, dtype=torch.long)
+        position[own] = torch.arange(len(own))
+        return self.vectors[keep], position[self.labels[keep]]
+
 
 def write_features(path: Path | str, table: FeatureTable) -> None:
     """One Parquet file, written atomically: `label` and a fixed-size float32 `feature` column."""

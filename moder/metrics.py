@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -76,7 +77,18 @@ def label_space(protocol: Protocol, task_classes: list[list[str]], step: int, ta
     raise ValueError(f"unknown protocol {protocol!r}; allowed: mtil, classil")
 
 
+def predict(features: Tensor, prototypes: Tensor) -> Tensor:
+    """The index of each feature's most similar prototype (cosine similarity)."""
+    return (F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T).argmax(dim=1)
+
+
 def accuracy(features: Tensor, labels: Tensor, prototypes: Tensor) -> float:
     """Percent of features whose most similar prototype is their own class's."""
-    predictions = (F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T).argmax(dim=1)
-    return 100.0 * (predictions == labels).float().mean().item()
+    return 100.0 * (predict(features, prototypes) == labels).float().mean().item()
+
+
+def class_accuracy(features: Tensor, labels: Tensor, prototypes: Tensor) -> Tensor:
+    """Percent right per class 0..len(prototypes)-1 (NaN for a class with no feature)."""
+    right = (predict(features, prototypes) == labels).float()
+    totals = torch.bincount(labels, minlength=len(prototypes)).float()
+    return 100.0 * torch.bincount(labels, weights=right, minlength=len(prototypes)) / totals

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from moder.metrics import accuracy
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 from moder.world import Domain, World, render, seed_for
@@ -113,6 +114,4 @@ def clean_accuracy(
     generator = torch.Generator().manual_seed(seed_for(seed, "pretrain-test"))
     labels = torch.arange(len(world.class_names)).repeat_interleave(per_class)
     images = normalize_images(render(world, domain, "pretrain", labels, generator), mean, std)
-    features = F.normalize(model.encode_image(images), dim=-1)
-    prototypes = zeroshot_prototypes(tower, world.class_names, captions)
-    return 100.0 * (features @ prototypes.T).argmax(dim=1).eq(labels).float().mean().item()
+    return accuracy(model.encode_image(images), labels, zeroshot_prototypes(tower, world.class_names, captions))

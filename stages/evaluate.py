@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from moder.benchmark import AccuracyRow, EvaluationSettings, StepEvaluation, TaskData, UnseenClassRow, evaluate_step
 from moder.experts import ExpertFileError, load_experts
@@ -32,13 +31,10 @@ def evaluate(params: Params, step: str, pretrained: Path, features: Path, expert
     tests = {d: read_features(features / d / "test.parquet", identity) for d in datasets}
     sequence = []
     for task in tasks_of(params, {d: len(table.class_names) for d, table in classes.items()}):
-        own = torch.tensor(task.classes)
-        test = tests[task.dataset]
-        keep = torch.isin(test.labels, own)
-        remap = torch.full((len(classes[task.dataset].class_names),), -1, dtype=torch.long)
-        remap[own] = torch.arange(len(own))
-        sequence.append(TaskData(task, [classes[task.dataset].class_names[i] for i in task.classes],
-                                 classes[task.dataset].vectors[own], test.vectors[keep], remap[test.labels[keep]]))
+        table = classes[task.dataset]
+        features, labels = tests[task.dataset].select(task.classes)
+        sequence.append(TaskData(task, [table.class_names[i] for i in task.classes], table.vectors[task.classes],
+                                 features, labels))
     trained = []
     for data in sequence[: list(params.tasks).index(step) + 1]:
         path = experts / f"{data.task.name}.safetensors"

@@ -26,10 +26,7 @@ def train(params: Params, task_name: str, pretrained: Path, features: Path, out:
     tasks = tasks_of(params, {dataset: len(classes.class_names)})
     position = [t.name for t in tasks].index(task_name)
     task = tasks[position]
-    own = torch.tensor(task.classes)
-    keep = torch.isin(samples.labels, own)
-    remap = torch.full((len(classes.class_names),), -1, dtype=torch.long)
-    remap[own] = torch.arange(len(own))
+    features, labels = samples.select(task.classes)
     names = [classes.class_names[i] for i in task.classes]
     earlier = [c for t in tasks[:position] for c in t.classes]  # earlier tasks of the same dataset (Class-IL)
     negatives = classes.vectors[earlier] if params.train.prior_negatives and earlier else None
@@ -38,9 +35,9 @@ def train(params: Params, task_name: str, pretrained: Path, features: Path, out:
     factory = ExpertFactory(tower, params.expert.spec(), params.templates)
     generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task_name))
     result = train_experts(
-        tower, factory.prompts(names), factory.new(len(names), generator), samples.vectors[keep],
-        remap[samples.labels[keep]], params.train.config(seed_for(params.seed, "train", task_name)),
-        zeroshot=classes.vectors[own], negatives=negatives, progress=True,
+        tower, factory.prompts(names), factory.new(len(names), generator), features, labels,
+        params.train.config(seed_for(params.seed, "train", task_name)),
+        zeroshot=classes.vectors[task.classes], negatives=negatives, progress=True,
     )
     save_experts(out, result.experts, names, identity, {"task": task_name, "dataset": dataset})
     print(f"trained {len(names)} {params.expert.kind} experts for task {task_name}: "

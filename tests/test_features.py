@@ -41,3 +41,9 @@ def test_missing_and_foreign_files_name_the_path(tmp_path):
 def _write(tmp_path):
     write_features(tmp_path / "ok.parquet", _table())
     return tmp_path / "ok.parquet"
+
+
+def test_select_keeps_a_tasks_rows_labelled_by_position():
+    vectors, labels = _table().select([2, 0])
+    assert labels.tolist() == [1, 1, 0, 0]  # rows of class 0 then class 2, in file order
+    assert torch.equal(vectors, _table().vectors[[0, 1, 4, 5]])

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from moder.metrics import accuracy, average, future, label_space, last, summarize, transfer
+from moder.metrics import accuracy, average, class_accuracy, future, label_space, last, summarize, transfer
 
 # A[i][j]: rows are training steps, columns tasks.
 A = [[50.0, 20.0, 30.0],
@@ -58,3 +58,12 @@ def test_accuracy_percent():
     prototypes = torch.eye(3)
     features = torch.tensor([[1.0, 0.1, 0], [0, 0.2, 1.0], [0.9, 1.0, 0], [0, 0, 1.0]])
     assert accuracy(features, torch.tensor([0, 2, 0, 2]), prototypes) == 75.0
+
+
+def test_class_accuracy_per_class_on_hand_made_features():
+    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    features = torch.tensor([[2.0, 0.1], [0.1, 3.0], [1.0, 0.2], [-1.0, 0.1]])
+    labels = torch.tensor([0, 1, 1, 0])  # the 3rd and 4th are wrong
+    assert class_accuracy(features, labels, prototypes)[:2].tolist() == [50.0, 50.0]
+    assert torch.isnan(class_accuracy(features, labels, prototypes)[2])  # no feature of class 2
+    assert accuracy(features, labels, prototypes) == 50.0
