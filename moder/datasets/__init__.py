@@ -1,0 +1,132 @@
+"""Image datasets of the real benchmarks: one small adapter module per dataset, one registry.
+
+Every adapter reads the files a normal download produces (torchvision's layout where torchvision
+has the dataset) and returns an `ImageSplit` whose labels index the class names of the dataset's
+catalog file (`catalog/<source>.json`: CLIP's published class names and prompt templates, data not
+code). Nothing is downloaded here: a missing dataset is a `DatasetNotFound` naming what was looked
+for and how to provide a local copy.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+Split = Literal["train", "test"]
+_CATALOG_DIR = Path(__file__).with_name("catalog")
+
+# source name -> adapter module (moder.datasets.<module>.load(root, split) -> ImageSplit).
+ADAPTERS: dict[str, str] = {
+    "aircraft": "aircraft",
+    "caltech101": "caltech101",
+    "cifar100": "cifar100",
+    "dtd": "dtd",
+    "eurosat": "eurosat",
+    "flowers": "flowers",
+    "food": "food",
+    "mnist": "mnist",
+    "pets": "pets",
+    "cars": "cars",
+    "sun397": "sun397",
+    "imagenet-r": "imagenet_r",
+    "cub200": "cub200",
+    "imagefolder": "imagefolder",
+    "csv": "csv_list",
+}
+
+
+class DatasetNotFound(FileNotFoundError):
+    """A dataset's files are not where params.yaml points; the message says what was looked for and how to fix it."""
+
+
+class DatasetFormatError(ValueError):
+    """A dataset's files are there but do not hold what the adapter expects; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What CLIP's zero-shot evaluation uses for one dataset: class names in label order, prompt templates."""
+
+    class_names: list[str]
+    templates: list[str]
+
+
+@cache
+def catalog(source: str) -> Catalog:
+    path = _CATALOG_DIR / f"{source}.json"
+    if not path.is_file():
+        raise KeyError(f"no catalog for dataset source {source!r} (looked for {path})")
+    data = json.loads(path.read_text())
+    return Catalog(list(data["class_names"]), list(data["templates"]))
+
+
+def _read_rgb(item: Any) -> Image.Image:
+    image = item if isinstance(item, Image.Image) else Image.open(item)
+    return image.convert("RGB")
+
+
+class ImageSplit(Dataset):
+    """One split of a dataset: images (file paths, or PIL images already in memory) and labels.
+
+    `labels[i]` indexes `class_names`. `transform` (e.g. open_clip's preprocess) is applied per
+    item, so a DataLoader with workers decodes and resizes in parallel.
+    """
+
+    def __init__(self, images: Sequence[Any], labels: Sequence[int], class_names: list[str],
+                 read: Callable[[Any], Image.Image] = _read_rgb, transform: Callable | None = None):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images, self.labels, self.class_names = images, [int(y) for y in labels], class_names
+        self.read, self.transform = read, transform
+        bad = [y for y in self.labels if not 0 <= y < len(class_names)]
+        if bad:
+            raise ValueError(f"label {bad[0]} outside the {len(class_names)} classes")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = self.read(self.images[index])
+        return (image if self.transform is None else self.transform(image)), self.labels[index]
+
+    def with_transform(self, transform: Callable | None) -> "ImageSplit":
+        return ImageSplit(self.images, self.labels, self.class_names, self.read, transform)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSplit":
+        return ImageSplit([self.images[i] for i in indices], [self.labels[i] for i in indices],
+                          self.class_names, self.read, self.transform)
+
+
+def random_split_indices(n: int, seed: int = 42, train_fraction: float = 0.8) -> tuple[list[int], list[int]]:
+    """ZSCL's split for datasets without an official test set (Caltech101, EuroSAT, SUN397; ZSCL
+    mtil/src/datasets/collections.py, ClassificationDataset.split_dataset): random_split of the
+    dataset's n items, in the adapter's item order, into int(0.8 * n) train and the rest test with
+    torch.Generator().manual_seed(42). The lengths must be these integers: fractional lengths
+    [0.8, 0.2] round differently (n=10 gives 9/1, ZSCL 8/2)."""
+    n_train = int(train_fraction * n)
+    train, test = torch.utils.data.random_split(range(n), [n_train, n - n_train],
+                                                generator=torch.Generator().manual_seed(seed))
+    return list(train.indices), list(test.indices)
+
+
+def load_split(source: str, root: Path | str, split: Split) -> ImageSplit:
+    """The `split` of dataset `source` stored under `root` (see each adapter's docstring for the layout)."""
+    if source not in ADAPTERS:
+        raise KeyError(f"unknown dataset source {source!r}; known: {', '.join(ADAPTERS)}")
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be train or test, got {split!r}")
+    root = Path(root)
+    if not root.exists():
+        raise DatasetNotFound(
+            f"{source}: dataset root {root} does not exist. Download the dataset there (see docs/datasets.md "
+            f"for its layout), or set datasets.<name>.root in params.yaml to where it already is."
+        )
+    module = importlib.import_module(f"moder.datasets.{ADAPTERS[source]}")
+    return module.load(root, split)

@@ -1,0 +1,43 @@
+"""A local dataset as one folder per class, with its own train/test split (source "imagefolder").
+
+Layout under root:
+
+    root/train/<class_folder>/<any name>.{jpg,jpeg,png,bmp,gif,webp,tif,tiff}
+    root/test/<class_folder>/<any name>.<same>
+
+Class names are the train folder names, sorted, with "_" -> " " (folder "red_circle" is class
+"red circle"); labels index that list. Files with other suffixes are ignored. A test folder with
+no train folder is refused: the model would be asked for a class it was never shown.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split
+
+_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+
+
+def _class_folders(split_dir: Path) -> list[str]:
+    if not split_dir.is_dir():
+        raise DatasetNotFound(f"imagefolder: {split_dir} not found; put one folder of images per class "
+                              f"in {split_dir} (see moder/datasets/imagefolder.py)")
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
+
+def load(root: Path, split: Split) -> ImageSplit:
+    classes = _class_folders(root / "train")
+    if not classes:
+        raise DatasetFormatError(f"imagefolder: {root / 'train'} has no class folders")
+    folders = _class_folders(root / split)
+    unknown = sorted(set(folders) - set(classes))
+    if unknown:
+        raise DatasetFormatError(f"imagefolder: {root / split} has class folder(s) {', '.join(unknown)} "
+                                 f"that {root / 'train'} does not have")
+    label_of = {folder: i for i, folder in enumerate(classes)}
+    images, labels = [], []
+    for folder in folders:
+        files = sorted(p for p in (root / split / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
+        images += [str(p) for p in files]
+        labels += [label_of[folder]] * len(files)
+    return ImageSplit(images, labels, [folder.replace("_", " ") for folder in classes])
