@@ -29,7 +29,7 @@ from moder.params import parse_params
 from stages.common import USER_ERRORS
 from stages.evaluate import evaluate
 from stages.extract import extract
-from stages.pretrain import pretrain
+from stages.backbone import backbone
 from stages.report import report
 from stages.train import train
 
@@ -162,18 +162,18 @@ _TASK_OPTIONS = dict(cache_key_fn=cache_key, persist_result=True, retries=2, ret
                      retry_condition_fn=_retry_unless_user_error)
 
 
-@task(name="pretrain", tags=[GPU_TAG], task_run_name="pretrain", **_TASK_OPTIONS)
-def pretrain_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+@task(name="backbone", tags=[GPU_TAG], task_run_name="backbone", **_TASK_OPTIONS)
+def backbone_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        pretrain(params, root / "pretrain" / "clip.safetensors", root / "reports" / "pretrain.json")
-        return [root / "pretrain", root / "reports"]
+        backbone(params, root / "backbone" / "clip.safetensors", root / "reports" / "backbone.json")
+        return [root / "backbone", root / "reports"]
     return _run_stage(call, params_data, inputs, body)
 
 
 @task(name="extract", tags=[GPU_TAG], task_run_name="extract@{call.name}", **_TASK_OPTIONS)
 def extract_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        extract(params, call.name, root / "pretrain" / "clip.safetensors", root / "features" / call.name)
+        extract(params, call.name, root / "backbone" / "clip.safetensors", root / "features" / call.name)
         return [root / "features" / call.name]
     return _run_stage(call, params_data, inputs, body)
 
@@ -182,7 +182,7 @@ def extract_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]
 def train_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
         out = root / "experts" / f"{call.name}.safetensors"
-        train(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", out)
+        train(params, call.name, root / "backbone" / "clip.safetensors", root / "features", out)
         return [out]
     return _run_stage(call, params_data, inputs, body)
 
@@ -191,7 +191,7 @@ def train_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) 
 def evaluate_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
         out, unseen = root / "eval" / f"{call.name}.parquet", root / "unseen" / f"{call.name}.parquet"
-        evaluate(params, call.name, root / "pretrain" / "clip.safetensors", root / "features", root / "experts", out, unseen)
+        evaluate(params, call.name, root / "backbone" / "clip.safetensors", root / "features", root / "experts", out, unseen)
         return [out, unseen]
     return _run_stage(call, params_data, inputs, body)
 
@@ -206,7 +206,7 @@ def report_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact])
 
 @flow(name="moder-pipeline", log_prints=True)
 def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect", dvc_yaml: str = "dvc.yaml") -> dict:
-    """pretrain -> extract per dataset -> train per task (in parallel) -> evaluate per step -> report.
+    """backbone -> extract per dataset -> train per task (in parallel) -> evaluate per step -> report.
 
     Writes metrics.json and reports/ under `out_dir` and returns the metrics. Evaluation of
     step t waits only for the experts of steps 1..t.
@@ -216,22 +216,22 @@ def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect
     params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
     calls = stage_calls(Path(dvc_yaml), params_data)
 
-    pretrained = pretrain_task.submit(calls["pretrain"], params_data, {})
-    features = {d: extract_task.submit(calls[f"extract@{d}"], params_data, {"pretrain": pretrained})
+    model = backbone_task.submit(calls["backbone"], params_data, {})
+    features = {d: extract_task.submit(calls[f"extract@{d}"], params_data, {"backbone": model})
                 for d in params.datasets if any(t.dataset == d for t in params.tasks.values())}
     experts = {
         name: train_task.submit(calls[f"train@{name}"], params_data,
-                                {"pretrain": pretrained, f"extract@{t.dataset}": features[t.dataset]})
+                                {"backbone": model, f"extract@{t.dataset}": features[t.dataset]})
         for name, t in params.tasks.items()
     }
     evaluations = {}
     for step, name in enumerate(params.tasks, start=1):
-        inputs = {"pretrain": pretrained, **{f"extract@{d}": f for d, f in features.items()},
+        inputs = {"backbone": model, **{f"extract@{d}": f for d, f in features.items()},
                   **{f"train@{t}": experts[t] for t in list(params.tasks)[:step]}}
         evaluations[name] = evaluate_task.submit(calls[f"evaluate@{name}"], params_data, inputs)
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
-    for future in [pretrained, *features.values(), *experts.values(), *evaluations.values()]:
+    for future in [model, *features.values(), *experts.values(), *evaluations.values()]:
         future.result()
     reported = report_task.submit(calls["report"], params_data, {f"evaluate@{t}": e for t, e in evaluations.items()}).result()
 

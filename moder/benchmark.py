@@ -22,9 +22,11 @@ class Task:
     classes: list[int]  # indices into the dataset's class list
 
 
-def make_task(name: str, step: int, dataset: str, split: int, splits: int, n_classes: int, seed: int) -> Task:
-    """Task `name` gets part `split` of its dataset's classes, shuffled from `seed` and cut into `splits` parts."""
-    return Task(name, step, dataset, class_splits(n_classes, splits, seed, dataset)[split - 1].tolist())
+def make_task(name: str, step: int, dataset: str, split: int, splits: int, n_classes: int, seed: int,
+              shuffle: bool = True) -> Task:
+    """Task `name` gets part `split` of its dataset's classes (shuffled from `seed`, or in label order)
+    cut into `splits` parts."""
+    return Task(name, step, dataset, class_splits(n_classes, splits, seed, dataset, shuffle)[split - 1].tolist())
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class TaskData:
     zeroshot: Tensor  # [n_classes, d] zero-shot prototypes of those classes
     test_features: Tensor  # [N, d]
     test_labels: Tensor  # [N] positions in class_names
+    templates: tuple[str, ...] = ()  # the dataset's prompt templates (empty: the factory's)
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,7 @@ def evaluate_step(
     for data, task_experts in zip(sequence[:step], experts):
         hub.append(data.task.step, data.class_names, data.zeroshot, task_experts)
         prototypes = seen_prototypes(
-            tower, factory.prompts(data.class_names), task_experts, data.zeroshot, settings.alpha
+            tower, factory.prompts(data.class_names, list(data.templates)), task_experts, data.zeroshot, settings.alpha
         )
         moder.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})
     retrieved: dict[tuple[str, str], str] = {}
@@ -110,7 +113,7 @@ def evaluate_step(
                 for r, w in zip(rows_, weights)
             )
         prototypes = compose_prototypes(
-            tower, factory.prompts(data.class_names), hub.experts, factory.null(),
+            tower, factory.prompts(data.class_names, list(data.templates)), hub.experts, factory.null(),
             retrieval.indices, retrieval.weights, settings.space,
         )
         moder.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})

@@ -10,6 +10,8 @@ import open_clip
 import torch
 from torch import nn
 
+from moder.io import load_metadata, save_tensors
+
 # The project's own tiny architectures live beside this module and are registered with
 # open_clip's config registry, so `open_clip.create_model("moder-tiny-clip")` just works.
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
@@ -49,6 +51,17 @@ class LoadedClip:
     preprocess: object
     tokenizer: object
     identity: ModelIdentity
+    quick_gelu: bool = False  # the activation the weights were trained with (OpenAI's CLIPs use QuickGELU)
+
+
+def _saved_backbone(checkpoint: Path) -> dict:
+    """What `save_backbone` recorded beside the weights ({} for any other checkpoint)."""
+    if checkpoint.suffix != ".safetensors":
+        return {}
+    try:
+        return (load_metadata(checkpoint) or {}).get("backbone", {})
+    except Exception as error:  # safetensors raises its own error types for a corrupt header
+        raise ModelLoadError(f"could not read CLIP checkpoint {checkpoint}: {error}") from error
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -88,7 +101,7 @@ def load_clip(
         )
     if checkpoint is not None and pretrained:
         raise ModelLoadError("give either a pretrained tag or a checkpoint path, not both")
-    source = None
+    source, saved = None, {}
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
         if not checkpoint.is_file():
@@ -96,7 +109,7 @@ def load_clip(
                 f"CLIP checkpoint not found: {checkpoint} (model.checkpoint in params.yaml); "
                 "point it at a local .safetensors or .pt file holding an open_clip state dict"
             )
-        source = str(checkpoint)
+        source, saved = str(checkpoint), _saved_backbone(checkpoint)
     elif pretrained:
         known = open_clip.list_pretrained_tags_by_model(architecture)
         if pretrained not in known:
@@ -104,6 +117,11 @@ def load_clip(
                 f"unknown pretrained tag {pretrained!r} for {architecture}; known tags: {', '.join(known) or 'none'}"
             )
         source = pretrained
+    # open_clip builds e.g. ViT-B-16 with GELU even for OpenAI's weights, which were trained with
+    # QuickGELU (it only warns): follow the tag's own setting, as CLIP's published numbers do.
+    quick_gelu = bool(saved.get("quick_gelu", False) or architecture.endswith("-quickgelu")
+                      or (pretrained and open_clip.get_pretrained_cfg(architecture, pretrained).get("quick_gelu", False)))
+    preprocess_cfg = saved.get("preprocess", {})
     try:
         with torch.random.fork_rng(devices=[]):  # seed the random init without touching the caller's RNG
             torch.manual_seed(seed)
@@ -112,6 +130,11 @@ def load_clip(
                 pretrained=source,
                 device=device,
                 cache_dir=None if cache_dir is None else str(cache_dir),
+                force_quick_gelu=quick_gelu,
+                image_mean=preprocess_cfg.get("mean"),
+                image_std=preprocess_cfg.get("std"),
+                image_interpolation=preprocess_cfg.get("interpolation"),
+                image_resize_mode=preprocess_cfg.get("resize_mode"),
             )
     except RuntimeError as error:
         if checkpoint is not None:
@@ -132,4 +155,15 @@ def load_clip(
         mean=tuple(float(v) for v in cfg["mean"]),
         std=tuple(float(v) for v in cfg["std"]),
     )
-    return LoadedClip(model, preprocess, open_clip.get_tokenizer(architecture), identity)
+    return LoadedClip(model, preprocess, open_clip.get_tokenizer(architecture), identity, quick_gelu)
+
+
+def save_backbone(clip: LoadedClip, path: Path | str, source: str) -> None:
+    """The frozen CLIP as one safetensors file that `load_clip(architecture, checkpoint=path)` rebuilds
+    exactly: the weights plus what the architecture name alone does not fix (the activation the
+    weights were trained with, the preprocessing of their pretrained tag) and where they came from."""
+    cfg = open_clip.get_model_preprocess_cfg(clip.model)
+    preprocess = {key: cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
+    preprocess["mean"], preprocess["std"] = list(preprocess["mean"]), list(preprocess["std"])
+    save_tensors(path, clip.model.state_dict(),
+                 {"backbone": {"source": source, "quick_gelu": clip.quick_gelu, "preprocess": preprocess}})

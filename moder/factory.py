@@ -51,10 +51,12 @@ class ExpertFactory:
     def scaling(self) -> float:
         return self.spec.lora_alpha / self.spec.lora_rank
 
-    def prompts(self, class_names: list[str]) -> PromptSet:
+    def prompts(self, class_names: list[str], templates: list[str] | None = None) -> PromptSet:
+        """The prompts experts of this kind read for `class_names`; LoRA experts use `templates`
+        (a dataset's own templates) or else the factory's."""
         if self.spec.kind == "context":
             return PromptSet(self.tower.context_prompts(class_names, self.spec.context_init)[0], len(class_names), 1)
-        return template_prompts(self.tower, class_names, self.templates)
+        return template_prompts(self.tower, class_names, list(templates or self.templates))
 
     def new(self, n: int, generator: torch.Generator) -> Experts:
         if self.spec.kind == "context":

@@ -4,16 +4,22 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from moder.io import atomic_path
 
+Precision = Literal["fp32", "bf16", "fp16"]
+_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 _MODEL_KEY, _DATASET_KEY, _CLASSES_KEY = b"moder.model", b"moder.dataset", b"moder.classes"
+_TEMPLATES_KEY = b"moder.templates"
 
 
 class FeatureFileError(ValueError):
@@ -29,6 +35,7 @@ class FeatureTable:
     class_names: list[str]
     dataset: str
     model: str  # ModelIdentity JSON of the producing model
+    templates: tuple[str, ...] = ()  # prototype tables: the prompt templates they were encoded from
 
     def select(self, classes: list[int]) -> tuple[Tensor, Tensor]:
         """The rows of `classes` only, labelled by position in `classes` (a task's slice of its dataset)."""
@@ -37,6 +44,24 @@ class FeatureTable:
         position = torch.full((len(self.class_names),), -1, dtype=torch.long)
         position[own] = torch.arange(len(own))
         return self.vectors[keep], position[self.labels[keep]]
+
+
+@torch.no_grad()
+def encode_images(model: nn.Module, batches: Iterable[Tensor], device: str = "cpu",
+                  precision: Precision = "fp32") -> Tensor:
+    """L2-normalised image features of every batch, in order, as float32 on the CPU.
+
+    `batches` are preprocessed image tensors (a DataLoader's, or chunks of rendered images);
+    with bf16/fp16 the image tower runs under autocast, the normalisation in float32.
+    """
+    device_type = torch.device(device).type
+    out = []
+    for images in batches:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device_type, dtype=_AUTOCAST.get(precision), enabled=precision != "fp32"):
+            features = model.encode_image(images)
+        out.append(F.normalize(features.float(), dim=-1).cpu())
+    return torch.cat(out)
 
 
 def write_features(path: Path | str, table: FeatureTable) -> None:
@@ -48,6 +73,7 @@ def write_features(path: Path | str, table: FeatureTable) -> None:
         _MODEL_KEY: table.model.encode(),
         _DATASET_KEY: table.dataset.encode(),
         _CLASSES_KEY: json.dumps(table.class_names).encode(),
+        **({_TEMPLATES_KEY: json.dumps(list(table.templates)).encode()} if table.templates else {}),
     })
     with atomic_path(path) as temporary:
         pq.write_table(arrow, temporary)
@@ -82,4 +108,5 @@ def read_features(path: Path | str, model: str | None = None) -> FeatureTable:
         json.loads(metadata[_CLASSES_KEY]),
         metadata[_DATASET_KEY].decode(),
         producer,
+        tuple(json.loads(metadata[_TEMPLATES_KEY])) if _TEMPLATES_KEY in metadata else (),
     )

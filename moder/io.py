@@ -59,8 +59,13 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: d
                   metadata={_METADATA_KEY: json.dumps(metadata, sort_keys=True)})
 
 
-def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Tensors and the metadata written by `save_tensors` (None when the file has none)."""
+def load_metadata(path: Path | str) -> dict[str, Any] | None:
+    """The metadata written by `save_tensors` (None when the file has none), without reading the tensors."""
     with safe_open(str(path), framework="pt") as handle:
         raw = (handle.metadata() or {}).get(_METADATA_KEY)
-    return load_file(str(path)), None if raw is None else json.loads(raw)
+    return None if raw is None else json.loads(raw)
+
+
+def load_tensors(path: Path | str) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Tensors and the metadata written by `save_tensors` (None when the file has none)."""
+    return load_file(str(path)), load_metadata(path)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moder.datasets import ADAPTERS
 from moder.experts import LORA_MODULES
 from moder.factory import ExpertSpec
 from moder.pretrain import PretrainConfig
@@ -127,11 +128,46 @@ class DomainParams(_Section):
         return Domain(**self.model_dump(include=set(DomainParams.model_fields)))
 
 
-class DatasetParams(DomainParams):
-    """A downstream dataset of the embedded world: its own class subset and its own shift."""
+DATASET_SOURCES = ("embedded", *ADAPTERS)
 
-    classes: int | None = Field(None, ge=2)  # how many of the world's classes; None: all
+
+class DatasetParams(DomainParams):
+    """A downstream dataset: rendered from the embedded world (its own class subset and shift),
+    or read from disk by one of moder.datasets' adapters (`source`, `root`)."""
+
+    source: str = "embedded"
+    root: str | None = None  # where an image dataset lies on disk (see docs/datasets.md)
+    templates: list[str] | None = None  # None: the dataset's catalog templates, else params.yaml templates
+    classes: int | None = Field(None, ge=2)  # embedded: how many of the world's classes; None: all
     splits: int = Field(1, ge=1)  # Class-IL: into how many tasks its classes are cut
+    class_order: Literal["shuffled", "sequential"] = "shuffled"  # sequential: label order, as mammoth's splits
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, source: str) -> str:
+        if source not in DATASET_SOURCES:
+            raise ValueError(f"unknown dataset source {source!r}; allowed: {', '.join(DATASET_SOURCES)}")
+        return source
+
+    @field_validator("templates")
+    @classmethod
+    def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
+        return None if templates is None else _with_slot(templates)
+
+    @model_validator(mode="after")
+    def _fields_fit_source(self) -> "DatasetParams":
+        if self.source == "embedded":
+            if self.root is not None:
+                raise ValueError("root is for image datasets read from disk; source embedded renders its images")
+            return self
+        if self.root is None:
+            raise ValueError(f"source {self.source} needs root: the directory that holds the dataset")
+        # compared with the defaults, not "was it given": a full dump of the params must parse again
+        rendering = [name for name in (*DomainParams.model_fields, "classes")
+                     if getattr(self, name) != DatasetParams.model_fields[name].default]
+        if rendering:
+            raise ValueError(f"{', '.join(rendering)}: only for source embedded (rendered datasets), not {self.source}")
+        return self
 
 
 class WorldParams(_Section):
@@ -180,9 +216,11 @@ class PretrainParams(_Section):
 
 
 class ExtractParams(_Section):
-    train_per_class: int = Field(32, ge=1)
+    train_per_class: int = Field(32, ge=1)  # embedded datasets: images rendered per class
     test_per_class: int = Field(32, ge=1)
     batch_size: int = Field(256, ge=1)
+    workers: int = Field(0, ge=0)  # DataLoader worker processes decoding image datasets
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the image tower (bf16/fp16: GPU)
 
 
 class BenchmarkParams(_Section):

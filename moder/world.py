@@ -201,12 +201,12 @@ def balanced_labels(classes: Tensor, per_class: int) -> Tensor:
     return classes.repeat_interleave(per_class)
 
 
-def class_splits(n_classes: int, splits: int, seed: int, dataset_name: str) -> list[Tensor]:
-    """A dataset's classes shuffled from the seed and cut into `splits` disjoint, near-equal parts."""
+def class_splits(n_classes: int, splits: int, seed: int, dataset_name: str, shuffle: bool = True) -> list[Tensor]:
+    """A dataset's classes (shuffled from the seed, or in label order) cut into `splits` disjoint, near-equal parts."""
     if not 1 <= splits <= n_classes:
         raise ValueError(f"cannot split {n_classes} classes into {splits} tasks")
     generator = torch.Generator().manual_seed(seed_for(seed, "splits", dataset_name))
-    order = torch.randperm(n_classes, generator=generator)
+    order = torch.randperm(n_classes, generator=generator) if shuffle else torch.arange(n_classes)
     return [part.sort().values for part in torch.tensor_split(order, splits)]
 
 

@@ -8,6 +8,7 @@ from typing import Callable
 
 from moder.benchmark import Task, make_task
 from moder.clip import LoadedClip, ModelLoadError, load_clip
+from moder.datasets import DatasetFormatError, DatasetNotFound
 from moder.experts import ExpertFileError
 from moder.features import FeatureFileError
 from moder.params import Params, ParamsError, load_params
@@ -18,7 +19,8 @@ class MissingInput(RuntimeError):
 
 
 # Errors a user can fix from the message alone: printed as one line, no traceback.
-USER_ERRORS = (ParamsError, ModelLoadError, FeatureFileError, ExpertFileError, MissingInput)
+USER_ERRORS = (ParamsError, ModelLoadError, FeatureFileError, ExpertFileError, MissingInput, DatasetNotFound,
+               DatasetFormatError)
 
 
 def parser(description: str, *paths: tuple[str, str]) -> argparse.ArgumentParser:
@@ -30,11 +32,11 @@ def parser(description: str, *paths: tuple[str, str]) -> argparse.ArgumentParser
     return parser
 
 
-def load_backbone(params: Params, pretrained: Path) -> LoadedClip:
-    """The frozen CLIP every stage after `pretrain` uses: the embedded benchmark's own pre-trained one."""
-    if not pretrained.is_file():
-        raise ModelLoadError(f"pre-trained CLIP not found: {pretrained} (run the pretrain stage: dvc repro pretrain)")
-    return load_clip(params.model.architecture, checkpoint=pretrained, cache_dir=params.model.cache_dir,
+def load_backbone(params: Params, path: Path) -> LoadedClip:
+    """The frozen CLIP every stage after `backbone` uses, from the file that stage wrote."""
+    if not path.is_file():
+        raise ModelLoadError(f"backbone CLIP not found: {path} (run the backbone stage: dvc repro backbone)")
+    return load_clip(params.model.architecture, checkpoint=path, cache_dir=params.model.cache_dir,
                      device=params.model.device, seed=params.seed)
 
 
@@ -55,7 +57,7 @@ def tasks_of(params: Params, n_classes: dict[str, int]) -> list[Task]:
     """The tasks, in sequence order, of the datasets in `n_classes` (dataset -> number of classes)."""
     return [
         make_task(name, step, task.dataset, task.split, params.datasets[task.dataset].splits,
-                  n_classes[task.dataset], params.seed)
+                  n_classes[task.dataset], params.seed, params.datasets[task.dataset].class_order == "shuffled")
         for step, (name, task) in enumerate(params.tasks.items(), start=1)
         if task.dataset in n_classes
     ]

@@ -34,7 +34,7 @@ def evaluate(params: Params, step: str, pretrained: Path, features: Path, expert
         table = classes[task.dataset]
         features, labels = tests[task.dataset].select(task.classes)
         sequence.append(TaskData(task, [table.class_names[i] for i in task.classes], table.vectors[task.classes],
-                                 features, labels))
+                                 features, labels, table.templates))
     trained = []
     for data in sequence[: list(params.tasks).index(step) + 1]:
         path = experts / f"{data.task.name}.safetensors"

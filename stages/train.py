@@ -32,7 +32,7 @@ def train(params: Params, task_name: str, pretrained: Path, features: Path, out:
     negatives = classes.vectors[earlier] if params.train.prior_negatives and earlier else None
 
     tower = TextTower(clip.model, clip.tokenizer)
-    factory = ExpertFactory(tower, params.expert.spec(), params.templates)
+    factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
     generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task_name))
     result = train_experts(
         tower, factory.prompts(names), factory.new(len(names), generator), features, labels,

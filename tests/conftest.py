@@ -95,14 +95,20 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run_command([str(Path(sys.executable).parent / "dvc"), *args], cwd)
 
 
-@pytest.fixture(scope="session")
-def project(tmp_path_factory):
-    """A copy of the code with the miniature params, run once through `dvc repro` and committed."""
-    root = tmp_path_factory.mktemp("project")
+def copy_code(root: Path) -> Path:
+    """The pipeline's code (dvc.yaml, moder, stages, flows) copied into `root`, a new project directory."""
+    root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "moder", "stages", "flows"):
         source = REPO / name
         (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
          if source.is_dir() else shutil.copy(source, root / name))
+    return root
+
+
+@pytest.fixture(scope="session")
+def project(tmp_path_factory):
+    """A copy of the code with the miniature params, run once through `dvc repro` and committed."""
+    root = copy_code(tmp_path_factory.mktemp("project"))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
     (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
     run_command(["git", "init", "-q"], root)

@@ -15,7 +15,7 @@ def _changed(cwd: Path, params: dict) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     root, repro = project
-    for stage in ("pretrain", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"):
+    for stage in ("backbone", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics) == {"zeroshot", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}

@@ -68,7 +68,7 @@ def _executed(states: dict[str, str]) -> set[str]:
 def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
     params = _write(tmp_path / "params.yaml", FULL)
     first, states = _run(params, tmp_path / "run1")
-    everything = {"pretrain", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"}
+    everything = {"backbone", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"}
     assert set(states) == everything and _executed(states) == everything
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
 
@@ -153,15 +153,15 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
     state = moder_pipeline(params_path=str(_write(tmp_path / "bad.yaml", broken)), out_dir=str(tmp_path / "out"),
                            dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"pretrain failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"):
+    with pytest.raises(Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"):
         state.result()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    pretrain_run = next(run for run in runs if run.name == "pretrain")
-    assert pretrain_run.run_count == 1  # a bad input is not retried
+    backbone_run = next(run for run in runs if run.name == "backbone")
+    assert backbone_run.run_count == 1  # a bad input is not retried
 
 
 def test_only_transient_failures_are_retried():

@@ -62,7 +62,7 @@ def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
     assert params.retrieval.k == 5  # the rest of the file is untouched
     use_benchmark("embedded-mtil", target, Path("configs"))
     assert target.read_text() == Path("params.yaml").read_text().replace("  k: 3\n", "  k: 5\n")
-    with pytest.raises(ParamsError, match="no benchmark preset configs/nope.yaml; presets: embedded-classil, embedded-mtil"):
+    with pytest.raises(ParamsError, match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, embedded-classil, embedded-mtil, mtil-order1, mtil-order2"):
         use_benchmark("nope", target, Path("configs"))
 
 

@@ -18,7 +18,7 @@ from moder.metrics import accuracy, summarize
 from moder.params import parse_params
 from stages.evaluate import evaluate
 from stages.extract import extract
-from stages.pretrain import pretrain
+from stages.backbone import backbone
 from stages.report import read_matrices, report
 from stages.train import train
 from tests.conftest import MINI
@@ -34,10 +34,10 @@ MINI_CLASSIL = {
 
 
 def run_pipeline(data: dict, root: Path) -> dict:
-    """pretrain -> extract -> train -> evaluate -> report with every path under `root`."""
+    """backbone -> extract -> train -> evaluate -> report with every path under `root`."""
     params = parse_params(data)
-    model = root / "pretrain" / "clip.safetensors"
-    pretrain(params, model, root / "reports" / "pretrain.json")
+    model = root / "backbone" / "clip.safetensors"
+    backbone(params, model, root / "reports" / "backbone.json")
     for dataset in params.datasets:
         extract(params, dataset, model, root / "features" / dataset)
     for task in params.tasks:
@@ -56,13 +56,13 @@ def mtil_run(tmp_path_factory):
 
 def test_pretrain_writes_a_loadable_checkpoint_and_its_accuracy(mtil_run):
     root, _ = mtil_run
-    summary = json.loads((root / "reports" / "pretrain.json").read_text())
+    summary = json.loads((root / "reports" / "backbone.json").read_text())
     assert set(summary) == {"clean_zeroshot_accuracy", "final_loss"} and 0 <= summary["clean_zeroshot_accuracy"] <= 100
 
 
 def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
     root, _ = mtil_run
-    digest = file_digest(root / "pretrain" / "clip.safetensors")
+    digest = file_digest(root / "backbone" / "clip.safetensors")
     train_split = read_features(root / "features" / "b" / "train.parquet")
     test_split = read_features(root / "features" / "b" / "test.parquet")
     classes = read_features(root / "features" / "b" / "classes.parquet")
@@ -132,7 +132,7 @@ def test_features_made_by_another_model_are_refused(mtil_run, tmp_path):
     root, _ = mtil_run
     params = parse_params({**MINI, "seed": 1})
     other = tmp_path / "other.safetensors"
-    pretrain(params, other, tmp_path / "pretrain.json")
+    backbone(params, other, tmp_path / "backbone.json")
     with pytest.raises(FeatureFileError, match=r"features/a/train.parquet was made by another model"):
         train(params, "a", other, root / "features", tmp_path / "a.safetensors")
     assert not (tmp_path / "a.safetensors").exists()
@@ -141,7 +141,7 @@ def test_features_made_by_another_model_are_refused(mtil_run, tmp_path):
 def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
     root, _ = mtil_run
     with pytest.raises(FeatureFileError, match=r"feature file not found: .*empty/b/train.parquet"):
-        train(parse_params(MINI), "b", root / "pretrain" / "clip.safetensors", tmp_path / "empty", tmp_path / "b.safetensors")
+        train(parse_params(MINI), "b", root / "backbone" / "clip.safetensors", tmp_path / "empty", tmp_path / "b.safetensors")
 
 
 def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -166,10 +166,10 @@ def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
 
 
 def test_cli_reports_a_missing_pretrained_model(tmp_path):
-    result = _cli("extract", MINI, tmp_path, "--dataset", "a", "--model", "data/pretrain/clip.safetensors",
+    result = _cli("extract", MINI, tmp_path, "--dataset", "a", "--model", "data/backbone/clip.safetensors",
                   "--out", "data/features/a")
     assert result.returncode == 1
-    assert "error: pre-trained CLIP not found: data/pretrain/clip.safetensors (run the pretrain stage" in result.stderr
+    assert "error: backbone CLIP not found: data/backbone/clip.safetensors (run the backbone stage" in result.stderr
     assert not (tmp_path / "data" / "features").exists()
 
 

@@ -1,0 +1,100 @@
+"""The real-benchmark path end to end: image datasets in their on-disk layouts and a randomly
+initialised ViT-B-16 given as a local checkpoint, through `dvc repro` (backbone, extract, train,
+evaluate, report)."""
+import json
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from moder.clip import load_clip, save_backbone
+from moder.datasets import DatasetNotFound, catalog, load_split
+from moder.features import read_features
+from moder.params import parse_params
+from stages.extract import extract
+from tests.conftest import copy_code, dvc, run_command
+from tests.layouts import imagefolder, mnist
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def real_project(tmp_path_factory):
+    """MTIL over an MNIST and an ImageFolder fixture on a random ViT-B-16 saved as a plain open_clip
+    state dict (as a user's local weights file would be), run once through `dvc repro`."""
+    weights = tmp_path_factory.mktemp("weights") / "vit-b-16.safetensors"
+    save_file({k: v.contiguous() for k, v in load_clip("ViT-B-16", seed=0).model.state_dict().items()}, str(weights))
+    data = tmp_path_factory.mktemp("datasets")
+    mnist.write(data / "mnist", n_classes=10, per_class=1)
+    imagefolder.write(data / "shapes", n_classes=3, per_class=2)
+    params = parse_params({
+        "model": {"architecture": "ViT-B-16", "checkpoint": str(weights)},
+        "templates": ["a photo of a {}."],
+        "extract": {"batch_size": 8},
+        "train": {"epochs": 1, "batch_size": 16},
+        "benchmark": {"name": "tiny-real", "protocol": "mtil"},
+        "datasets": {"shapes": {"source": "imagefolder", "root": str(data / "shapes")},
+                     "mnist": {"source": "mnist", "root": str(data / "mnist")}},
+        "tasks": {"shapes": {"dataset": "shapes"}, "mnist": {"dataset": "mnist"}},
+    })
+    root = copy_code(tmp_path_factory.mktemp("project"))
+    (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
+    run_command(["git", "init", "-q"], root)
+    dvc(root, "init", "-q")
+    return root, params, data, dvc(root, "repro")
+
+
+def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
+    root, _, _, repro = real_project
+    for stage in ("backbone", "extract@shapes", "extract@mnist", "train@shapes", "train@mnist",
+                  "evaluate@shapes", "evaluate@mnist", "report"):
+        assert f"Running stage '{stage}'" in repro.stdout
+    summary = json.loads((root / "reports" / "backbone.json").read_text())
+    assert summary["architecture"] == "ViT-B-16" and summary["weights"].startswith("file:")
+    assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "moder"}
+    assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
+
+
+def test_features_carry_each_datasets_classes_and_templates(real_project):
+    root, _, _, _ = real_project
+    digits = read_features(root / "data/tiny-real/features/mnist/classes.parquet")
+    assert digits.class_names == catalog("mnist").class_names
+    assert digits.templates == tuple(catalog("mnist").templates)  # CLIP's MNIST template, not params.yaml's
+    assert digits.vectors.shape == (10, 512)
+    shapes = read_features(root / "data/tiny-real/features/shapes/classes.parquet")
+    assert shapes.class_names == ["blue circle", "blue cross", "blue diamond"]
+    assert shapes.templates == ("a photo of a {}.",)  # an ImageFolder has no catalog: params.yaml's
+    assert read_features(root / "data/tiny-real/features/shapes/test.parquet").labels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_extracted_features_equal_a_bare_forward_with_open_clip_preprocessing(real_project):
+    root, params, data, _ = real_project
+    clip = load_clip("ViT-B-16", checkpoint=params.model.checkpoint)
+    split = load_split("mnist", data / "mnist", "test")
+    images = torch.stack([clip.preprocess(split.read(item)) for item in split.images])
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(clip.model.encode_image(images), dim=-1)
+    stored = read_features(root / "data/tiny-real/features/mnist/test.parquet")
+    assert torch.allclose(stored.vectors, expected, atol=1e-5)
+    assert stored.labels.tolist() == split.labels
+
+
+def test_missing_dataset_fails_extract_naming_the_path_and_writes_nothing(real_project, tmp_path):
+    root, params, _, _ = real_project
+    data = params.model_dump(mode="json")
+    data["datasets"]["mnist"]["root"] = str(tmp_path / "nowhere")
+    with pytest.raises(DatasetNotFound, match=f"mnist: dataset root {tmp_path / 'nowhere'} does not exist"):
+        extract(parse_params(data), "mnist", root / "data/backbone/clip.safetensors", tmp_path / "features" / "mnist")
+    assert not (tmp_path / "features").exists() or not any((tmp_path / "features").iterdir())
+
+
+def test_saved_backbone_keeps_the_tags_activation_and_preprocessing(tmp_path):
+    """Weights trained with QuickGELU (OpenAI's) rebuilt from the saved backbone keep QuickGELU;
+    open_clip alone would rebuild e.g. `ViT-B-16` with GELU from a bare file."""
+    clip = load_clip("moder-micro-clip", seed=0)
+    clip.quick_gelu = True
+    save_backbone(clip, tmp_path / "clip.safetensors", "tag:test")
+    rebuilt = load_clip("moder-micro-clip", checkpoint=tmp_path / "clip.safetensors")
+    assert rebuilt.quick_gelu and type(rebuilt.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+    assert rebuilt.identity.mean == clip.identity.mean
