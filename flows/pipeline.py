@@ -27,9 +27,10 @@ from prefect.states import State
 from moder.io import atomic_path
 from moder.params import parse_params
 from stages.common import USER_ERRORS
+from stages.backbone import backbone
 from stages.evaluate import evaluate
 from stages.extract import extract
-from stages.backbone import backbone
+from stages.finetune import finetune
 from stages.report import report
 from stages.train import train
 
@@ -181,9 +182,17 @@ def extract_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]
 @task(name="train", tags=[GPU_TAG], task_run_name="train@{call.name}", **_TASK_OPTIONS)
 def train_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        out = root / "experts" / f"{call.name}.safetensors"
+        out = root / "experts" / call.name
         train(params, call.name, root / "backbone" / "clip.safetensors", root / "features", out)
         return [out]
+    return _run_stage(call, params_data, inputs, body)
+
+
+@task(name="finetune", tags=[GPU_TAG], task_run_name="finetune", **_TASK_OPTIONS)
+def finetune_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
+    def body(params, root):
+        finetune(params, root / "backbone" / "clip.safetensors", root / "features", root / "finetune.parquet")
+        return [root / "finetune.parquet"]
     return _run_stage(call, params_data, inputs, body)
 
 
@@ -199,17 +208,17 @@ def evaluate_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact
 @task(name="report", task_run_name="report", **_TASK_OPTIONS)
 def report_task(call: StageCall, params_data: dict, inputs: dict[str, Artifact]) -> Artifact:
     def body(params, root):
-        report(params, root / "eval", root / "unseen", root / "metrics.json", root / "reports")
+        report(params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports")
         return [root / "metrics.json", root / "reports"]
     return _run_stage(call, params_data, inputs, body)
 
 
 @flow(name="moder-pipeline", log_prints=True)
 def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect", dvc_yaml: str = "dvc.yaml") -> dict:
-    """backbone -> extract per dataset -> train per task (in parallel) -> evaluate per step -> report.
+    """backbone -> extract per dataset -> train per dataset (in parallel) and the finetune baseline
+    -> evaluate per step -> report.
 
-    Writes metrics.json and reports/ under `out_dir` and returns the metrics. Evaluation of
-    step t waits only for the experts of steps 1..t.
+    Writes metrics.json and reports/ under `out_dir` and returns the metrics.
     """
     params_data = yaml.safe_load(Path(params_path).read_text())
     params = parse_params(params_data, params_path)
@@ -219,21 +228,21 @@ def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect
     model = backbone_task.submit(calls["backbone"], params_data, {})
     features = {d: extract_task.submit(calls[f"extract@{d}"], params_data, {"backbone": model})
                 for d in params.datasets if any(t.dataset == d for t in params.tasks.values())}
-    experts = {
-        name: train_task.submit(calls[f"train@{name}"], params_data,
-                                {"backbone": model, f"extract@{t.dataset}": features[t.dataset]})
-        for name, t in params.tasks.items()
-    }
-    evaluations = {}
-    for step, name in enumerate(params.tasks, start=1):
-        inputs = {"backbone": model, **{f"extract@{d}": f for d, f in features.items()},
-                  **{f"train@{t}": experts[t] for t in list(params.tasks)[:step]}}
-        evaluations[name] = evaluate_task.submit(calls[f"evaluate@{name}"], params_data, inputs)
+    experts = {d: train_task.submit(calls[f"train@{d}"], params_data, {"backbone": model, f"extract@{d}": f})
+               for d, f in features.items()}
+    all_features = {f"extract@{d}": f for d, f in features.items()}
+    baseline = finetune_task.submit(calls["finetune"], params_data, {"backbone": model, **all_features})
+    # every step reads every task's experts: the oracle scores tasks not yet trained with their own
+    trained = {f"train@{d}": e for d, e in experts.items()}
+    evaluations = {name: evaluate_task.submit(calls[f"evaluate@{name}"], params_data,
+                                              {"backbone": model, **all_features, **trained})
+                   for name in params.tasks}
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
-    for future in [model, *features.values(), *experts.values(), *evaluations.values()]:
+    for future in [model, *features.values(), *experts.values(), baseline, *evaluations.values()]:
         future.result()
-    reported = report_task.submit(calls["report"], params_data, {f"evaluate@{t}": e for t, e in evaluations.items()}).result()
+    reported = report_task.submit(calls["report"], params_data,
+                                  {"finetune": baseline, **{f"evaluate@{t}": e for t, e in evaluations.items()}}).result()
 
     out = Path(out_dir)
     for name, content in reported.files.items():

@@ -49,6 +49,16 @@ class EvaluationSettings:
     null_score: float | None
     space: str
     alpha: float
+    calibrate: bool = False  # lower trained prototypes by their mean offset where untrained ones compete
+
+
+@dataclass(frozen=True)
+class TrainedTask:
+    """What training left for one task: its experts, and each class's prototype offset
+    (moder.train.prototype_offsets)."""
+
+    experts: Experts
+    offsets: Tensor  # [n_classes]
 
 
 @dataclass(frozen=True)
@@ -83,27 +93,32 @@ def evaluate_step(
     factory: ExpertFactory,
     backbone: str,
     sequence: list[TaskData],
-    experts: list[Experts],
+    trained: list[TrainedTask],
+    step: int,
     settings: EvaluationSettings,
 ) -> StepEvaluation:
-    """Accuracy of every task after step t = len(experts), for `zeroshot` and `moder`.
+    """Accuracy of every task after training step `step` (1-based), for three methods:
 
-    Tasks 1..t use their own experts (seen classes); the classes of later tasks get
-    prototypes composed from the hub of experts 1..t, retrieved by zero-shot prototype.
+    - `zeroshot`: every class's zero-shot prototype;
+    - `moder`: tasks 1..step use their own experts (seen classes); the classes of later tasks
+      get prototypes composed from the hub of experts 1..step, retrieved by zero-shot prototype;
+    - `oracle`: every class uses its own task's experts, trained or not yet (the upper bound
+      composition could reach), which is why `trained` holds every task of the sequence.
     Each class of a later task also gets an `UnseenClassRow`.
     """
-    step = len(experts)
-    if not 1 <= step <= len(sequence):
-        raise ValueError(f"{step} steps of experts for a sequence of {len(sequence)} tasks")
+    if len(trained) != len(sequence) or not 1 <= step <= len(sequence):
+        raise ValueError(f"step {step} with experts of {len(trained)} tasks for a sequence of {len(sequence)}")
     tower = factory.tower
     hub = ExpertHub(backbone)
-    moder: dict[tuple[str, str], Tensor] = {}
-    for data, task_experts in zip(sequence[:step], experts):
-        hub.append(data.task.step, data.class_names, data.zeroshot, task_experts)
-        prototypes = seen_prototypes(
-            tower, factory.prompts(data.class_names, list(data.templates)), task_experts, data.zeroshot, settings.alpha
-        )
-        moder.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})
+    own: dict[tuple[str, str], Tensor] = {}
+    for data, task in zip(sequence, trained):
+        prompts = factory.prompts(data.class_names, list(data.templates))
+        prototypes = seen_prototypes(tower, prompts, task.experts, data.zeroshot, settings.alpha)
+        own.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})
+        if data.task.step <= step:
+            hub.append(data.task.step, data.class_names, data.zeroshot, task.experts)
+    seen = {(d.task.dataset, n) for d in sequence[:step] for n in d.class_names}
+    moder = {key: p for key, p in own.items() if key in seen}
     retrieved: dict[tuple[str, str], str] = {}
     for data in sequence[step:]:
         retrieval = hub.query(data.zeroshot, settings.k, settings.temperature, settings.null_score)
@@ -118,23 +133,51 @@ def evaluate_step(
         )
         moder.update({(data.task.dataset, name): p for name, p in zip(data.class_names, prototypes)})
     zeroshot = {(d.task.dataset, n): p for d in sequence for n, p in zip(d.class_names, d.zeroshot)}
+    # One offset for every trained prototype: where only trained classes compete it changes nothing.
+    offset = torch.cat([t.offsets for t in trained[:step]]).mean().item() if settings.calibrate else 0.0
 
-    task_classes = [data.class_names for data in sequence]
-    step_name = sequence[step - 1].task.name
-    rows, unseen = [], []
-    for index, data in enumerate(sequence):
-        space = label_space(settings.protocol, task_classes, step - 1, index)
-        position = {name: i for i, name in enumerate(space)}
-        labels = torch.tensor([position[data.class_names[int(y)]] for y in data.test_labels])
-        per_class = {}
-        for method, table in (("zeroshot", zeroshot), ("moder", moder)):
-            prototypes = torch.stack([table[(data.task.dataset, name)] for name in space])
-            rows.append(AccuracyRow(step_name, data.task.name, method,
-                                    accuracy(data.test_features, labels, prototypes), len(labels)))
-            if index >= step:  # classes not yet trained get the per-class report
-                per_class[method] = class_accuracy(data.test_features, labels, prototypes)
-        if index >= step:
-            unseen += [UnseenClassRow(step_name, data.task.name, name, float(per_class["zeroshot"][position[name]]),
-                                      float(per_class["moder"][position[name]]), retrieved[(data.task.dataset, name)])
-                       for name in data.class_names]
+    seen_offsets = {key: offset for key in seen}
+    rows = (accuracy_rows(sequence, step, settings.protocol, "zeroshot", zeroshot)
+            + accuracy_rows(sequence, step, settings.protocol, "oracle", own)
+            + accuracy_rows(sequence, step, settings.protocol, "moder", moder, seen_offsets))
+    unseen = []
+    for index in range(step, len(sequence)):  # classes not yet trained: the per-class report
+        data = sequence[index]
+        keys, labels = _label_space(sequence, step, settings.protocol, index)
+        per_class = {method: class_accuracy(data.test_features, labels, torch.stack([table[key] for key in keys]),
+                                            _shift(keys, shifts))
+                     for method, table, shifts in (("zeroshot", zeroshot, None), ("moder", moder, seen_offsets))}
+        position = {key: i for i, key in enumerate(keys)}
+        unseen += [UnseenClassRow(sequence[step - 1].task.name, data.task.name, name,
+                                  float(per_class["zeroshot"][position[(data.task.dataset, name)]]),
+                                  float(per_class["moder"][position[(data.task.dataset, name)]]),
+                                  retrieved[(data.task.dataset, name)])
+                   for name in data.class_names]
     return StepEvaluation(rows, unseen)
+
+
+def _label_space(sequence: list[TaskData], step: int, protocol: Protocol, index: int) -> tuple[list[tuple[str, str]], Tensor]:
+    """The (dataset, class) keys task `index` is classified among after `step`, and its test labels in that space."""
+    data = sequence[index]
+    space = label_space(protocol, [d.class_names for d in sequence], step - 1, index)
+    position = {name: i for i, name in enumerate(space)}
+    labels = torch.tensor([position[data.class_names[int(y)]] for y in data.test_labels])
+    return [(data.task.dataset, name) for name in space], labels
+
+
+def _shift(keys: list[tuple[str, str]], offsets: dict[tuple[str, str], float] | None) -> Tensor | None:
+    return None if offsets is None else torch.tensor([offsets.get(key, 0.0) for key in keys])
+
+
+def accuracy_rows(sequence: list[TaskData], step: int, protocol: Protocol, method: str,
+                  prototypes: dict[tuple[str, str], Tensor],
+                  offsets: dict[tuple[str, str], float] | None = None) -> list[AccuracyRow]:
+    """Every task's accuracy after `step` (1-based) with one prototype per (dataset, class), in the
+    protocol's label spaces; `offsets` are subtracted from their classes' scores."""
+    rows = []
+    for index, data in enumerate(sequence):
+        keys, labels = _label_space(sequence, step, protocol, index)
+        accuracy_ = accuracy(data.test_features, labels, torch.stack([prototypes[key] for key in keys]),
+                             _shift(keys, offsets))
+        rows.append(AccuracyRow(sequence[step - 1].task.name, data.task.name, method, accuracy_, len(labels)))
+    return rows

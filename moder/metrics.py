@@ -77,18 +77,19 @@ def label_space(protocol: Protocol, task_classes: list[list[str]], step: int, ta
     raise ValueError(f"unknown protocol {protocol!r}; allowed: mtil, classil")
 
 
-def predict(features: Tensor, prototypes: Tensor) -> Tensor:
-    """The index of each feature's most similar prototype (cosine similarity)."""
-    return (F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T).argmax(dim=1)
+def predict(features: Tensor, prototypes: Tensor, offsets: Tensor | None = None) -> Tensor:
+    """The index of each feature's best prototype: cosine similarity, minus `offsets[c]` if given."""
+    scores = F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    return (scores if offsets is None else scores - offsets).argmax(dim=1)
 
 
-def accuracy(features: Tensor, labels: Tensor, prototypes: Tensor) -> float:
-    """Percent of features whose most similar prototype is their own class's."""
-    return 100.0 * (predict(features, prototypes) == labels).float().mean().item()
+def accuracy(features: Tensor, labels: Tensor, prototypes: Tensor, offsets: Tensor | None = None) -> float:
+    """Percent of features whose best prototype is their own class's."""
+    return 100.0 * (predict(features, prototypes, offsets) == labels).float().mean().item()
 
 
-def class_accuracy(features: Tensor, labels: Tensor, prototypes: Tensor) -> Tensor:
+def class_accuracy(features: Tensor, labels: Tensor, prototypes: Tensor, offsets: Tensor | None = None) -> Tensor:
     """Percent right per class 0..len(prototypes)-1 (NaN for a class with no feature)."""
-    right = (predict(features, prototypes) == labels).float()
+    right = (predict(features, prototypes, offsets) == labels).float()
     totals = torch.bincount(labels, minlength=len(prototypes)).float()
     return 100.0 * torch.bincount(labels, weights=right, minlength=len(prototypes)) / totals

@@ -80,7 +80,11 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
     logit_scale: float = Field(100.0, gt=0)
     reg_zeroshot: float = Field(0.0, ge=0)
-    prior_negatives: bool = False
+    # Extra logit columns while training a task (text only, no image replayed), same dataset:
+    # earlier = the stored prototypes of classes trained in earlier tasks; dataset = those plus the
+    # zero-shot prototypes of the classes not trained yet (class names are known from step 1, as the
+    # protocol evaluates future tasks with them).
+    negatives: Literal["none", "earlier", "dataset"] = "none"
 
     def config(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -103,6 +107,9 @@ class RetrievalParams(_Section):
 class CompositionParams(_Section):
     space: Literal["parameter", "output"] = "parameter"
     alpha: float = Field(1.0, ge=0, le=1)
+    # In a label space mixing trained and untrained classes, lower the trained prototypes' scores by
+    # their mean offset (moder.train.prototype_offsets); a no-op where every class is trained.
+    calibrate: bool = False
 
 
 class DomainParams(_Section):
@@ -267,6 +274,12 @@ class Params(_Section):
             if (task.dataset, task.split) in seen:
                 raise ValueError(f"tasks.{name}: split {task.split} of dataset {task.dataset!r} is already another task")
             seen.add((task.dataset, task.split))
+        splits_in_order: dict[str, int] = {}
+        for name, task in self.tasks.items():  # train@<dataset> trains a dataset's splits in split order
+            if task.split < splits_in_order.get(task.dataset, 0):
+                raise ValueError(f"tasks.{name}: split {task.split} of dataset {task.dataset!r} comes after split "
+                                 f"{splits_in_order[task.dataset]}; a dataset's tasks must follow its split order")
+            splits_in_order[task.dataset] = task.split
         used = {task.dataset for task in self.tasks.values()}
         if self.benchmark.protocol == "classil" and len(used) != 1:
             raise ValueError(f"benchmark.protocol classil splits one dataset into tasks; the tasks use {sorted(used)}")

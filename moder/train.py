@@ -40,17 +40,20 @@ def train_experts(
     config: TrainConfig,
     zeroshot: Tensor | None = None,
     negatives: Tensor | None = None,
+    rows: Tensor | None = None,
     progress: bool = False,
 ) -> TrainResult:
     """Cross-entropy over the task's classes, logits = scale * cosine(image, prototype).
 
     Every step encodes all of the task's prompts, each class with its own expert, in one
-    batched forward. `negatives` (earlier classes' stored prototypes) add logit columns
-    that no sample belongs to: text embeddings only, no image is replayed.
+    batched forward. `negatives` (other classes' prototypes) add logit columns that no
+    sample belongs to: text embeddings only, no image is replayed. `rows[c]` is the expert
+    class c reads (default: its own; all zeros: one expert shared by every class).
     """
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
-    if len(experts) != prompts.n_classes:
+    class_rows = torch.arange(prompts.n_classes) if rows is None else rows
+    if len(class_rows) != prompts.n_classes or int(class_rows.max()) >= len(experts):
         raise ValueError(f"{len(experts)} experts for {prompts.n_classes} classes")
     if config.reg_zeroshot > 0 and zeroshot is None:
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
@@ -60,7 +63,6 @@ def train_experts(
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     features = F.normalize(features.float(), dim=-1).to(tower.device)
     labels = labels.to(tower.device)
-    class_rows = torch.arange(prompts.n_classes)
     steps_per_epoch = math.ceil(features.shape[0] / config.batch_size)
     losses: list[float] = []
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="train experts", disable=not progress, leave=False)
@@ -81,4 +83,18 @@ def train_experts(
             bar.update()
     bar.close()
     return TrainResult(experts.with_parameters([p.detach() for p in parameters]), losses)
+
+
+def prototype_offsets(prototypes: Tensor, zeroshot: Tensor, features: Tensor, labels: Tensor) -> Tensor:
+    """How much closer each trained prototype came to the task's images of *other* classes.
+
+    offset[c] = mean over images x not of class c of cos(x, prototype_c) - cos(x, zeroshot_c).
+    Training pulls a prototype toward the task's domain as a whole, so next to untrained
+    prototypes it also attracts images it should not; evaluation can subtract this gain.
+    Computed from the current task's own images at training time: nothing is replayed later.
+    """
+    features = F.normalize(features.float(), dim=-1)
+    gain = features @ (prototypes - zeroshot).T  # [N, C]
+    others = labels[:, None] != torch.arange(prototypes.shape[0])[None, :]
+    return (gain * others).sum(0) / others.sum(0).clamp(min=1)
 

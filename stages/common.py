@@ -3,14 +3,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 from pathlib import Path
 from typing import Callable
 
-from moder.benchmark import Task, make_task
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from moder.benchmark import Task, TaskData, make_task
 from moder.clip import LoadedClip, ModelLoadError, load_clip
 from moder.datasets import DatasetFormatError, DatasetNotFound
 from moder.experts import ExpertFileError
-from moder.features import FeatureFileError
+from moder.features import FeatureFileError, read_features
+from moder.io import atomic_path
 from moder.params import Params, ParamsError, load_params
 
 
@@ -61,3 +66,39 @@ def tasks_of(params: Params, n_classes: dict[str, int]) -> list[Task]:
         for step, (name, task) in enumerate(params.tasks.items(), start=1)
         if task.dataset in n_classes
     ]
+
+
+def split_tasks(params: Params, dataset: str, n_classes: int) -> list[Task]:
+    """A dataset's splits 1..splits as tasks named "<dataset> split <i>", in training order."""
+    spec = params.datasets[dataset]
+    return [make_task(f"{dataset} split {split}", split, dataset, split, spec.splits, n_classes, params.seed,
+                      spec.class_order == "shuffled") for split in range(1, spec.splits + 1)]
+
+
+def expert_file(dataset_experts: Path, split: int) -> Path:
+    """Where train@<dataset> writes the experts of one split (task) of its dataset."""
+    return dataset_experts / f"split-{split}.safetensors"
+
+
+def load_sequence(params: Params, features: Path, identity: str) -> list[TaskData]:
+    """Every task's classes, zero-shot prototypes, templates and test features, from <features>/<dataset>/."""
+    datasets = dict.fromkeys(task.dataset for task in params.tasks.values())
+    classes = {d: read_features(features / d / "classes.parquet", identity) for d in datasets}
+    tests = {d: read_features(features / d / "test.parquet", identity) for d in datasets}
+    sequence = []
+    for task in tasks_of(params, {d: len(table.class_names) for d, table in classes.items()}):
+        table = classes[task.dataset]
+        vectors, labels = tests[task.dataset].select(task.classes)
+        sequence.append(TaskData(task, [table.class_names[i] for i in task.classes], table.vectors[task.classes],
+                                 vectors, labels, table.templates))
+    return sequence
+
+
+def write_rows(path: Path, rows: list, row_type: type) -> None:
+    """Dataclass rows as Parquet (the schema comes from the row type, so an empty table is still typed)."""
+    names = [field.name for field in fields(row_type)]
+    kinds = {"str": pa.string(), "float": pa.float64(), "int": pa.int64()}
+    schema = pa.schema([(field.name, kinds[field.type]) for field in fields(row_type)])
+    table = pa.Table.from_pylist([{n: getattr(row, n) for n in names} for row in rows], schema=schema)
+    with atomic_path(path) as temporary:
+        pq.write_table(table, temporary)

@@ -13,25 +13,26 @@ from moder.metrics import summarize
 from moder.params import Params
 from stages.common import MissingInput, parser, run_cli
 
-METHODS = ("zeroshot", "moder")
+METHODS = ("zeroshot", "finetune", "oracle", "moder")
 
 
-def read_matrices(params: Params, evaluation: Path) -> dict[str, np.ndarray]:
-    """A[i][j] per method: accuracy on task j after step i, from each step's evaluation rows."""
+def read_matrices(params: Params, evaluation: Path, finetune: Path) -> dict[str, np.ndarray]:
+    """A[i][j] per method: accuracy on task j after step i, from each step's evaluation rows and the
+    finetune baseline's rows."""
     tasks = list(params.tasks)
     matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
-    for i, step in enumerate(tasks):
-        path = evaluation / f"{step}.parquet"
+    sources = [(evaluation / f"{step}.parquet", f"evaluate@{step}") for step in tasks] + [(finetune, "finetune")]
+    for path, stage in sources:
         if not path.is_file():
-            raise MissingInput(f"evaluation rows not found: {path} (run evaluate@{step})")
+            raise MissingInput(f"evaluation rows not found: {path} (run {stage})")
         for row in (AccuracyRow(**r) for r in pq.read_table(path).to_pylist()):
-            if row.method in matrices and row.task in tasks:
-                matrices[row.method][i, tasks.index(row.task)] = row.accuracy
+            if row.method in matrices and row.task in tasks and row.step in tasks:
+                matrices[row.method][tasks.index(row.step), tasks.index(row.task)] = row.accuracy
     for method, matrix in matrices.items():
         missing = [f"{tasks[i]}/{tasks[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)))]
         if missing:
             raise MissingInput(f"no {method} accuracy for step/task {', '.join(missing[:5])} in {evaluation}; "
-                               "re-run the evaluate stages (dvc repro)")
+                               "re-run the evaluate and finetune stages (dvc repro)")
     return matrices
 
 
@@ -57,8 +58,8 @@ def write_unseen_classes(params: Params, unseen: Path, out: Path) -> None:
     _write(out, "\n".join(lines) + "\n")
 
 
-def report(params: Params, evaluation: Path, unseen: Path, metrics: Path, reports: Path) -> dict:
-    matrices = read_matrices(params, evaluation)
+def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metrics: Path, reports: Path) -> dict:
+    matrices = read_matrices(params, evaluation, finetune)
     write_unseen_classes(params, unseen, reports / "unseen_classes.csv")
     figures = metrics_of(params, matrices)
     _write(metrics, json.dumps(figures, indent=2) + "\n")
@@ -89,10 +90,11 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
     for j, task in enumerate(tasks):
         before = ("" if j == 0 else f"{zs[:j, j].mean():>10.1f}{md[:j, j].mean():>8.1f}{md[:j, j].mean() - zs[:j, j].mean():>+8.1f}")
         out.append(f"{task:<14}{before:<26}  {zs[-1, j]:>10.1f}{md[-1, j]:>8.1f}{md[-1, j] - zs[-1, j]:>+8.1f}")
-    out.append(f"\n{'metric':<14}{'zero-shot':>10}{'MoDER':>8}{'diff':>8}")
+    out.append(f"\n{'metric':<14}{'zero-shot':>10}{'finetune':>10}{'oracle':>8}{'MoDER':>8}{'diff':>8}")
     for name in figures["zeroshot"]:
-        z, m = figures["zeroshot"][name], figures["moder"][name]
-        out.append(f"{name.capitalize():<14}{z:>10.1f}{m:>8.1f}{m - z:>+8.1f}")
+        z, f, o, m = (figures[method][name] for method in METHODS)
+        out.append(f"{name.capitalize():<14}{z:>10.1f}{f:>10.1f}{o:>8.1f}{m:>8.1f}{m - z:>+8.1f}")
+    out.append("(diff: MoDER - zero-shot; oracle: every class with its own trained experts, an upper bound)")
     return "\n".join(out)
 
 
@@ -110,21 +112,23 @@ def print_summary(params: Params, reports: Path) -> None:
     if any(np.isnan(matrix).any() for matrix in matrices.values()):
         raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
     print(summary(params, matrices, metrics_of(params, matrices)))
-    print(f"\nseed {params.seed}; {params.expert.kind} experts; {params.composition.space}-space composition; "
+    print(f"\nseed {params.seed}; {params.expert.kind} experts; negatives {params.train.negatives}; "
+          f"{params.composition.space}-space composition, calibrate {params.composition.calibrate}; "
           f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}")
 
 
 def main() -> None:
     cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, seen.csv, unseen.csv)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
+    cli.add_argument("--finetune", type=Path, help="the finetune baseline's evaluation rows (.parquet)")
     cli.add_argument("--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)")
     cli.add_argument("--metrics", type=Path, default=Path("metrics.json"))
     cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")
     args = cli.parse_args()
-    if not args.summary_only and (args.evaluation is None or args.unseen is None):
-        cli.error("--evaluation and --unseen are required unless --summary-only")
+    if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen):
+        cli.error("--evaluation, --finetune and --unseen are required unless --summary-only")
     run_cli(lambda args, params: print_summary(params, args.reports) if args.summary_only
-            else report(params, args.evaluation, args.unseen, args.metrics, args.reports), args)
+            else report(params, args.evaluation, args.finetune, args.unseen, args.metrics, args.reports), args)
 
 
 if __name__ == "__main__":

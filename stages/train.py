@@ -1,55 +1,90 @@
-"""Stage `train@<task>`: train one expert per class of one task on its cached image features."""
+"""Stage `train@<dataset>`: train one expert per class for each split of one dataset (its tasks), in split order.
+
+A dataset's splits are trained by one stage because a split may read what the earlier ones stored
+(`train.negatives`); datasets never depend on each other. The stage reads no task list (the
+tasks of a dataset are its splits, in order), so appending a task of another dataset leaves it be.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from moder.experts import save_experts
+from moder.benchmark import Task
+from moder.compose import seen_prototypes
+from moder.experts import Experts, save_experts
 from moder.factory import ExpertFactory
-from moder.features import read_features
-from moder.params import Params
+from moder.features import FeatureTable, read_features
+from moder.io import atomic_directory
+from moder.params import ParamsError, Params
 from moder.text import TextTower
-from moder.train import TrainResult, train_experts
+from moder.train import prototype_offsets, train_experts
 from moder.world import seed_for
-from stages.common import check_task, load_backbone, parser, run_cli, tasks_of
+from stages.common import expert_file, load_backbone, parser, run_cli, split_tasks
 
 
-def train(params: Params, task_name: str, pretrained: Path, features: Path, out: Path) -> TrainResult:
-    """Reads <features>/<dataset>/{train,classes}.parquet; writes the task's experts to `out`."""
-    check_task(params, task_name)
-    clip = load_backbone(params, pretrained)
+def negatives_for(params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor],
+                  classes: FeatureTable) -> torch.Tensor | None:
+    """The extra logit columns `train.negatives` asks for while training `task` (text embeddings only)."""
+    trained = [c for t in earlier for c in t.classes]
+    columns = [stored[c] for c in trained]
+    if params.train.negatives == "dataset":
+        untrained = set(range(len(classes.class_names))) - set(trained) - set(task.classes)
+        columns += [classes.vectors[c] for c in sorted(untrained)]
+    if params.train.negatives == "none" or not columns:
+        return None
+    return torch.stack(columns)
+
+
+def train(params: Params, dataset: str, model: Path, features: Path, out: Path) -> dict[str, Experts]:
+    """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/<task>.safetensors per task of the dataset."""
+    if dataset not in params.datasets:
+        raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
+    clip = load_backbone(params, model)
     identity = clip.identity.to_json()
-    dataset = params.tasks[task_name].dataset
     samples = read_features(features / dataset / "train.parquet", identity)
     classes = read_features(features / dataset / "classes.parquet", identity)
-    tasks = tasks_of(params, {dataset: len(classes.class_names)})
-    position = [t.name for t in tasks].index(task_name)
-    task = tasks[position]
-    features, labels = samples.select(task.classes)
-    names = [classes.class_names[i] for i in task.classes]
-    earlier = [c for t in tasks[:position] for c in t.classes]  # earlier tasks of the same dataset (Class-IL)
-    negatives = classes.vectors[earlier] if params.train.prior_negatives and earlier else None
-
     tower = TextTower(clip.model, clip.tokenizer)
     factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
-    generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task_name))
+    tasks = split_tasks(params, dataset, len(classes.class_names))
+    stored: dict[int, torch.Tensor] = {}  # class -> its prototype as evaluation will use it
+    trained = {}
+    with atomic_directory(out) as directory:
+        for position, task in enumerate(tasks):
+            trained[task.name] = _train_task(params, tower, factory, task, tasks[:position], samples, classes,
+                                             stored, identity, expert_file(directory, task.step))
+    return trained
+
+
+def _train_task(params: Params, tower: TextTower, factory: ExpertFactory, task: Task, earlier: list[Task],
+                samples: FeatureTable, classes: FeatureTable, stored: dict[int, torch.Tensor], identity: str,
+                out: Path) -> Experts:
+    """One task's experts, written to `out`; `stored` gains their classes' prototypes."""
+    task_features, labels = samples.select(task.classes)
+    names = [classes.class_names[i] for i in task.classes]
+    zeroshot = classes.vectors[task.classes]
+    prompts = factory.prompts(names)
+    generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task.dataset, str(task.step)))
     result = train_experts(
-        tower, factory.prompts(names), factory.new(len(names), generator), features, labels,
-        params.train.config(seed_for(params.seed, "train", task_name)),
-        zeroshot=classes.vectors[task.classes], negatives=negatives, progress=True,
+        tower, prompts, factory.new(len(names), generator), task_features, labels,
+        params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))), zeroshot=zeroshot,
+        negatives=negatives_for(params, task, earlier, stored, classes), progress=True,
     )
-    save_experts(out, result.experts, names, identity, {"task": task_name, "dataset": dataset})
-    print(f"trained {len(names)} {params.expert.kind} experts for task {task_name}: "
+    prototypes = seen_prototypes(tower, prompts, result.experts, zeroshot, params.composition.alpha)
+    stored.update(zip(task.classes, prototypes))
+    offsets = prototype_offsets(prototypes, zeroshot, task_features, labels)
+    save_experts(out, result.experts, names, identity,
+                 {"dataset": task.dataset, "split": task.step, "offsets": [round(float(v), 6) for v in offsets]})
+    print(f"trained {len(names)} {params.expert.kind} experts for {task.name}: "
           f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
-    return result
+    return result.experts
 
 
 def main() -> None:
-    cli = parser(__doc__, ("model", "the pre-trained CLIP checkpoint"), ("features", "the directory of feature directories"),
-                 ("out", "the experts file to write (.safetensors)"))
-    cli.add_argument("--task", required=True)
-    run_cli(lambda args, params: train(params, args.task, args.model, args.features, args.out), cli.parse_args())
+    cli = parser(__doc__, ("model", "the backbone CLIP checkpoint"), ("features", "the directory of feature directories"),
+                 ("out", "the dataset's experts directory (one .safetensors per task)"))
+    cli.add_argument("--dataset", required=True)
+    run_cli(lambda args, params: train(params, args.dataset, args.model, args.features, args.out), cli.parse_args())
 
 
 if __name__ == "__main__":

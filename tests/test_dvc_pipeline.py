@@ -15,10 +15,10 @@ def _changed(cwd: Path, params: dict) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     root, repro = project
-    for stage in ("backbone", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"):
+    for stage in ("backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"zeroshot", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}
+    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert json.dumps(metrics["moder"]["last"]) in json.dumps(shown)
 
@@ -41,11 +41,12 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     root, _ = project
     evaluation = {"evaluate@a", "evaluate@b"}
     assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation
-    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {"train@a", "train@b"}
+    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {"train@a", "train@b", "finetune"}
     extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}}).model_dump(mode="json")
     appended = {**FULL, "datasets": {**FULL["datasets"], **extra["datasets"]}, "tasks": {**FULL["tasks"], **extra["tasks"]}}
-    # appending a task trains only the new step; evaluation and report read the task list
-    assert _changed(root, appended) == {"extract@c", "train@c", "evaluate@c", "report"} | evaluation
+    # appending a task trains only the new dataset's experts; evaluation, the sequential finetune
+    # baseline and report read the task list
+    assert _changed(root, appended) == {"extract@c", "train@c", "finetune", "evaluate@c", "report"} | evaluation
     assert _changed(root, FULL) == set()
 
 

@@ -68,7 +68,7 @@ def _executed(states: dict[str, str]) -> set[str]:
 def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
     params = _write(tmp_path / "params.yaml", FULL)
     first, states = _run(params, tmp_path / "run1")
-    everything = {"backbone", "extract@a", "extract@b", "train@a", "train@b", "evaluate@a", "evaluate@b", "report"}
+    everything = {"backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"}
     assert set(states) == everything and _executed(states) == everything
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
 
@@ -78,7 +78,7 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     appended = full_params({**MINI, "datasets": {**MINI["datasets"], "c": {"classes": 3}},
                             "tasks": {**MINI["tasks"], "c": {"dataset": "c"}}})
     _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3")
-    assert _executed(states) == {"extract@c", "train@c", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
+    assert _executed(states) == {"extract@c", "train@c", "finetune", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
 
     other_k = {**appended, "retrieval": {**appended["retrieval"], "k": 2}}
     _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4")
@@ -92,9 +92,8 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
         source = REPO / name
         shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source, tmp_path / name)
     calls = stage_calls(tmp_path / "dvc.yaml", FULL)
-    assert calls["train@a"].params == {"seed": 0, "model": FULL["model"], "templates": FULL["templates"],
-                                       "expert": FULL["expert"], "train": FULL["train"], "tasks.a": FULL["tasks"]["a"],
-                                       "datasets.a": FULL["datasets"]["a"]}
+    assert calls["train@a"].params == {"seed": 0, "model": FULL["model"], "expert": FULL["expert"], "train": FULL["train"],
+                                       "composition.alpha": FULL["composition"]["alpha"], "datasets.a": FULL["datasets"]["a"]}
     assert set(calls["report"].params) == {"benchmark", "tasks"}
     (tmp_path / "stages" / "train.py").write_text((tmp_path / "stages" / "train.py").read_text() + "\n# edited\n")
     edited = stage_calls(tmp_path / "dvc.yaml", FULL)
@@ -132,7 +131,7 @@ def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, pr
 
     with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage")}):
         metrics, states = _run(root / "params.yaml", tmp_path / "dask", dask_workers=2)
-    assert _executed(states) == set(states) and len(states) == 8
+    assert _executed(states) == set(states) and len(states) == 9
     assert metrics == json.loads((root / "metrics.json").read_text())
 
 

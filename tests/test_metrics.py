@@ -67,3 +67,12 @@ def test_class_accuracy_per_class_on_hand_made_features():
     assert class_accuracy(features, labels, prototypes)[:2].tolist() == [50.0, 50.0]
     assert torch.isnan(class_accuracy(features, labels, prototypes)[2])  # no feature of class 2
     assert accuracy(features, labels, prototypes) == 50.0
+
+
+def test_offsets_are_subtracted_from_their_classes_scores():
+    features = torch.tensor([[1.0, 0.9], [0.2, 1.0]])
+    prototypes = torch.eye(2)
+    labels = torch.tensor([1, 1])
+    assert accuracy(features, labels, prototypes) == 50.0
+    assert accuracy(features, labels, prototypes, torch.tensor([0.2, 0.0])) == 100.0
+    assert class_accuracy(features, labels, prototypes, torch.tensor([0.2, 0.0])).tolist()[1] == 100.0

@@ -17,6 +17,7 @@ from moder.features import FeatureFileError, read_features
 from moder.metrics import accuracy, summarize
 from moder.params import parse_params
 from stages.evaluate import evaluate
+from stages.finetune import finetune
 from stages.extract import extract
 from stages.backbone import backbone
 from stages.report import read_matrices, report
@@ -40,12 +41,13 @@ def run_pipeline(data: dict, root: Path) -> dict:
     backbone(params, model, root / "reports" / "backbone.json")
     for dataset in params.datasets:
         extract(params, dataset, model, root / "features" / dataset)
-    for task in params.tasks:
-        train(params, task, model, root / "features", root / "experts" / f"{task}.safetensors")
+    for dataset in params.datasets:
+        train(params, dataset, model, root / "features", root / "experts" / dataset)
+    finetune(params, model, root / "features", root / "finetune.parquet")
     for step in params.tasks:
         evaluate(params, step, model, root / "features", root / "experts", root / "eval" / f"{step}.parquet",
                  root / "unseen" / f"{step}.parquet")
-    return report(params, root / "eval", root / "unseen", root / "metrics.json", root / "reports")
+    return report(params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports")
 
 
 @pytest.fixture(scope="module")
@@ -77,32 +79,33 @@ def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
 def test_train_writes_one_expert_per_class_of_its_task(mtil_run):
     root, _ = mtil_run
     classes = read_features(root / "features" / "a" / "classes.parquet")
-    experts, names, extra = load_experts(root / "experts" / "a.safetensors")
+    experts, names, extra = load_experts(root / "experts" / "a" / "split-1.safetensors")
     assert names == classes.class_names and len(experts) == 4
-    assert extra == {"task": "a", "dataset": "a"}
+    assert set(extra) == {"dataset", "split", "offsets"} and (extra["dataset"], extra["split"]) == ("a", 1)
+    assert len(extra["offsets"]) == 4
 
 
 def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_rows(mtil_run):
     root, figures = mtil_run
     params = parse_params(MINI)
     rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
-    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in "ab" for m in ("zeroshot", "moder")}
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in "ab" for m in ("zeroshot", "oracle", "moder")}
     # zero-shot on task b, recomputed here from the feature files alone
     test = read_features(root / "features" / "b" / "test.parquet")
     prototypes = read_features(root / "features" / "b" / "classes.parquet").vectors
     expected = accuracy(test.vectors, test.labels, prototypes)
     assert [r["accuracy"] for r in rows if r["task"] == "b" and r["method"] == "zeroshot"] == [pytest.approx(expected)]
-    matrices = read_matrices(params, root / "eval")
+    matrices = read_matrices(params, root / "eval", root / "finetune.parquet")
     assert figures == {m: {k: round(v, 2) for k, v in summarize(a, "mtil").items()} for m, a in matrices.items()}
     assert json.loads((root / "metrics.json").read_text()) == figures
     cells = json.loads((root / "reports" / "accuracy.json").read_text())
-    assert len(cells) == 2 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
-    matrix = matrices["moder"]
+    assert len(cells) == 4 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
+    methods = ("zeroshot", "finetune", "oracle", "moder")
+    seen = [",".join(f"{matrices[m][i, : i + 1].mean():.2f}" for m in methods) for i in range(2)]
     assert (root / "reports" / "seen.csv").read_text() == (
-        f"step,task,zeroshot,moder\n1,a,{matrices['zeroshot'][0, 0]:.2f},{matrix[0, 0]:.2f}\n"
-        f"2,b,{matrices['zeroshot'][1].mean():.2f},{matrix[1].mean():.2f}\n")
-    assert (root / "reports" / "unseen.csv").read_text() == (
-        f"step,task,zeroshot,moder\n1,a,{matrices['zeroshot'][0, 1]:.2f},{matrix[0, 1]:.2f}\n")
+        f"step,task,{','.join(methods)}\n1,a,{seen[0]}\n2,b,{seen[1]}\n")
+    unseen = ",".join(f"{matrices[m][0, 1]:.2f}" for m in methods)
+    assert (root / "reports" / "unseen.csv").read_text() == f"step,task,{','.join(methods)}\n1,a,{unseen}\n"
 
 
 def test_same_seed_gives_identical_metrics(mtil_run, tmp_path):
@@ -116,7 +119,7 @@ def test_classil_label_spaces_grow_with_the_steps(tmp_path):
     assert set(figures["zeroshot"]) == {"transfer", "avg", "last", "future"}
     test = read_features(tmp_path / "features" / "p" / "test.parquet")
     classes = read_features(tmp_path / "features" / "p" / "classes.parquet")
-    experts, names, _ = load_experts(tmp_path / "experts" / "p1.safetensors")
+    experts, names, _ = load_experts(tmp_path / "experts" / "p" / "split-1.safetensors")
     own = torch.tensor([classes.class_names.index(n) for n in names])
     keep = torch.isin(test.labels, own)
     remap = torch.full((9,), -1)
@@ -134,14 +137,14 @@ def test_features_made_by_another_model_are_refused(mtil_run, tmp_path):
     other = tmp_path / "other.safetensors"
     backbone(params, other, tmp_path / "backbone.json")
     with pytest.raises(FeatureFileError, match=r"features/a/train.parquet was made by another model"):
-        train(params, "a", other, root / "features", tmp_path / "a.safetensors")
-    assert not (tmp_path / "a.safetensors").exists()
+        train(params, "a", other, root / "features", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
     root, _ = mtil_run
     with pytest.raises(FeatureFileError, match=r"feature file not found: .*empty/b/train.parquet"):
-        train(parse_params(MINI), "b", root / "backbone" / "clip.safetensors", tmp_path / "empty", tmp_path / "b.safetensors")
+        train(parse_params(MINI), "b", root / "backbone" / "clip.safetensors", tmp_path / "empty", tmp_path / "b")
 
 
 def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -159,8 +162,8 @@ def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.Complete
     ],
 )
 def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
-    result = _cli("train", {**copy.deepcopy(MINI), **change}, tmp_path, "--task", "a", "--model", "m.safetensors",
-                  "--features", "features", "--out", "experts/a.safetensors")
+    result = _cli("train", {**copy.deepcopy(MINI), **change}, tmp_path, "--dataset", "a", "--model", "m.safetensors",
+                  "--features", "features", "--out", "experts/a")
     assert result.returncode == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -186,9 +189,9 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
     data = {**MINI, "expert": {"kind": "lora", "lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
             "composition": {"space": "output"}, "retrieval": {"k": 2, "null_score": 0.5}}
     figures = run_pipeline(data, tmp_path)
-    experts, _, _ = load_experts(tmp_path / "experts" / "b.safetensors")
+    experts, _, _ = load_experts(tmp_path / "experts" / "b" / "split-1.safetensors")
     assert experts.kind == "lora" and experts.rank == 2 and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
-    assert set(figures) == {"zeroshot", "moder"}
+    assert set(figures) == {"zeroshot", "finetune", "oracle", "moder"}
 
 
 def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
@@ -210,3 +213,58 @@ def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
     for column, method in ((3, "zeroshot"), (4, "moder")):
         task_accuracy = next(r["accuracy"] for r in task_rows if r["task"] == "b" and r["method"] == method)
         assert sum(float(r[column]) for r in rows) / len(rows) == pytest.approx(task_accuracy, abs=0.01)
+
+
+def test_oracle_scores_every_task_with_its_own_experts_and_equals_moder_once_trained(mtil_run):
+    root, _ = mtil_run
+    after_a = {(r["task"], r["method"]): r["accuracy"] for r in pq.read_table(root / "eval" / "a.parquet").to_pylist()}
+    after_b = {(r["task"], r["method"]): r["accuracy"] for r in pq.read_table(root / "eval" / "b.parquet").to_pylist()}
+    assert after_a[("a", "oracle")] == after_a[("a", "moder")]
+    assert after_a[("b", "oracle")] == after_b[("b", "moder")]  # b's own experts, before and after b is trained
+
+
+def test_finetune_baseline_scores_every_task_after_every_step(mtil_run):
+    root, figures = mtil_run
+    rows = pq.read_table(root / "finetune.parquet").to_pylist()
+    assert sorted((r["step"], r["task"]) for r in rows) == [("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")]
+    assert {r["method"] for r in rows} == {"finetune"}
+    assert set(figures["finetune"]) == {"transfer", "avg", "last"}
+
+
+def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained_zeroshot_ones(tmp_path):
+    from moder.benchmark import Task
+    from moder.features import FeatureTable
+    from stages.train import negatives_for
+
+    classes = FeatureTable(torch.eye(6), torch.arange(6), [str(i) for i in range(6)], "p", "m")
+    tasks = [Task("p split 1", 1, "p", [0, 1]), Task("p split 2", 2, "p", [2, 3]), Task("p split 3", 3, "p", [4, 5])]
+    stored = {0: torch.full((6,), 7.0), 1: torch.full((6,), 8.0)}
+    for mode, first, second in (("none", None, None),
+                                ("earlier", None, [7.0, 8.0]),
+                                ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5])):
+        params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode}})
+        got = negatives_for(params, tasks[0], [], {}, classes)
+        assert (got is None) if first is None else torch.equal(got, torch.eye(6)[first])
+        got = negatives_for(params, tasks[1], tasks[:1], stored, classes)
+        if second is None:
+            assert got is None
+        else:
+            expected = [torch.full((6,), v) if isinstance(v, float) else torch.eye(6)[v] for v in second]
+            assert torch.equal(got, torch.stack(expected))
+
+
+def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_classes(tmp_path):
+    plain = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "dataset"}}, tmp_path / "plain")
+    calibrated = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "dataset"}, "composition": {"calibrate": True}},
+                              tmp_path / "calibrated")
+    assert plain["moder"]["last"] == calibrated["moder"]["last"]  # every class trained: one shared offset, no change
+    assert plain["moder"]["transfer"] != calibrated["moder"]["transfer"]  # unseen tasks compete with trained classes
+    for step in ("p1", "p2", "p3"):
+        rows = {(r["task"], r["method"]): r["accuracy"]
+                for r in pq.read_table(tmp_path / "plain" / "eval" / f"{step}.parquet").to_pylist()}
+        moved = {(r["task"], r["method"]): r["accuracy"]
+                 for r in pq.read_table(tmp_path / "calibrated" / "eval" / f"{step}.parquet").to_pylist()}
+        trained = ["p1", "p2", "p3"][: ["p1", "p2", "p3"].index(step) + 1]
+        for task in trained:
+            assert rows[(task, "moder")] == moved[(task, "moder")]
+        assert all(rows[(t, m)] == moved[(t, m)] for t in ("p1", "p2", "p3") for m in ("zeroshot", "oracle"))

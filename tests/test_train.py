@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from moder.metrics import accuracy
@@ -74,3 +75,30 @@ def test_prior_prototypes_as_negatives_enter_the_loss(tower, context_factory):
     negatives = zeroshot_prototypes(tower, ["pink star", "black circle", "white square"], TEMPLATES)
     with_negatives = _train(tower, context_factory, config, negatives=negatives)[-1]
     assert with_negatives.losses[0] > plain.losses[0]
+
+
+def test_one_shared_expert_trains_on_every_class(tower, lora_factory):
+    """rows of zeros: every class reads expert 0 (the finetune baseline's shared LoRA)."""
+    from moder.prompts import encode_prototypes
+
+    zeroshot, features, labels = _problem(tower)
+    prompts = lora_factory.prompts(NAMES)
+    shared = lora_factory.new(1, torch.Generator().manual_seed(0))
+    everyone = torch.zeros(len(NAMES), dtype=torch.long)
+    result = train_experts(tower, prompts, shared, features, labels, TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+                           rows=everyone)
+    assert len(result.experts) == 1
+    after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, everyone))
+    assert after > accuracy(features, labels, zeroshot) + 5.0
+
+
+def test_prototype_offsets_measure_the_gain_on_other_classes_images():
+    from moder.train import prototype_offsets
+
+    zeroshot = torch.eye(3)
+    prototypes = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    features = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    offsets = prototype_offsets(prototypes, zeroshot, features, labels)
+    # class 0 moved toward class 1's images: cos goes 0 -> 1/sqrt(2) on those two, 0 on class 2's image
+    assert offsets.tolist() == pytest.approx([2 / 3 * 2 ** -0.5, 0.0, 0.0])

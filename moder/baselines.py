@@ -1,0 +1,44 @@
+"""Baselines scored beside MoDER in the same label spaces (`zeroshot` and `oracle` live in evaluate_step)."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from moder.benchmark import AccuracyRow, Task, TaskData, accuracy_rows
+from moder.factory import ExpertFactory
+from moder.metrics import Protocol
+from moder.prompts import encode_prototypes
+from moder.train import TrainConfig, train_experts
+
+
+def finetune_rows(
+    factory: ExpertFactory,
+    sequence: list[TaskData],
+    train_sets: list[tuple[Tensor, Tensor]],
+    config_for: Callable[[Task], TrainConfig],
+    protocol: Protocol,
+    generator: torch.Generator,
+) -> list[AccuracyRow]:
+    """The naive continual baseline: one LoRA shared by every class (`factory` must make LoRA experts),
+    trained task after task with cross-entropy over the current task's classes, every task scored
+    after each step. `train_sets[i]` holds task i's training features and labels."""
+    shared = factory.new(1, generator)
+    rows: list[AccuracyRow] = []
+    with torch.no_grad():
+        prompts = [factory.prompts(d.class_names, list(d.templates)) for d in sequence]
+    for step, (data, (features, labels)) in enumerate(zip(sequence, train_sets), start=1):
+        everyone = torch.zeros(len(data.class_names), dtype=torch.long)
+        shared = train_experts(factory.tower, prompts[step - 1], shared, features, labels, config_for(data.task),
+                               rows=everyone).experts
+        with torch.no_grad():
+            table = {
+                (d.task.dataset, name): p
+                for d, task_prompts in zip(sequence, prompts)
+                for name, p in zip(d.class_names, encode_prototypes(
+                    factory.tower, task_prompts, shared, torch.zeros(len(d.class_names), dtype=torch.long),
+                    chunk_classes=256))
+            }
+        rows += accuracy_rows(sequence, step, protocol, "finetune", table)
+    return rows
