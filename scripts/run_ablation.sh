@@ -2,6 +2,7 @@
 # Runs every row of the ablation (docs/ablation.md) as a DVC experiment, 3 seeds, both embedded
 # sequences; `python scripts/ablation_table.py` then builds the table from `dvc exp show --json`.
 # About 45 minutes on 2 cores (each backbone is pre-trained once per seed; DVC's run cache reuses it).
+# With row names as arguments (e.g. `bash scripts/run_ablation.sh broader`) it runs only those rows.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
@@ -13,11 +14,17 @@ declare -A ROWS=(
   [lora-broad]="-S train.negatives=none -S composition.calibrate=false"
   [negatives-dataset]="-S composition.calibrate=false"
   [negatives-earlier-calibrated]="-S train.negatives=earlier"
+  [broader]="-S retrieval.k=16 -S retrieval.temperature=0.3"
   [moder]=""
 )
 # In MTIL every dataset is one task: negatives and calibration cannot act, so those rows run on Class-IL only.
-MTIL_ROWS="naive-context lora lora-broad moder"
-CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated moder"
+MTIL_ROWS="naive-context lora lora-broad broader moder"
+CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated broader moder"
+if [ $# -gt 0 ]; then
+  only=" $* "
+  MTIL_ROWS=$(for row in $MTIL_ROWS; do [[ $only == *" $row "* ]] && echo "$row"; done)
+  CLASSIL_ROWS=$(for row in $CLASSIL_ROWS; do [[ $only == *" $row "* ]] && echo "$row"; done)
+fi
 
 run_rows() {
   local sequence=$1 rows=$2

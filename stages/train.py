@@ -26,18 +26,18 @@ from stages.common import expert_file, load_backbone, parser, run_cli, split_tas
 def negatives_for(params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor],
                   classes: FeatureTable) -> torch.Tensor | None:
     """The extra logit columns `train.negatives` asks for while training `task` (text embeddings only)."""
+    if params.train.negatives == "none":
+        return None
     trained = [c for t in earlier for c in t.classes]
     columns = [stored[c] for c in trained]
     if params.train.negatives == "dataset":
         untrained = set(range(len(classes.class_names))) - set(trained) - set(task.classes)
         columns += [classes.vectors[c] for c in sorted(untrained)]
-    if params.train.negatives == "none" or not columns:
-        return None
-    return torch.stack(columns)
+    return torch.stack(columns) if columns else None
 
 
 def train(params: Params, dataset: str, model: Path, features: Path, out: Path) -> dict[str, Experts]:
-    """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/<task>.safetensors per task of the dataset."""
+    """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/split-<i>.safetensors per split."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
     clip = load_backbone(params, model)

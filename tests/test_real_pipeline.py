@@ -47,12 +47,12 @@ def real_project(tmp_path_factory):
 
 def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
     root, _, _, repro = real_project
-    for stage in ("backbone", "extract@shapes", "extract@mnist", "train@shapes", "train@mnist",
+    for stage in ("backbone", "extract@shapes", "extract@mnist", "train@shapes", "train@mnist", "finetune",
                   "evaluate@shapes", "evaluate@mnist", "report"):
         assert f"Running stage '{stage}'" in repro.stdout
     summary = json.loads((root / "reports" / "backbone.json").read_text())
     assert summary["architecture"] == "ViT-B-16" and summary["weights"].startswith("file:")
-    assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "moder"}
+    assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "finetune", "oracle", "moder"}
     assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
 
 

@@ -1,0 +1,45 @@
+"""scripts/ablation_table.py on hand-made `dvc exp show --json` output."""
+import importlib.util
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("ablation_table", REPO / "scripts" / "ablation_table.py")
+ablation_table = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(ablation_table)
+
+
+def _exp(name: str, sequence: str, moder_last: float, executor=None) -> dict:
+    metrics = {m: {"transfer": 40.0, "avg": 45.0, "last": 50.0} for m in ("zeroshot", "finetune", "oracle")}
+    metrics["moder"] = {"transfer": 42.0, "avg": 55.0, "last": moder_last}
+    data = {"params": {"params.yaml": {"data": {"benchmark": {"name": sequence}}}},
+            "metrics": {"metrics.json": {"data": metrics}}}
+    return {"executor": executor, "name": name, "revs": [{"rev": "abc", "name": name, "data": data, "experiments": None}]}
+
+
+SHOW = [
+    {"rev": "workspace", "name": None, "data": {}, "experiments": None},
+    {"rev": "123", "name": "main", "data": {}, "experiments": [
+        _exp("embedded-mtil-moder-s0", "embedded-mtil", 60.0),
+        _exp("embedded-mtil-moder-s1", "embedded-mtil", 70.0),
+        _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
+        _exp("embedded-mtil-lora-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
+        _exp("unrelated", "embedded-mtil", 1.0),
+    ]},
+]
+
+
+def test_rows_average_over_seeds_and_skip_unfinished_or_mismatched_experiments():
+    table = ablation_table.collect(SHOW)
+    assert set(table) == {"embedded-mtil"} and set(table["embedded-mtil"]) == {"moder"}
+    assert sorted(table["embedded-mtil"]["moder"]) == [0, 1]
+    text = ablation_table.markdown(table)
+    assert "## embedded-mtil (seeds 0, 1)" in text
+    moder = next(line for line in text.splitlines() if line.startswith("| moder: moder"))
+    # Last: mean of 60 and 70 with its standard deviation; delta against zero-shot's 50
+    assert "| 65.0 ± 5.0 |" in moder and moder.endswith("| +2.0 | +10.0 | +15.0 |")
+    assert "| zeroshot | 40.0 ± 0.0 | 45.0 ± 0.0 | 50.0 ± 0.0 |" in text
+
+
+def test_cell_of_one_seed_has_no_spread():
+    assert ablation_table.cell([41.24]) == "41.2"
+    assert ablation_table.cell([1.0, 3.0]) == "2.0 ± 1.0"
