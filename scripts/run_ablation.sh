@@ -22,8 +22,8 @@ MTIL_ROWS="naive-context lora lora-broad broader moder"
 CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated broader moder"
 if [ $# -gt 0 ]; then
   only=" $* "
-  MTIL_ROWS=$(for row in $MTIL_ROWS; do [[ $only == *" $row "* ]] && echo "$row"; done)
-  CLASSIL_ROWS=$(for row in $CLASSIL_ROWS; do [[ $only == *" $row "* ]] && echo "$row"; done)
+  MTIL_ROWS=$(for row in $MTIL_ROWS; do if [[ $only == *" $row "* ]]; then echo "$row"; fi; done)
+  CLASSIL_ROWS=$(for row in $CLASSIL_ROWS; do if [[ $only == *" $row "* ]]; then echo "$row"; fi; done)
 fi
 
 run_rows() {
