@@ -11,15 +11,15 @@ export PATH="$PWD/.venv/bin:$PATH"
 declare -A ROWS=(
   [naive-context]="-S expert.kind=context -S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=false"
   [lora]="-S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=false"
-  [lora-broad]="-S train.negatives=none -S composition.calibrate=false"
-  [negatives-dataset]="-S composition.calibrate=false"
-  [negatives-earlier-calibrated]="-S train.negatives=earlier"
-  [broader]="-S retrieval.k=16 -S retrieval.temperature=0.3"
+  [lora-broad]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=none -S composition.calibrate=false"
+  [negatives-dataset]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S composition.calibrate=false"
+  [negatives-earlier-calibrated]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=earlier"
+  [calibrated-k8]="-S retrieval.k=8 -S retrieval.temperature=0.2"
   [moder]=""
 )
 # In MTIL every dataset is one task: negatives and calibration cannot act, so those rows run on Class-IL only.
-MTIL_ROWS="naive-context lora lora-broad broader moder"
-CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated broader moder"
+MTIL_ROWS="naive-context lora lora-broad calibrated-k8 moder"
+CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated calibrated-k8 moder"
 if [ $# -gt 0 ]; then
   only=" $* "
   MTIL_ROWS=$(for row in $MTIL_ROWS; do if [[ $only == *" $row "* ]]; then echo "$row"; fi; done)
