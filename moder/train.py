@@ -57,6 +57,20 @@ def train_experts(
         raise ValueError(f"{len(experts)} experts for {prompts.n_classes} classes")
     if config.reg_zeroshot > 0 and zeroshot is None:
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
+    # Classes sharing an expert (rows with repeats) accumulate its gradient through an indexed
+    # gather, whose CPU backward adds in a thread-dependent order unless deterministic algorithms
+    # are on: same seed, same experts.
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _train(tower: TextTower, prompts: PromptSet, experts: Experts, features: Tensor, labels: Tensor,
+           config: TrainConfig, zeroshot: Tensor | None, negatives: Tensor | None, class_rows: Tensor,
+           progress: bool) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
     trainable = experts.with_parameters(parameters)

@@ -29,8 +29,8 @@ ROWS = {  # row -> what it changes, as the `dvc exp run -S` overrides of scripts
 }
 
 
-def experiments(show: list[dict]) -> list[tuple[str, dict, dict]]:
-    """(name, params, metrics) of every named experiment in `dvc exp show --json` output."""
+def experiments(show: list[dict]) -> list[tuple[str, str, dict, dict]]:
+    """(name, timestamp, params, metrics) of every finished named experiment in `dvc exp show --json` output."""
     found = []
 
     def visit(entry: dict) -> None:
@@ -39,7 +39,7 @@ def experiments(show: list[dict]) -> list[tuple[str, dict, dict]]:
         params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
         metrics = ((data.get("metrics") or {}).get("metrics.json") or {}).get("data")
         if name and params and metrics:
-            found.append((name, params, metrics))
+            found.append((name, data.get("timestamp") or "", params, metrics))
         for child in entry.get("experiments") or []:
             if child.get("executor"):  # queued or still running: its data are not its own yet
                 continue
@@ -52,13 +52,18 @@ def experiments(show: list[dict]) -> list[tuple[str, dict, dict]]:
 
 
 def collect(show: list[dict]) -> dict:
-    """{sequence: {row: {method: {metric: [value per seed]}}}}, one value per seed (the latest run wins)."""
-    table: dict = defaultdict(lambda: defaultdict(dict))
-    for name, params, metrics in experiments(show):
+    """{sequence: {row: {seed: metrics}}}; of experiments run again under the same name, the latest."""
+    latest: dict = {}
+    for name, timestamp, params, metrics in experiments(show):
         match = NAME.match(name)
         if not match or params.get("benchmark", {}).get("name") != match["sequence"]:
             continue
-        table[match["sequence"]][match["row"]][int(match["seed"])] = metrics
+        key = (match["sequence"], match["row"], int(match["seed"]))
+        if key not in latest or timestamp > latest[key][0]:
+            latest[key] = (timestamp, metrics)
+    table: dict = defaultdict(lambda: defaultdict(dict))
+    for (sequence, row, seed), (_, metrics) in latest.items():
+        table[sequence][row][seed] = metrics
     return table
 
 

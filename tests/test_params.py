@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -55,13 +56,14 @@ def test_params_yaml_holds_the_embedded_mtil_preset_verbatim():
 
 def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
     target = tmp_path / "params.yaml"
-    target.write_text(Path("params.yaml").read_text().replace("  k: 3\n", "  k: 5\n"))
+    edited = re.sub(r"\n  k: \d+\n", "\n  k: 5\n", Path("params.yaml").read_text(), count=1)
+    target.write_text(edited)
     use_benchmark("embedded-classil", target, Path("configs"))
     params = load_params(target)
     assert params.benchmark.protocol == "classil" and list(params.tasks) == ["paint-1", "paint-2", "paint-3", "paint-4"]
     assert params.retrieval.k == 5  # the rest of the file is untouched
     use_benchmark("embedded-mtil", target, Path("configs"))
-    assert target.read_text() == Path("params.yaml").read_text().replace("  k: 3\n", "  k: 5\n")
+    assert target.read_text() == edited
     with pytest.raises(ParamsError, match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, embedded-classil, embedded-mtil, mtil-order1, mtil-order2"):
         use_benchmark("nope", target, Path("configs"))
 
