@@ -116,6 +116,12 @@ def random_split_indices(n: int, seed: int = 42, train_fraction: float = 0.8) ->
     return list(train.indices), list(test.indices)
 
 
+def zscl_split(whole: ImageSplit, split: Split) -> ImageSplit:
+    """The `split` half of a dataset with no official test set, by `random_split_indices` over its items."""
+    train, test = random_split_indices(len(whole))
+    return whole.subset(train if split == "train" else test)
+
+
 def load_split(source: str, root: Path | str, split: Split) -> ImageSplit:
     """The `split` of dataset `source` stored under `root` (see each adapter's docstring for the layout)."""
     if source not in ADAPTERS:

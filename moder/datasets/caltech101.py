@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torchvision.datasets import Caltech101
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, random_split_indices
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
 
 # The 101 class folders in label order (= sorted, as torchvision lists them); catalog names follow it.
 FOLDERS: tuple[str, ...] = (
@@ -81,7 +81,4 @@ def _images_and_labels(root: Path) -> tuple[list[Path], list[int]]:
 
 
 def load(root: Path, split: Split) -> ImageSplit:
-    images, labels = _images_and_labels(Path(root))
-    train, test = random_split_indices(len(images))
-    chosen = train if split == "train" else test
-    return ImageSplit([images[i] for i in chosen], [labels[i] for i in chosen], catalog("caltech101").class_names)
+    return zscl_split(ImageSplit(*_images_and_labels(Path(root)), catalog("caltech101").class_names), split)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torchvision.datasets import EuroSAT
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, random_split_indices
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
 
 # Class folders in label order (= sorted, ImageFolder's order); the catalog names follow it.
 FOLDERS: tuple[str, ...] = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -46,7 +46,4 @@ def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
 
 
 def load(root: Path, split: Split) -> ImageSplit:
-    images, labels = _images_and_labels(Path(root))
-    train, test = random_split_indices(len(images))
-    chosen = train if split == "train" else test
-    return ImageSplit([images[i] for i in chosen], [labels[i] for i in chosen], catalog("eurosat").class_names)
+    return zscl_split(ImageSplit(*_images_and_labels(Path(root)), catalog("eurosat").class_names), split)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torchvision.datasets import SUN397
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, random_split_indices
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
 
 
 def _clip_name(class_path: str) -> str:
@@ -51,7 +51,4 @@ def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
 
 
 def load(root: Path, split: Split) -> ImageSplit:
-    images, labels = _images_and_labels(Path(root))
-    train, test = random_split_indices(len(images))
-    chosen = train if split == "train" else test
-    return ImageSplit([images[i] for i in chosen], [labels[i] for i in chosen], catalog("sun397").class_names)
+    return zscl_split(ImageSplit(*_images_and_labels(Path(root)), catalog("sun397").class_names), split)
