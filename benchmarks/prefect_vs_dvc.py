@@ -1,6 +1,6 @@
 """Wall time of the embedded pipeline through the Prefect flow vs through `dvc repro`, and of a fully cached flow re-run.
 
-Both run from scratch in a fresh copy of the project (no DVC cache, no Prefect results), on the
+Both run from scratch in a fresh copy of the project (no DVC cache, an empty artifact store), on the
 committed params.yaml, one after the other on the same machine. The flow talks to a Prefect
 server started here on loopback, as a deployment would. Target: Prefect / DVC <= 1.2.
 

@@ -1,7 +1,8 @@
 """Serve the pipeline as a deployment: `python -m flows.serve` (needs PREFECT_API_URL of a running server).
 
 Then trigger runs with `prefect deployment run 'moder-pipeline/moder'` (optionally
-`--param params_path=... --param out_dir=...`). `--dask-workers N` runs each flow's tasks on a
+`--param params_path=... --param out_dir=... --param store=...`; the store, `out/store` by default,
+is resolved in the serving process's directory). `--dask-workers N` runs each flow's tasks on a
 local Dask cluster of N workers; `--dask-address tcp://host:8786` on an existing cluster.
 """
 from __future__ import annotations

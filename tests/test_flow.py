@@ -46,19 +46,22 @@ def _write(path: Path, data: dict) -> Path:
     return path
 
 
-def _run(params_path: Path, out: Path, **runner) -> tuple[dict, dict[str, str]]:
-    """Run the flow in this process; return its metrics and {task run name: final state name}."""
+def _task_runs(state) -> list:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    with get_client(sync_client=True) as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+
+
+def _run(params_path: Path, out: Path, store: Path, **runner) -> tuple[dict, dict[str, str]]:
+    """Run the flow in this process; return its metrics and {task run name: final state name}."""
     from flows.pipeline import moder_pipeline, with_task_runner
 
-    state = with_task_runner(moder_pipeline, **runner)(params_path=str(params_path), out_dir=str(out),
+    state = with_task_runner(moder_pipeline, **runner)(params_path=str(params_path), out_dir=str(out), store=str(store),
                                                         dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
     assert state.is_completed(), state.message
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    return state.result(), {run.name: run.state.name for run in runs}
+    return state.result(), {run.name: run.state.name for run in _task_runs(state)}
 
 
 def _executed(states: dict[str, str]) -> set[str]:
@@ -66,22 +69,25 @@ def _executed(states: dict[str, str]) -> set[str]:
 
 
 def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
-    params = _write(tmp_path / "params.yaml", FULL)
-    first, states = _run(params, tmp_path / "run1")
+    params, store = _write(tmp_path / "params.yaml", FULL), tmp_path / "store"
+    first, states = _run(params, tmp_path / "run1", store)
     everything = {"backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"}
     assert set(states) == everything and _executed(states) == everything
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
 
-    again, states = _run(params, tmp_path / "run2")
+    again, states = _run(params, tmp_path / "run2", store)
     assert again == first and _executed(states) == set() and set(states.values()) == {"Cached"}
+    assert json.loads((tmp_path / "run2" / "metrics.json").read_text()) == first
+    prefect_results = [f for f in (server["home"] / "storage").rglob("*") if f.is_file()]
+    assert prefect_results == []  # the cache is the store's: Prefect holds nothing it could deserialize
 
     appended = full_params({**MINI, "datasets": {**MINI["datasets"], "c": {"classes": 3}},
                             "tasks": {**MINI["tasks"], "c": {"dataset": "c"}}})
-    _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3")
+    _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3", store)
     assert _executed(states) == {"extract@c", "train@c", "finetune", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
 
     other_k = {**appended, "retrieval": {**appended["retrieval"], "k": 2}}
-    _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4")
+    _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4", store)
     assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"}
 
 
@@ -103,14 +109,13 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
 
 def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
     root, _ = project
-    env = {**server["env"], "PREFECT_LOCAL_STORAGE_PATH": str(tmp_path / "storage"),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {**server["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "test"], cwd=root, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         out = tmp_path / "served"
         command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "moder-pipeline/test",
-                   "--param", f"out_dir={out}", "--watch"]
+                   "--param", f"out_dir={out}", "--param", f"store={tmp_path / 'store'}", "--watch"]
         for _ in range(60):  # the deployment exists once the serving process has registered it
             result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
             if "not found" not in (result.stdout + result.stderr).lower():
@@ -124,13 +129,10 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
         serving.wait(timeout=30)
 
 
-def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, monkeypatch):
+def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path):
     root, _ = project
-    monkeypatch.setenv("PREFECT_LOCAL_STORAGE_PATH", str(tmp_path / "storage"))  # nothing cached: tasks run on workers
-    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
-
-    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: str(tmp_path / "storage")}):
-        metrics, states = _run(root / "params.yaml", tmp_path / "dask", dask_workers=2)
+    # a new store, so nothing is cached: every task runs on the workers
+    metrics, states = _run(root / "params.yaml", tmp_path / "dask", tmp_path / "store", dask_workers=2)
     assert _executed(states) == set(states) and len(states) == 9
     assert metrics == json.loads((root / "metrics.json").read_text())
 
@@ -150,26 +152,85 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
 
     broken = full_params({**MINI, "model": {"architecture": "moder-micro-clip"}, "world": {**MINI["world"], "image_size": 32}})
     state = moder_pipeline(params_path=str(_write(tmp_path / "bad.yaml", broken)), out_dir=str(tmp_path / "out"),
-                           dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+                           store=str(tmp_path / "store"), dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
     assert state.is_failed()
     with pytest.raises(Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"):
         state.result()
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    backbone_run = next(run for run in runs if run.name == "backbone")
+    backbone_run = next(run for run in _task_runs(state) if run.name == "backbone")
     assert backbone_run.run_count == 1  # a bad input is not retried
+
+
+def _plant(store, key: str, kind: str, payload: bytes) -> str:
+    """Put a tampered backbone result of `kind` into `store` under `key`; return the file the error must name."""
+    import hashlib
+
+    from tests.test_store import _prefect_result_record
+
+    record = Path(store.record(key))
+    if kind == "pickle":
+        record.write_bytes(payload)
+    elif kind == "prefect record naming pickle":
+        record.write_bytes(_prefect_result_record(payload))
+    elif kind == "escaping path":
+        digest = hashlib.sha256(b"x").hexdigest()
+        record.write_text(json.dumps({"files": {"../escape": digest}, "digest": hashlib.sha256(
+            b"../escape\0" + bytes.fromhex(digest)).hexdigest()}))
+    else:  # a blob whose bytes changed after it was stored
+        fake = record.parent / "fake"
+        (fake / "backbone").mkdir(parents=True)
+        (fake / "backbone" / "clip.safetensors").write_bytes(b"weights")
+        stored = store.put(fake, [fake / "backbone"])
+        store.save(key, stored)
+        blob = Path(store.blob(stored.files["backbone/clip.safetensors"]))
+        blob.write_bytes(payload)
+        return f"blob {blob} does not match its digest.*backbone/clip.safetensors"
+    return f"{record} is not a valid artifact record"
+
+
+@pytest.mark.parametrize("kind", ["pickle", "prefect record naming pickle", "escaping path", "tampered blob"])
+def test_a_tampered_cache_runs_no_code_and_fails_naming_the_file(server, tmp_path, kind):
+    import pickle
+
+    from prefect.results import ResultRecord
+
+    from flows.pipeline import cache_key, moder_pipeline, stage_calls
+    from flows.store import Store, StoreError
+    from tests.test_store import MakesMarker, _prefect_result_record
+
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(MakesMarker(marker))
+    ResultRecord.deserialize(_prefect_result_record(payload))
+    assert marker.exists()  # the payload is live: Prefect runs it when it reads such a result record
+    marker.rmdir()
+
+    key = cache_key(stage_calls(REPO / "dvc.yaml", FULL)["backbone"], {})
+    # Where Prefect's own cache would look for the backbone's result under this key, and in our store.
+    (server["home"] / "storage").mkdir(exist_ok=True)
+    (server["home"] / "storage" / key).write_bytes(_prefect_result_record(payload))
+    store = Store(str(tmp_path / "store"))
+    named = _plant(store, key, kind, payload)
+    try:
+        state = moder_pipeline(params_path=str(_write(tmp_path / "params.yaml", FULL)), out_dir=str(tmp_path / "out"),
+                               store=str(tmp_path / "store"), dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+    finally:
+        (server["home"] / "storage" / key).unlink()
+    assert not marker.exists() and not (tmp_path / "store" / "escape").exists()
+    assert state.is_failed() and not (tmp_path / "out" / "metrics.json").exists()
+    with pytest.raises(StoreError, match=named):
+        state.result()
+    backbone_run = next(run for run in _task_runs(state) if run.name == "backbone")
+    assert backbone_run.run_count == 1  # a tampered store is not retried
 
 
 def test_only_transient_failures_are_retried():
     from prefect.states import Failed
 
     from flows.pipeline import _retry_unless_user_error
+    from flows.store import StoreError
     from moder.features import FeatureFileError
     from moder.params import ParamsError
 
     assert _retry_unless_user_error(None, None, Failed(data=RuntimeError("CUDA error: unspecified launch failure")))
     assert not _retry_unless_user_error(None, None, Failed(data=ParamsError("bad key")))
     assert not _retry_unless_user_error(None, None, Failed(data=FeatureFileError("made by another model")))
+    assert not _retry_unless_user_error(None, None, Failed(data=StoreError("blob x does not match its digest")))
