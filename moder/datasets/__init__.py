@@ -5,6 +5,11 @@ has the dataset) and returns an `ImageSplit` whose labels index the class names 
 catalog file (`catalog/<source>.json`: CLIP's published class names and prompt templates, data not
 code). Nothing is downloaded here: a missing dataset is a `DatasetNotFound` naming what was looked
 for and how to provide a local copy.
+
+File names an adapter reads from the dataset's own lists, or finds walking its folders, are not
+trusted: each file must lie inside the dataset root once `..` and symlinks are resolved
+(`inside_root`), an empty split is refused, and an image that cannot be decoded is a `BadImage`
+naming the file.
 """
 from __future__ import annotations
 
@@ -50,6 +55,36 @@ class DatasetFormatError(ValueError):
     """A dataset's files are there but do not hold what the adapter expects; the message names the file."""
 
 
+class BadImage(DatasetFormatError):
+    """An image file that cannot be decoded (truncated, not an image at all); the message names the file."""
+
+
+def inside_root(root: Path, name: str | Path, source: str, named_in: str = "") -> Path:
+    """`root / name`, for a file `name` (relative to root) that the dataset's own files give: a row of a
+    list, or an entry found walking its folders. Such a name is not trusted: a row `../../etc/passwd`,
+    an absolute path or a symlink out of the root would have the stage read, and store features of,
+    files that are not the dataset's. So each is refused, as a DatasetFormatError naming the path and
+    `named_in` (where the name came from, e.g. "train.csv line 3"). Symlinks that stay inside root are
+    fine, and root itself may be a symlink."""
+    origin = f" ({named_in})" if named_in else ""
+    if Path(name).is_absolute():
+        raise DatasetFormatError(f"{source}: {name}{origin} is an absolute path; name files relative to the "
+                                 f"dataset root {root}")
+    path = root / name
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root.resolve()):
+        raise DatasetFormatError(f"{source}: {path}{origin} resolves to {resolved}, outside the dataset root {root}")
+    return path
+
+
+def under_root(root: Path, path: str | Path, source: str, named_in: str = "") -> Path:
+    """`inside_root` for a path already joined onto root (a folder walk's, or torchvision's items)."""
+    path = Path(path)
+    # os.path.join drops root before an absolute name (torchvision's Pets, Cars, Aircraft join so): such a
+    # path is not under root as written, and stays absolute for inside_root to refuse.
+    return inside_root(root, path.relative_to(root) if path.is_relative_to(root) else path, source, named_in)
+
+
 @dataclass(frozen=True)
 class Catalog:
     """What CLIP's zero-shot evaluation uses for one dataset: class names in label order, prompt templates."""
@@ -68,8 +103,15 @@ def catalog(source: str) -> Catalog:
 
 
 def _read_rgb(item: Any) -> Image.Image:
-    image = item if isinstance(item, Image.Image) else Image.open(item)
-    return image.convert("RGB")
+    """An image in memory, or an image file decoded, as RGB; a file that cannot be decoded is a BadImage."""
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    try:
+        with Image.open(item) as image:
+            # convert decodes the pixels: Pillow opens lazily, so a truncated file fails here, not later.
+            return image.convert("RGB")
+    except Exception as error:  # Pillow's decoders raise OSError, SyntaxError, EOFError, struct.error, ...
+        raise BadImage(f"cannot decode image {item}: {error}") from error
 
 
 class ImageSplit(Dataset):
@@ -135,4 +177,8 @@ def load_split(source: str, root: Path | str, split: Split) -> ImageSplit:
             f"for its layout), or set datasets.<name>.root in params.yaml to where it already is."
         )
     module = importlib.import_module(f"moder.datasets.{ADAPTERS[source]}")
-    return module.load(root, split)
+    data = module.load(root, split)
+    if not len(data):
+        # Refused here, not left to fail in torch.cat deep in extraction; adapters say more where they can.
+        raise DatasetFormatError(f"{source}: the {split} split of {root} has no images")
+    return data

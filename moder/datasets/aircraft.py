@@ -19,7 +19,7 @@ from pathlib import Path
 
 from torchvision.datasets import FGVCAircraft
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _URL = "https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz"
 
@@ -43,4 +43,5 @@ def load(root: Path, split: Split) -> ImageSplit:
         raise DatasetFormatError(f"aircraft: {variants} lists {unknown[0]!r}, not an FGVC-Aircraft variant")
     to_catalog = [names.index(variant) for variant in dataset.classes]
     items = [dataset[i] for i in range(len(dataset))]
-    return ImageSplit([path for path, _ in items], [to_catalog[y] for _, y in items], names)
+    images = [str(under_root(root, path, "aircraft", f"listed in {split_file}")) for path, _ in items]
+    return ImageSplit(images, [to_catalog[y] for _, y in items], names)

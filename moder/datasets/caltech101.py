@@ -26,7 +26,7 @@ from pathlib import Path
 
 from torchvision.datasets import Caltech101
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root, zscl_split
 
 # The 101 class folders in label order (= sorted, as torchvision lists them); catalog names follow it.
 FOLDERS: tuple[str, ...] = (
@@ -74,7 +74,7 @@ def _images_and_labels(root: Path) -> tuple[list[Path], list[int]]:
     dataset = Caltech101(root, target_type="category")
     for category in dataset.categories:
         _check_folder(images_dir / category)
-    images = [images_dir / dataset.categories[y] / f"image_{i:04d}.jpg"
+    images = [under_root(root, images_dir / dataset.categories[y] / f"image_{i:04d}.jpg", "caltech101")
               for i, y in zip(dataset.index, dataset.y, strict=True)]
     to_catalog = [FOLDERS.index(category) for category in dataset.categories]
     return images, [to_catalog[y] for y in dataset.y]

@@ -28,7 +28,7 @@ from pathlib import Path
 from scipy.io.matlab import MatReadError
 from torchvision.datasets import StanfordCars
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _HOW = ("the official download is gone: see the docstring of moder/datasets/cars.py for the manual download "
         "(Kaggle image mirror, devkit from https://github.com/pytorch/vision/issues/7545) and the layout")
@@ -54,4 +54,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     items = [dataset[i] for i in range(len(dataset))]
     if any(not 0 <= y < len(names) for _, y in items):
         raise DatasetFormatError(f"cars: {annotations} has a class outside 1-{len(names)}")
-    return ImageSplit([path for path, _ in items], [y for _, y in items], names)
+    images = [str(under_root(root, path, "cars", f"listed in {annotations}")) for path, _ in items]
+    return ImageSplit(images, [y for _, y in items], names)

@@ -2,7 +2,7 @@
 
 Layout under root:
 
-    root/train.csv      header `path,label`; path relative to root, label a class name
+    root/train.csv      header `path,label`, then at least one row; path relative to root, label a class name
     root/test.csv       the same
     root/classes.txt    optional: one class name per line, fixing the classes and their order
     root/<the paths the CSVs name>
@@ -15,6 +15,7 @@ Example train.csv:
 
 Without classes.txt the classes are the labels of train.csv, sorted by name. Either way a test
 label that no train row has is refused: the model would be asked for a class it was never shown.
+A path that is absolute, or that leaves root through `..` or a symlink, is refused naming its line.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, inside_root
 
 _HEADER = ["path", "label"]
 
@@ -44,6 +45,8 @@ def _rows(path: Path) -> list[tuple[int, str, str]]:
             if len(row) != 2 or not row[0] or not row[1]:
                 raise DatasetFormatError(f"csv: {path} line {reader.line_num} is {row!r}, expected `path,label`")
             rows.append((reader.line_num, row[0], row[1]))
+    if not rows:
+        raise DatasetFormatError(f"csv: {path} has no rows after its header `path,label`")
     return rows
 
 
@@ -76,9 +79,9 @@ def load(root: Path, split: Split) -> ImageSplit:
     if split == "test":
         rows = _rows(split_file)
         _check_labels(split_file, rows, train_labels, f"has no rows in {train_file}")
-    for line, relative, _ in rows:
-        if not (root / relative).is_file():
-            raise DatasetNotFound(f"csv: {root / relative} (named in {split_file} line {line}) not found")
+    paths = [inside_root(root, relative, "csv", f"named in {split_file} line {line}") for line, relative, _ in rows]
+    for path, (line, _, _) in zip(paths, rows):
+        if not path.is_file():
+            raise DatasetNotFound(f"csv: {path} (named in {split_file} line {line}) not found")
     label_of = {name: i for i, name in enumerate(classes)}
-    return ImageSplit([str(root / relative) for _, relative, _ in rows], [label_of[label] for *_, label in rows],
-                      classes)
+    return ImageSplit([str(path) for path in paths], [label_of[label] for *_, label in rows], classes)

@@ -10,14 +10,15 @@ Layout under root (what extracting the official archive into root gives):
 
 Download: CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 (1.1 GB), then
 `tar -xzf CUB_200_2011.tgz -C root`. torchvision has no CUB reader: the three text files are read
-here. Label = class id - 1, the order of classes.txt and of the catalog.
+here. Label = class id - 1, the order of classes.txt and of the catalog. An images.txt path that
+is absolute or leads out of root (`..`, a symlink) is refused.
 (mammoth's seq-cub200 downloads its own preprocessed npz copy; this reads the original files.)
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _HOW = ("download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 and extract it into "
         "the dataset root")
@@ -59,4 +60,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     wanted = 1 if split == "train" else 0
     ids = [i for i in sorted(paths) if _integer(is_train[i], split_file, i, range(2)) == wanted]
     labels = [_integer(classes[i], labels_file, i, range(1, len(names) + 1)) - 1 for i in ids]
-    return ImageSplit([str(base / "images" / paths[i]) for i in ids], labels, names)
+    images = [under_root(root, base / "images" / paths[i], "cub200", f"image {i} of {images_file}") for i in ids]
+    return ImageSplit([str(path) for path in images], labels, names)

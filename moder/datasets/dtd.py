@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torchvision.datasets import DTD
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _PARTITION = 1
 
@@ -43,4 +43,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     # torchvision numbers only the classes that occur in the split file; the catalog numbers all 47.
     to_catalog = [names.index(texture) for texture in dataset.classes]
     items = [dataset[i] for i in range(len(dataset))]
-    return ImageSplit([path for path, _ in items], [to_catalog[y] for _, y in items], names)
+    images = [str(under_root(root, path, "dtd", f"listed in {split_file}")) for path, _ in items]
+    return ImageSplit(images, [to_catalog[y] for _, y in items], names)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torchvision.datasets import EuroSAT
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root, zscl_split
 
 # Class folders in label order (= sorted, ImageFolder's order); the catalog names follow it.
 FOLDERS: tuple[str, ...] = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -42,7 +42,8 @@ def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
     if unknown:
         raise DatasetFormatError(f"eurosat: {data / unknown[0]} is not a EuroSAT class folder")
     to_catalog = [FOLDERS.index(folder) for folder in dataset.classes]
-    return [path for path, _ in dataset.samples], [to_catalog[y] for _, y in dataset.samples]
+    return ([str(under_root(root, path, "eurosat")) for path, _ in dataset.samples],
+            [to_catalog[y] for _, y in dataset.samples])
 
 
 def load(root: Path, split: Split) -> ImageSplit:

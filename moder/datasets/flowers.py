@@ -23,7 +23,7 @@ import numpy as np
 from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _SPLIT_KEY = {"train": "trnid", "test": "tstid"}
 
@@ -55,4 +55,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     labels = classes[ids - 1] - 1
     if labels.size and not (labels.min() >= 0 and labels.max() < len(names)):
         raise DatasetFormatError(f"flowers: {base / 'imagelabels.mat'} has classes outside 1..{len(names)}")
-    return ImageSplit([images_dir / f"image_{i:05d}.jpg" for i in ids.tolist()], labels.tolist(), names)
+    images = [under_root(root, images_dir / f"image_{i:05d}.jpg", "flowers") for i in ids.tolist()]
+    return ImageSplit(images, labels.tolist(), names)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torchvision.datasets import Food101
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _HOW = "extract food-101.tar.gz (http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz) into the dataset root"
 
@@ -40,4 +40,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     # torchvision numbers only the classes present in this json; the catalog numbers all 101.
     to_catalog = [index[folder.replace("_", " ")] for folder in dataset.classes]
     items = [dataset[i] for i in range(len(dataset))]
-    return ImageSplit([path for path, _ in items], [to_catalog[y] for _, y in items], names)
+    images = [str(under_root(root, path, "food", f"listed in {meta}")) for path, _ in items]
+    return ImageSplit(images, [to_catalog[y] for _, y in items], names)

@@ -7,29 +7,38 @@ Layout under root:
 
 Class names are the train folder names, sorted, with "_" -> " " (folder "red_circle" is class
 "red circle"); labels index that list. Files with other suffixes are ignored. A test folder with
-no train folder is refused: the model would be asked for a class it was never shown.
+no train folder is refused: the model would be asked for a class it was never shown; so are a
+train folder without images, a split without any, and a folder or file that is a symlink out of
+root (symlinks within root are followed).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, under_root
 
 _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 
-def _class_folders(split_dir: Path) -> list[str]:
+def _class_folders(root: Path, split: Split) -> list[str]:
+    split_dir = root / split
     if not split_dir.is_dir():
         raise DatasetNotFound(f"imagefolder: {split_dir} not found; put one folder of images per class "
                               f"in {split_dir} (see moder/datasets/imagefolder.py)")
-    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    return sorted(under_root(root, p, "imagefolder").name for p in split_dir.iterdir() if p.is_dir())
+
+
+def _images(root: Path, folder: Path) -> list[str]:
+    """The image files of one class folder, sorted by name."""
+    return [str(under_root(root, p, "imagefolder"))
+            for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
 
 
 def load(root: Path, split: Split) -> ImageSplit:
-    classes = _class_folders(root / "train")
+    classes = _class_folders(root, "train")
     if not classes:
         raise DatasetFormatError(f"imagefolder: {root / 'train'} has no class folders")
-    folders = _class_folders(root / split)
+    folders = _class_folders(root, split)
     unknown = sorted(set(folders) - set(classes))
     if unknown:
         raise DatasetFormatError(f"imagefolder: {root / split} has class folder(s) {', '.join(unknown)} "
@@ -37,7 +46,12 @@ def load(root: Path, split: Split) -> ImageSplit:
     label_of = {folder: i for i, folder in enumerate(classes)}
     images, labels = [], []
     for folder in folders:
-        files = sorted(p for p in (root / split / folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)
-        images += [str(p) for p in files]
+        files = _images(root, root / split / folder)
+        if not files and split == "train":  # a class the model would be taught from no example
+            raise DatasetFormatError(f"imagefolder: class folder {root / split / folder} has no images "
+                                     f"({', '.join(sorted(_IMAGE_SUFFIXES))})")
+        images += files
         labels += [label_of[folder]] * len(files)
+    if not images:
+        raise DatasetFormatError(f"imagefolder: {root / split} has no images in its class folders")
     return ImageSplit(images, labels, [folder.replace("_", " ") for folder in classes])

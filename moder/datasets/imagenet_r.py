@@ -18,6 +18,8 @@ CODA-Prompt, no seed or rule published), so:
     sorted by "<wnid>/<file name>", split by `random_split_indices` (torch random_split, seed 42,
     as ZSCL splits datasets without a test set). Deterministic, disjoint and covering, but not
     mammoth's exact images.
+
+Every image, listed or found, must lie inside root (no `..` or symlink out of it).
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from moder.datasets import (DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog,
-                            random_split_indices)
+from moder.datasets import (DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, inside_root,
+                            random_split_indices, under_root)
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 _HOW = ("download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar and extract it into the "
@@ -39,13 +41,15 @@ def _wnids() -> list[str]:
     return json.loads(Path(__file__).with_name("catalog").joinpath("imagenet-r.json").read_text())["wnids"]
 
 
-def _all_images(base: Path, label_of: dict[str, int]) -> list[tuple[str, str]]:
-    """("<wnid>", "<file>") of every image under base, sorted, so the split does not depend on listing order."""
+def _all_images(root: Path, label_of: dict[str, int]) -> list[tuple[str, str]]:
+    """("<wnid>", "<file>") of every image under root/imagenet-r, sorted, so the split does not depend on
+    listing order."""
     items = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in (root / "imagenet-r").iterdir() if p.is_dir()):
         if folder.name not in label_of:
             raise DatasetFormatError(f"imagenet-r: {folder} is not one of ImageNet-R's 200 wnid folders")
-        items += [(folder.name, f.name) for f in sorted(folder.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
+        items += [(folder.name, under_root(root, f, "imagenet-r").name)
+                  for f in sorted(folder.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
     return items
 
 
@@ -70,10 +74,9 @@ def _mammoth_list(path: Path, label_of: dict[str, int]) -> list[tuple[str, str]]
 
 def _split_items(root: Path, split: Split, label_of: dict[str, int]) -> list[tuple[str, str]]:
     """("<wnid>", "<file>") of the split: mammoth's list when root has it, else the seeded 80/20 split."""
-    base = root / "imagenet-r"
     mammoth_files = [root / "imagenet-r_train.yaml", root / "imagenet-r_test.yaml"]
     if not any(path.is_file() for path in mammoth_files):
-        items = _all_images(base, label_of)
+        items = _all_images(root, label_of)
         train, test = random_split_indices(len(items))
         return [items[i] for i in (train if split == "train" else test)]
     # Half of mammoth's split with our own other half would overlap: both lists or neither.
@@ -83,7 +86,8 @@ def _split_items(root: Path, split: Split, label_of: dict[str, int]) -> list[tup
                               f"datasets/imagenet_r_utils/imagenet-r_{{train,test}}.yaml into {root}, or neither")
     split_file = root / f"imagenet-r_{split}.yaml"
     items = _mammoth_list(split_file, label_of)
-    missing = next((base / w / f for w, f in items if not (base / w / f).is_file()), None)
+    paths = [inside_root(root, Path("imagenet-r", w, f), "imagenet-r", f"listed in {split_file}") for w, f in items]
+    missing = next((path for path in paths if not path.is_file()), None)
     if missing is not None:
         raise DatasetNotFound(f"imagenet-r: {missing}, listed in {split_file}, not found; {_HOW}")
     return items

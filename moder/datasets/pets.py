@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torchvision.datasets import OxfordIIITPet
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
 _HOW = ("extract images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ "
         "into <root>/oxford-iiit-pet")
@@ -40,4 +40,5 @@ def load(root: Path, split: Split) -> ImageSplit:
     labels = dataset._labels
     if any(not 0 <= y < len(names) for y in labels):
         raise DatasetFormatError(f"pets: {annotations} has a class id outside 1-{len(names)}")
-    return ImageSplit([str(path) for path in dataset._images], labels, names)
+    images = [str(under_root(root, path, "pets", f"listed in {annotations}")) for path in dataset._images]
+    return ImageSplit(images, labels, names)

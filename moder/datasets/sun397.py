@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torchvision.datasets import SUN397
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, zscl_split
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root, zscl_split
 
 
 def _clip_name(class_path: str) -> str:
@@ -47,7 +47,7 @@ def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
         raise DatasetFormatError(f"sun397: {class_file} lists {unknown[0]!r}, not a SUN397 class")
     to_catalog = [names.index(_clip_name(path)) for path in dataset.classes]
     items = sorted(dataset[i] for i in range(len(dataset)))
-    return [path for path, _ in items], [to_catalog[y] for _, y in items]
+    return [str(under_root(root, path, "sun397")) for path, _ in items], [to_catalog[y] for _, y in items]
 
 
 def load(root: Path, split: Split) -> ImageSplit:
