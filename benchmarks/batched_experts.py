@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from _common import CLASS_NAMES, TEMPLATE, median_seconds, vit_b16
-from moder.factory import ExpertFactory, ExpertSpec
+from moder.factory import ExpertFactory
+from moder.params import ExpertParams
 
 
 def compare(tower, factory, experts, label: str) -> None:
@@ -37,12 +38,12 @@ def compare(tower, factory, experts, label: str) -> None:
 def main() -> None:
     _, tower = vit_b16()
     generator = torch.Generator().manual_seed(0)
-    lora = ExpertFactory(tower, ExpertSpec(kind="lora", lora_rank=4), [TEMPLATE])
+    lora = ExpertFactory(tower, ExpertParams(kind="lora").spec(), [TEMPLATE])
     experts = lora.new(len(CLASS_NAMES), generator)
     for target, b in experts.b.items():
         experts.b[target] = torch.randn(b.shape, generator=generator) * 0.01
     compare(tower, lora, experts, "LoRA rank 4, all layers and modules")
-    context = ExpertFactory(tower, ExpertSpec(kind="context"), [TEMPLATE])
+    context = ExpertFactory(tower, ExpertParams(kind="context").spec(), [TEMPLATE])
     ctx = context.new(len(CLASS_NAMES), generator)
     ctx.ctx += 0.01 * torch.randn(ctx.ctx.shape, generator=generator)
     compare(tower, context, ctx, "context tokens (4)")

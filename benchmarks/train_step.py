@@ -15,9 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from _common import CLASS_NAMES, TEMPLATE, vit_b16
-from moder.factory import ExpertFactory, ExpertSpec
+from moder.factory import ExpertFactory
+from moder.params import ExpertParams, TrainParams
 from moder.prompts import encode_prototypes
-from moder.train import TrainConfig, train_experts
+from moder.train import train_experts
 
 STEPS = 3
 BATCH = 64
@@ -30,13 +31,13 @@ def peak_rss_mib() -> float:
 def measure(variant: str) -> None:
     """Run STEPS steps of one variant in this process; print 'ms_per_step peak_growth_mib'."""
     _, tower = vit_b16()
-    factory = ExpertFactory(tower, ExpertSpec(kind="lora", lora_rank=4), [TEMPLATE])
+    factory = ExpertFactory(tower, ExpertParams(kind="lora").spec(), [TEMPLATE])
     prompts = factory.prompts(CLASS_NAMES)
     n = len(CLASS_NAMES)
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(STEPS * BATCH, 512, generator=generator), dim=-1)
     labels = torch.randint(0, n, (STEPS * BATCH,), generator=generator)
-    config = TrainConfig(epochs=1, batch_size=BATCH)
+    config = TrainParams(epochs=1, batch_size=BATCH).config(0)
     experts = factory.new(n, generator)
     before = peak_rss_mib()
     start = time.perf_counter()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import open_clip
 import torch
 from torch import nn
 
-from moder.io import load_metadata, save_tensors
+from moder.io import TensorFileError, load_metadata, save_tensors, verify_tensors
 
 # The project's own tiny architectures live beside this module and are registered with
 # open_clip's config registry, so `open_clip.create_model("moder-tiny-clip")` just works.
@@ -54,14 +55,30 @@ class LoadedClip:
     quick_gelu: bool = False  # the activation the weights were trained with (OpenAI's CLIPs use QuickGELU)
 
 
+def _check_device(device: str) -> None:
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"model.device is {device!r} but this machine has no CUDA device; set model.device: cpu")
+
+
 def _saved_backbone(checkpoint: Path) -> dict:
-    """What `save_backbone` recorded beside the weights ({} for any other checkpoint)."""
+    """What `save_backbone` recorded beside the weights ({} for any other checkpoint), checked."""
     if checkpoint.suffix != ".safetensors":
         return {}
     try:
-        return (load_metadata(checkpoint) or {}).get("backbone", {})
-    except Exception as error:  # safetensors raises its own error types for a corrupt header
-        raise ModelLoadError(f"could not read CLIP checkpoint {checkpoint}: {error}") from error
+        verify_tensors(checkpoint)
+        saved = (load_metadata(checkpoint) or {}).get("backbone", {})
+    except TensorFileError as error:
+        raise ModelLoadError(f"could not read CLIP checkpoint: {error}") from None
+    preprocess = saved.get("preprocess", {}) if isinstance(saved, dict) else None
+    if not isinstance(preprocess, dict):
+        raise ModelLoadError(f"{checkpoint}: its backbone metadata is not a JSON object")
+    for key in ("mean", "std"):
+        values = preprocess.get(key)
+        if values is not None and (not isinstance(values, list) or len(values) != 3 or not all(
+                isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in values)):
+            raise ModelLoadError(f"{checkpoint}: preprocessing {key} {values!r} is not 3 finite numbers"
+                                 f"{' > 0' if key == 'std' else ''}")
+    return saved
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -101,6 +118,7 @@ def load_clip(
         )
     if checkpoint is not None and pretrained:
         raise ModelLoadError("give either a pretrained tag or a checkpoint path, not both")
+    _check_device(device)
     source, saved = None, {}
     if checkpoint is not None:
         checkpoint = Path(checkpoint)
@@ -145,6 +163,11 @@ def load_clip(
             "to the local file, or set model.cache_dir to a directory that already holds them."
         ) from error
     model.eval().requires_grad_(False)
+    damaged = [name for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if damaged:
+        raise ModelLoadError(f"CLIP weights from {source or 'random init'} have non-finite values in {damaged[0]}"
+                             f"{f' and {len(damaged) - 1} more tensors' if len(damaged) > 1 else ''}: the file is damaged")
     cfg = open_clip.get_model_preprocess_cfg(model)
     image_size = cfg["size"]
     identity = ModelIdentity(

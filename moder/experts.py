@@ -13,8 +13,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from moder.io import load_tensors, save_tensors
-
+from moder.io import TensorFileError, load_tensors, save_tensors
 
 
 class ExpertFileError(ValueError):
@@ -23,6 +22,13 @@ class ExpertFileError(ValueError):
 
 LORA_MODULES = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
 LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
+
+
+def _gather(stacked: Tensor, rows: Tensor) -> Tensor:
+    """Rows of `stacked`, repeats allowed. index_select, not `stacked[rows]`: its backward adds the
+    gradients of repeated rows in a fixed order on the CPU, where indexing's backward adds them in
+    thread order, so the same seed would not give the same experts."""
+    return torch.index_select(stacked, 0, rows)
 
 
 @dataclass
@@ -36,7 +42,7 @@ class ContextExperts:
         return self.ctx.shape[0]
 
     def select(self, rows: Tensor) -> "ContextExperts":
-        return ContextExperts(self.ctx[rows])
+        return ContextExperts(_gather(self.ctx, rows))
 
     def parameters(self) -> list[Tensor]:
         return [self.ctx]
@@ -74,7 +80,8 @@ class LoraExperts:
         return next(iter(self.a.values())).shape[1]
 
     def select(self, rows: Tensor) -> "LoraExperts":
-        return LoraExperts({t: v[rows] for t, v in self.a.items()}, {t: v[rows] for t, v in self.b.items()}, self.scaling)
+        return LoraExperts({t: _gather(v, rows) for t, v in self.a.items()},
+                           {t: _gather(v, rows) for t, v in self.b.items()}, self.scaling)
 
     def parameters(self) -> list[Tensor]:
         return [*self.a.values(), *self.b.values()]
@@ -157,13 +164,46 @@ def save_experts(path, experts: Experts, class_names: list[str], backbone: str, 
 
 
 def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str], dict]:
-    """Read experts written by `save_experts`; refuse those made on another backbone."""
+    """Read experts written by `save_experts`; refuse those made on another backbone, and files whose
+    tensors are damaged, non-finite or of shapes that do not fit together."""
     if not Path(path).is_file():
         raise ExpertFileError(f"experts file not found: {path}")
-    tensors, metadata = load_tensors(path)
+    try:
+        tensors, metadata = load_tensors(path)
+    except TensorFileError as error:
+        raise ExpertFileError(str(error)) from None
     missing = {"class_names", "experts", "backbone", "extra"} - set(metadata or {})
     if missing:
         raise ExpertFileError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
     if backbone is not None and metadata["backbone"] != backbone:
         raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
+    problem = _shape_problem(tensors, metadata["experts"], len(metadata["class_names"]))
+    if problem:
+        raise ExpertFileError(f"{path}: {problem}")
     return experts_from_tensors(tensors, metadata["experts"]), metadata["class_names"], metadata["extra"]
+
+
+def _shape_problem(tensors: dict[str, Tensor], description: dict, n_classes: int) -> str | None:
+    """Why these tensors cannot be `n_classes` experts of `description`'s kind (None if they can)."""
+    kind = description.get("kind") if isinstance(description, dict) else None
+    if kind == "context":
+        ctx = tensors.get("ctx")
+        if ctx is None or ctx.dim() != 3 or ctx.shape[0] != n_classes or set(tensors) != {"ctx"}:
+            return f"expected one ctx tensor [{n_classes}, n_ctx, width], got {_shapes(tensors)}"
+        return None
+    if kind != "lora":
+        return f"unknown expert kind {kind!r}"
+    targets = {k.removeprefix("lora_a.") for k in tensors if k.startswith("lora_a.")}
+    if not targets or set(tensors) != {f"lora_{side}.{t}" for t in targets for side in "ab"}:
+        return f"expected lora_a.<target> and lora_b.<target> pairs, got {_shapes(tensors)}"
+    for target in sorted(targets):
+        a, b = tensors[f"lora_a.{target}"], tensors[f"lora_b.{target}"]
+        if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[1] != b.shape[2]:
+            return f"LoRA target {target}: A {list(a.shape)} and B {list(b.shape)} are not rank-matched experts"
+        if a.shape[0] != n_classes:
+            return f"LoRA target {target}: {a.shape[0]} experts for {n_classes} class names"
+    return None
+
+
+def _shapes(tensors: dict[str, Tensor]) -> str:
+    return ", ".join(f"{name} {list(t.shape)}" for name, t in sorted(tensors.items())) or "no tensors"

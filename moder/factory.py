@@ -7,7 +7,6 @@ from typing import Literal
 import torch
 
 from moder.experts import (
-    LORA_MODULES,
     ContextExperts,
     Experts,
     LoraExperts,
@@ -21,12 +20,14 @@ from moder.text import TextTower
 
 @dataclass(frozen=True)
 class ExpertSpec:
-    kind: Literal["context", "lora"] = "context"
-    context_init: str = "a photo of a"
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
-    lora_layers: tuple[int, ...] | None = None
-    lora_modules: tuple[str, ...] = LORA_MODULES
+    """Built by moder.params.ExpertParams.spec, the one home of the defaults."""
+
+    kind: Literal["context", "lora"]
+    context_init: str
+    lora_rank: int
+    lora_alpha: float
+    lora_layers: tuple[int, ...] | None
+    lora_modules: tuple[str, ...]
 
 
 class ExpertFactory:

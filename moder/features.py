@@ -61,11 +61,18 @@ def encode_images(model: nn.Module, batches: Iterable[Tensor], device: str = "cp
         with torch.autocast(device_type, dtype=_AUTOCAST.get(precision), enabled=precision != "fp32"):
             features = model.encode_image(images)
         out.append(F.normalize(features.float(), dim=-1).cpu())
+    if not out:  # torch.cat's own message ("expected a non-empty list") does not say what was empty
+        raise ValueError("encode_images: no batches of images to encode")
     return torch.cat(out)
 
 
 def write_features(path: Path | str, table: FeatureTable) -> None:
-    """One Parquet file, written atomically: `label` and a fixed-size float32 `feature` column."""
+    """One Parquet file, written atomically: `label` and a fixed-size float32 `feature` column.
+
+    Non-finite vectors are refused (a damaged backbone or preprocessing makes them)."""
+    if not bool(torch.isfinite(table.vectors).all()):
+        raise FeatureFileError(f"refusing to write {path}: the {table.dataset} features have non-finite values "
+                               "(check the backbone checkpoint and its preprocessing)")
     vectors = table.vectors.detach().cpu().float().contiguous().numpy()
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
     arrow = pa.table({"label": pa.array(table.labels.cpu().numpy().astype(np.int32)), "feature": column})
@@ -79,8 +86,9 @@ def write_features(path: Path | str, table: FeatureTable) -> None:
         pq.write_table(arrow, temporary)
 
 
-def read_features(path: Path | str, model: str | None = None) -> FeatureTable:
-    """Read a table written by `write_features`; with `model`, refuse one made by another model."""
+def read_features(path: Path | str, model: str | None = None, dataset: str | None = None) -> FeatureTable:
+    """Read a table written by `write_features`; with `model` (and `dataset`), refuse one made by
+    another model (or for another dataset). Damaged contents are refused naming the file."""
     path = Path(path)
     if not path.is_file():
         raise FeatureFileError(f"feature file not found: {path}")
@@ -98,15 +106,33 @@ def read_features(path: Path | str, model: str | None = None) -> FeatureTable:
             f"{path} was made by another model:\n  file:     {producer}\n  expected: {model}\n"
             "re-run its extract stage with the current model"
         )
+    tagged = metadata[_DATASET_KEY].decode()
+    if dataset is not None and tagged != dataset:
+        raise FeatureFileError(f"{path} holds features of dataset {tagged!r}, not {dataset!r}")
     column = arrow.column("feature").combine_chunks()
+    if not pa.types.is_fixed_size_list(column.type) or arrow.column("label").null_count or column.null_count:
+        raise FeatureFileError(f"{path}: not a MoDER feature file (feature must be a fixed-size list, no nulls)")
     width = column.type.list_size
     vectors = np.asarray(column.values.to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, width)
     labels = arrow.column("label").to_numpy().astype(np.int64)
-    return FeatureTable(
-        torch.from_numpy(vectors.copy()),
-        torch.from_numpy(labels),
-        json.loads(metadata[_CLASSES_KEY]),
-        metadata[_DATASET_KEY].decode(),
-        producer,
-        tuple(json.loads(metadata[_TEMPLATES_KEY])) if _TEMPLATES_KEY in metadata else (),
-    )
+    try:
+        class_names = json.loads(metadata[_CLASSES_KEY])
+        templates = tuple(json.loads(metadata[_TEMPLATES_KEY])) if _TEMPLATES_KEY in metadata else ()
+    except ValueError as error:
+        raise FeatureFileError(f"{path}: its class list or templates are not valid JSON ({error})") from None
+    if not np.isfinite(vectors).all():
+        raise FeatureFileError(f"{path}: {int((~np.isfinite(vectors)).any(1).sum())} feature rows have non-finite values")
+    outside = labels[(labels < 0) | (labels >= len(class_names))]
+    if outside.size:
+        raise FeatureFileError(f"{path}: label {int(outside[0])} is outside its {len(class_names)} classes")
+    return FeatureTable(torch.from_numpy(vectors.copy()), torch.from_numpy(labels), class_names, tagged, producer,
+                        templates)
+
+
+def read_prototypes(path: Path | str, model: str, dataset: str) -> FeatureTable:
+    """A prototype table (`classes.parquet`): one row per class, in class order."""
+    table = read_features(path, model, dataset)
+    if not torch.equal(table.labels, torch.arange(len(table.class_names))):
+        raise FeatureFileError(f"{path}: {len(table.labels)} prototype rows do not match its "
+                               f"{len(table.class_names)} classes one to one")
+    return table

@@ -1,9 +1,11 @@
 """The one schema of params.yaml. Unknown keys and bad values fail naming the key and what is allowed."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -12,13 +14,24 @@ from moder.experts import LORA_MODULES
 from moder.factory import ExpertSpec
 from moder.pretrain import PretrainConfig
 from moder.train import TrainConfig
+from moder.names import check_templates
 from moder.world import SHAPES, Domain, World
+
+# Names that become parts of output paths (data/<benchmark>/features/<dataset>, ...): one plain
+# path component each, so no name can lead a stage's writes out of its own directory.
+_PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def path_name(name: str, what: str) -> str:
+    """`name` if it is safe as one path component, else a ValueError naming `what` it is."""
+    if not _PATH_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{what} {name!r} becomes a directory name: use letters, digits, '.', '_' and '-' "
+                         "(no '/', no '..', not starting with '.')")
+    return name
 
 
 def _with_slot(templates: list[str]) -> list[str]:
-    for template in templates:
-        if "{}" not in template:
-            raise ValueError(f"template {template!r} has no '{{}}' slot for the class name")
+    check_templates(templates)
     return templates
 
 
@@ -27,7 +40,8 @@ class ParamsError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: a non-finite number is never a meaningful setting
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelParams(_Section):
@@ -36,6 +50,15 @@ class ModelParams(_Section):
     checkpoint: str | None = None
     cache_dir: str | None = None
     device: str = "cpu"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1, mps") from None
+        return device
 
     @model_validator(mode="after")
     def _one_weights_source(self) -> "ModelParams":
@@ -58,7 +81,7 @@ class LoraParams(_Section):
 
 
 class ExpertParams(_Section):
-    kind: Literal["context", "lora"] = "context"
+    kind: Literal["context", "lora"] = "lora"
     context: ContextParams = ContextParams()
     lora: LoraParams = LoraParams()
 
@@ -84,7 +107,7 @@ class TrainParams(_Section):
     # earlier = the stored prototypes of classes trained in earlier tasks; dataset = those plus the
     # zero-shot prototypes of the classes not trained yet (class names are known from step 1, as the
     # protocol evaluates future tasks with them).
-    negatives: Literal["none", "earlier", "dataset"] = "none"
+    negatives: Literal["none", "earlier", "dataset"] = "dataset"
 
     def config(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -99,8 +122,8 @@ class TrainParams(_Section):
 
 
 class RetrievalParams(_Section):
-    k: int = Field(3, ge=1)
-    temperature: float = Field(0.05, gt=0)
+    k: int = Field(16, ge=1)
+    temperature: float = Field(0.3, gt=0)
     null_score: float | None = Field(None, ge=-1, le=1)
 
 
@@ -109,7 +132,7 @@ class CompositionParams(_Section):
     alpha: float = Field(1.0, ge=0, le=1)
     # In a label space mixing trained and untrained classes, lower the trained prototypes' scores by
     # their mean offset (moder.train.prototype_offsets); a no-op where every class is trained.
-    calibrate: bool = False
+    calibrate: bool = True
 
 
 class DomainParams(_Section):
@@ -180,10 +203,17 @@ class DatasetParams(DomainParams):
 class WorldParams(_Section):
     image_size: int = Field(32, ge=8, le=256)
     colours: dict[str, tuple[float, float, float]] = Field(
-        default_factory=lambda: {"red": (0.9, 0.15, 0.15), "green": (0.2, 0.75, 0.25), "blue": (0.15, 0.3, 0.95)},
+        default_factory=lambda: {
+            "red": (0.9, 0.15, 0.15), "orange": (1.0, 0.55, 0.1), "yellow": (0.95, 0.9, 0.15),
+            "green": (0.2, 0.75, 0.25), "cyan": (0.15, 0.8, 0.85), "blue": (0.15, 0.3, 0.95),
+            "purple": (0.55, 0.2, 0.8), "pink": (1.0, 0.45, 0.75),
+        },
         min_length=2,
     )
-    shapes: list[Literal[SHAPES]] = Field(default_factory=lambda: ["circle", "square", "star"], min_length=2)
+    shapes: list[Literal[SHAPES]] = Field(
+        default_factory=lambda: ["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"],
+        min_length=2,
+    )
 
     @field_validator("colours")
     @classmethod
@@ -210,7 +240,11 @@ class PretrainParams(_Section):
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     warmup: int = Field(100, ge=1)
-    captions: list[str] = Field(default_factory=lambda: ["a {}.", "a photo of a {}."], min_length=1)
+    captions: list[str] = Field(
+        default_factory=lambda: ["a {}.", "a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.",
+                                 "an image of a {}.", "a picture of the {}."],
+        min_length=1,
+    )
     domain: DomainParams = DomainParams()
 
     @field_validator("captions")
@@ -219,7 +253,8 @@ class PretrainParams(_Section):
         return _with_slot(captions)
 
     def config(self, seed: int) -> PretrainConfig:
-        return PretrainConfig(self.steps, self.batch_size, self.lr, self.weight_decay, self.warmup, seed)
+        return PretrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
+                              weight_decay=self.weight_decay, warmup=self.warmup, seed=seed)
 
 
 class ExtractParams(_Section):
@@ -228,11 +263,18 @@ class ExtractParams(_Section):
     batch_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader worker processes decoding image datasets
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the image tower (bf16/fp16: GPU)
+    # An image file that cannot be decoded fails the stage naming it; true skips it and reports the count.
+    skip_bad_images: bool = False
 
 
 class BenchmarkParams(_Section):
     name: str = "embedded-mtil"
     protocol: Literal["mtil", "classil"] = "mtil"
+
+    @field_validator("name")
+    @classmethod
+    def _path_safe(cls, name: str) -> str:
+        return path_name(name, "benchmark name")
 
 
 class TaskParams(_Section):
@@ -254,13 +296,21 @@ class Params(_Section):
     world: WorldParams = WorldParams()
     pretrain: PretrainParams = PretrainParams()
     extract: ExtractParams = ExtractParams()
-    datasets: dict[str, DatasetParams] = Field(default_factory=lambda: {"clean": DatasetParams()}, min_length=1)
-    tasks: dict[str, TaskParams] = Field(default_factory=lambda: {"clean": TaskParams(dataset="clean")}, min_length=1)
+    # The benchmark itself has no default: a params file without it is refused, not filled in.
+    datasets: dict[str, DatasetParams] = Field(min_length=1)
+    tasks: dict[str, TaskParams] = Field(min_length=1)
 
     @field_validator("templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
         return _with_slot(templates)
+
+    @field_validator("datasets", "tasks")
+    @classmethod
+    def _path_safe_keys(cls, entries: dict[str, Any], info: Any) -> dict[str, Any]:
+        for name in entries:
+            path_name(name, f"{info.field_name} key")
+        return entries
 
     @model_validator(mode="after")
     def _tasks_fit_protocol(self) -> "Params":
@@ -326,7 +376,9 @@ def load_params(path: Path | str) -> Params:
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     except yaml.YAMLError as error:
         raise ParamsError(f"{path}: not valid YAML: {error}") from None
     return parse_params(data, str(path))

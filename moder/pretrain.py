@@ -12,17 +12,20 @@ from tqdm.auto import tqdm
 from moder.metrics import accuracy
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
+from moder.train import TrainingDiverged
 from moder.world import Domain, World, render, seed_for
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    steps: int = 1500
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.1
-    warmup: int = 100
-    seed: int = 0
+    """Built by moder.params.PretrainParams.config, the one home of the defaults."""
+
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup: int
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ def pretrain_clip(
         positive = labels[None, :] == present[:, None]
         text_to_image = -torch.logsumexp(log_probs.masked_fill(~positive, -math.inf), dim=1).mean()
         loss = (image_to_text + text_to_image) / 2
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"pre-training diverged: the loss is {loss.item()} at step {step + 1} "
+                                   f"(lr {config.lr}); lower pretrain.lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

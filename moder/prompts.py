@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.experts import Experts
+from moder.names import check_class_names, check_templates
 from moder.text import TextTower
 
 
@@ -26,8 +27,8 @@ class PromptSet:
 
 def template_prompts(tower: TextTower, class_names: list[str], templates: list[str]) -> PromptSet:
     """CLIP's template ensemble: every template filled with every class name."""
-    if not templates or any("{}" not in t for t in templates):
-        raise ValueError("templates must be a non-empty list of strings that each contain '{}'")
+    check_templates(templates)
+    check_class_names(class_names)
     texts = [template.format(name) for name in class_names for template in templates]
     return PromptSet(tower.tokenize(texts), len(class_names), len(templates))
 

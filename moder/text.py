@@ -14,6 +14,7 @@ from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import Tensor, nn
 
 from moder.experts import ContextExperts, Experts, LoraExperts
+from moder.names import PromptError, check_class_names
 
 _LORA_ATTN_IN, _LORA_ATTN_OUT, _LORA_FC, _LORA_PROJ = "attn_in", "attn_out", "mlp_fc", "mlp_proj"
 
@@ -76,6 +77,14 @@ class TextTower:
         return layer.weight, layer.bias
 
     def tokenize(self, texts: list[str]) -> Tensor:
+        """Token rows of `texts`; a text longer than the context would be cut (and could then equal
+        another class's prompt), so it is refused."""
+        encode, length = getattr(self.tokenizer, "encode", None), getattr(self.tokenizer, "context_length", None)
+        if encode is not None and length is not None:
+            too_long = [text for text in texts if len(encode(text)) + 2 > length]  # + start and end of text
+            if too_long:
+                raise PromptError(f"{len(too_long)} prompt(s) longer than the text encoder's {length} tokens, "
+                                  f"e.g. {too_long[0][:120]!r}: shorten the class name or template")
         return self.tokenizer(texts).to(self.device)
 
     def context_prompts(self, class_names: list[str], init_phrase: str) -> tuple[Tensor, Tensor]:
@@ -88,6 +97,7 @@ class TextTower:
         n_ctx = len(self.tokenizer.encode(init_phrase))
         if not n_ctx:
             raise ValueError(f"context init phrase {init_phrase!r} has no tokens")
+        check_class_names(class_names)
         tokens = self.tokenize([f"{init_phrase} {name}." for name in class_names])
         with torch.no_grad():
             init_ctx = self.token_embedding(tokens[0, 1 : 1 + n_ctx]).float()

@@ -14,15 +14,21 @@ from moder.prompts import PromptSet, encode_prototypes
 from moder.text import TextTower
 
 
+class TrainingDiverged(ArithmeticError):
+    """The loss became non-finite; nothing is returned (so nothing is saved)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 0.0
-    logit_scale: float = 100.0
-    reg_zeroshot: float = 0.0  # weight of mean (1 - cos(prototype, zero-shot prototype))
-    seed: int = 0
+    """Built by moder.params.TrainParams.config, the one home of the defaults."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    logit_scale: float
+    reg_zeroshot: float  # weight of mean (1 - cos(prototype, zero-shot prototype))
+    seed: int
 
 
 @dataclass(frozen=True)
@@ -57,15 +63,7 @@ def train_experts(
         raise ValueError(f"{len(experts)} experts for {prompts.n_classes} classes")
     if config.reg_zeroshot > 0 and zeroshot is None:
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
-    # Classes sharing an expert (rows with repeats) accumulate its gradient through an indexed
-    # gather, whose CPU backward adds in a thread-dependent order unless deterministic algorithms
-    # are on: same seed, same experts.
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
+    return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
 
 
 def _train(tower: TextTower, prompts: PromptSet, experts: Experts, features: Tensor, labels: Tensor,
@@ -90,6 +88,10 @@ def _train(tower: TextTower, prompts: PromptSet, experts: Experts, features: Ten
             loss = F.cross_entropy(logits, labels[batch])
             if config.reg_zeroshot > 0:
                 loss = loss + config.reg_zeroshot * (1 - (prototypes * zeroshot.to(prototypes)).sum(-1)).mean()
+            if not torch.isfinite(loss):
+                bar.close()
+                raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at step {len(losses) + 1} "
+                                       f"(lr {config.lr}); lower train.lr")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -46,7 +46,8 @@ def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
 
 
 def main() -> None:
-    cli = parser(__doc__, ("out", "the checkpoint to write (.safetensors)"), ("summary", "what it is, as JSON"))
+    cli = parser(__doc__, ("out", "the checkpoint to write", ".safetensors"),
+                 ("summary", "what it is", ".json"))
     run_cli(lambda args, params: backbone(params, args.out, args.summary), cli.parse_args())
 
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,9 +15,11 @@ from moder.benchmark import Task, TaskData, make_task
 from moder.clip import LoadedClip, ModelLoadError, load_clip
 from moder.datasets import DatasetFormatError, DatasetNotFound
 from moder.experts import ExpertFileError
-from moder.features import FeatureFileError, read_features
-from moder.io import atomic_path
+from moder.features import FeatureFileError, FeatureTable, read_features, read_prototypes
+from moder.io import OutputError, atomic_path
+from moder.names import PromptError
 from moder.params import Params, ParamsError, load_params
+from moder.train import TrainingDiverged
 
 
 class MissingInput(RuntimeError):
@@ -25,16 +28,26 @@ class MissingInput(RuntimeError):
 
 # Errors a user can fix from the message alone: printed as one line, no traceback.
 USER_ERRORS = (ParamsError, ModelLoadError, FeatureFileError, ExpertFileError, MissingInput, DatasetNotFound,
-               DatasetFormatError)
+               DatasetFormatError, OutputError, PromptError, TrainingDiverged)
 
 
-def parser(description: str, *paths: tuple[str, str]) -> argparse.ArgumentParser:
-    """--params plus one required path option per (name, help); dvc.yaml passes every path explicitly."""
+def parser(description: str, *paths: tuple[str, ...]) -> argparse.ArgumentParser:
+    """--params plus one required path option per (name, help[, suffix]); dvc.yaml passes every path
+    explicitly. With a suffix, the option only takes a file of that kind, so a slip such as
+    `--out params.yaml` is refused before anything is written."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="the params file (default: params.yaml)")
-    for name, text in paths:
-        parser.add_argument(f"--{name}", type=Path, required=True, help=text)
+    for name, text, *suffix in paths:
+        parser.add_argument(f"--{name}", type=path_with_suffix(*suffix) if suffix else Path, required=True, help=text)
     return parser
+
+
+def path_with_suffix(suffix: str) -> Callable[[str], Path]:
+    def checked(value: str) -> Path:
+        if Path(value).suffix != suffix:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a {suffix} file")
+        return Path(value)
+    return checked
 
 
 def load_backbone(params: Params, path: Path) -> LoadedClip:
@@ -80,11 +93,32 @@ def expert_file(dataset_experts: Path, split: int) -> Path:
     return dataset_experts / f"split-{split}.safetensors"
 
 
+@contextmanager
+def made_by(stage: str) -> Iterator[None]:
+    """A damaged or stale input file: its error also names the stage that writes it."""
+    try:
+        yield
+    except (FeatureFileError, ExpertFileError) as error:
+        raise type(error)(f"{error} [written by {stage}: re-run it, e.g. dvc repro -f {stage}]") from None
+
+
+def read_split(features: Path, dataset: str, split: str, identity: str) -> FeatureTable:
+    """<features>/<dataset>/<split>.parquet, checked against the backbone and the dataset."""
+    with made_by(f"extract@{dataset}"):
+        return read_features(features / dataset / f"{split}.parquet", identity, dataset)
+
+
+def read_classes(features: Path, dataset: str, identity: str) -> FeatureTable:
+    """<features>/<dataset>/classes.parquet: the dataset's class names and zero-shot prototypes."""
+    with made_by(f"extract@{dataset}"):
+        return read_prototypes(features / dataset / "classes.parquet", identity, dataset)
+
+
 def load_sequence(params: Params, features: Path, identity: str) -> list[TaskData]:
     """Every task's classes, zero-shot prototypes, templates and test features, from <features>/<dataset>/."""
     datasets = dict.fromkeys(task.dataset for task in params.tasks.values())
-    classes = {d: read_features(features / d / "classes.parquet", identity) for d in datasets}
-    tests = {d: read_features(features / d / "test.parquet", identity) for d in datasets}
+    classes = {d: read_classes(features, d, identity) for d in datasets}
+    tests = {d: read_split(features, d, "test", identity) for d in datasets}
     sequence = []
     for task in tasks_of(params, {d: len(table.class_names) for d, table in classes.items()}):
         table = classes[task.dataset]

@@ -1,17 +1,22 @@
 """Stage `extract@<dataset>`: encode a dataset's images with the frozen image tower, store features and prototypes.
 
 An embedded dataset is rendered from the world; an image dataset is read from `datasets.<name>.root`
-by its adapter (moder.datasets) and preprocessed with the backbone's own open_clip transform.
+by its adapter (moder.datasets) and preprocessed with the backbone's own open_clip transform. An image
+file that cannot be decoded fails the stage naming it, or with `extract.skip_bad_images` is left out
+(with its label), and the stage prints how many were left out per split.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from torch.utils.data import DataLoader
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from moder.clip import LoadedClip
-from moder.datasets import catalog, load_split
+from moder.datasets import BadImage, DatasetFormatError, ImageSplit, catalog, load_split
 from moder.features import FeatureTable, encode_images, write_features
 from moder.io import atomic_directory
 from moder.params import DatasetParams, ParamsError, Params
@@ -22,6 +27,7 @@ from moder.world import dataset_classes, render, seed_for
 from stages.common import load_backbone, parser, run_cli
 
 SPLITS = ("train", "test")
+SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
 
 def rendered_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[list[str], dict[str, tuple]]:
@@ -39,16 +45,81 @@ def rendered_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[lis
     return [world.class_names[i] for i in classes], splits
 
 
+@dataclass(frozen=True)
+class Unreadable:
+    """Stands in for an image that cannot be decoded. A BadImage raised in a DataLoader worker would reach
+    the stage as a multi-line traceback and end the whole loader; as an item it travels like any other,
+    and the stage decides whether to fail or skip it."""
+
+    image: str
+    message: str
+
+
+class Decoded(Dataset):
+    """An ImageSplit whose undecodable images come back as (Unreadable, label) instead of raising."""
+
+    def __init__(self, data: ImageSplit):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return self.data[index]
+        except BadImage as error:
+            return Unreadable(str(self.data.images[index]), str(error)), self.data.labels[index]
+
+
+def collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | None, Tensor, list[Unreadable]]:
+    """(images, labels) of a batch's decodable items, so each label stays with its image, and its
+    undecodable ones; images is None when no item of the batch could be decoded."""
+    good = [(image, label) for image, label in items if not isinstance(image, Unreadable)]
+    bad = [image for image, _ in items if isinstance(image, Unreadable)]
+    if not good:
+        return None, torch.empty(0, dtype=torch.long), bad
+    images, labels = default_collate(good)
+    return images, labels, bad
+
+
+def encode_split(params: Params, clip: LoadedClip, data: ImageSplit, where: str) -> tuple[Tensor, Tensor, list[str]]:
+    """Features and labels of the decodable images of `data` (`where` names it), and the undecodable
+    images skipped: none, unless params.extract.skip_bad_images, else the first one fails naming it."""
+    loader = DataLoader(Decoded(data), batch_size=params.extract.batch_size, num_workers=params.extract.workers,
+                        pin_memory=params.model.device.startswith("cuda"), collate_fn=collate_readable)
+    labels, skipped = [], []
+
+    def batches() -> Iterator[Tensor]:
+        for images, batch_labels, bad in loader:
+            if bad and not params.extract.skip_bad_images:
+                raise BadImage(f"{bad[0].message}; extract.skip_bad_images: true in params.yaml skips such images")
+            skipped.extend(unreadable.image for unreadable in bad)
+            if images is not None:
+                labels.append(batch_labels)
+                yield images
+        if not labels:
+            raise DatasetFormatError(f"none of the {len(data)} images of {where} can be decoded, e.g. {skipped[0]}")
+
+    features = encode_images(clip.model, batches(), params.model.device, params.extract.precision)
+    return features, torch.cat(labels), skipped
+
+
+def report_skipped(where: str, skipped: list[str]) -> None:
+    """Skipped images are never silent: how many, and the first few."""
+    if skipped:
+        more = ", ..." if len(skipped) > SHOWN_SKIPPED else ""
+        print(f"skipped {len(skipped)} undecodable image(s) of {where}: {', '.join(skipped[:SHOWN_SKIPPED])}{more}")
+
+
 def image_splits(params: Params, spec: DatasetParams, clip: LoadedClip) -> tuple[list[str], dict[str, tuple]]:
     """An image dataset on disk: its class names, and per split (features, labels)."""
     splits, names = {}, None
     for split in SPLITS:
         data = load_split(spec.source, spec.root, split).with_transform(clip.preprocess)
-        loader = DataLoader(data, batch_size=params.extract.batch_size, num_workers=params.extract.workers,
-                            pin_memory=params.model.device.startswith("cuda"))
-        batches = (images for images, _ in loader)
-        splits[split] = (encode_images(clip.model, batches, params.model.device, params.extract.precision),
-                         torch.tensor(data.labels))
+        where = f"the {split} split of {spec.root}"
+        features, labels, skipped = encode_split(params, clip, data, where)
+        report_skipped(where, skipped)
+        splits[split] = (features, labels)
         names = data.class_names
     return names, splits
 
@@ -73,7 +144,7 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
                      else image_splits(params, spec, clip))
     templates = templates_of(params, spec)
     prototypes = zeroshot_prototypes(TextTower(clip.model, clip.tokenizer), names, templates)
-    with atomic_directory(out) as directory:
+    with atomic_directory(out, owner="extract") as directory:
         for split, (features, labels) in splits.items():
             write_features(directory / f"{split}.parquet", FeatureTable(features, labels, names, dataset, identity))
         write_features(directory / "classes.parquet",

@@ -9,11 +9,10 @@ import torch
 from moder.baselines import finetune_rows
 from moder.benchmark import AccuracyRow
 from moder.factory import ExpertFactory
-from moder.features import read_features
 from moder.params import Params
 from moder.text import TextTower
 from moder.world import seed_for
-from stages.common import load_backbone, load_sequence, parser, run_cli, write_rows
+from stages.common import load_backbone, load_sequence, parser, read_split, run_cli, write_rows
 
 
 def finetune(params: Params, model: Path, features: Path, out: Path) -> list[AccuracyRow]:
@@ -21,7 +20,7 @@ def finetune(params: Params, model: Path, features: Path, out: Path) -> list[Acc
     clip = load_backbone(params, model)
     identity = clip.identity.to_json()
     sequence = load_sequence(params, features, identity)
-    samples = {d: read_features(features / d / "train.parquet", identity) for d in {t.task.dataset for t in sequence}}
+    samples = {d: read_split(features, d, "train", identity) for d in {t.task.dataset for t in sequence}}
     train_sets = [samples[data.task.dataset].select(data.task.classes) for data in sequence]
     spec = dataclasses.replace(params.expert.spec(), kind="lora")  # the LoRA settings, whatever the experts' kind
     factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), spec, params.templates)
@@ -33,7 +32,7 @@ def finetune(params: Params, model: Path, features: Path, out: Path) -> list[Acc
 
 def main() -> None:
     cli = parser(__doc__, ("model", "the backbone CLIP checkpoint"), ("features", "the directory of feature directories"),
-                 ("out", "the accuracy rows to write (.parquet)"))
+                 ("out", "the accuracy rows to write", ".parquet"))
     run_cli(lambda args, params: finetune(params, args.model, args.features, args.out), cli.parse_args())
 
 

@@ -1,6 +1,8 @@
 """Stage `report`: the accuracy matrices as metrics.json (Transfer/Avg/Last per method), plot data and a summary."""
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
@@ -8,10 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moder.benchmark import AccuracyRow
-from moder.io import atomic_path
+from moder.io import atomic_files
 from moder.metrics import summarize
 from moder.params import Params
-from stages.common import MissingInput, parser, run_cli
+from stages.common import MissingInput, path_with_suffix, parser, run_cli
 
 METHODS = ("zeroshot", "finetune", "oracle", "moder")
 
@@ -40,40 +42,56 @@ def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dic
     return {m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()}
 
 
-def _write(path: Path, text: str) -> None:
-    with atomic_path(path) as temporary:
-        temporary.write_text(text)
+def _csv(rows: list[list]) -> str:
+    """CSV text by the csv module, so names with commas, quotes or newlines stay one field."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
 
 
-def write_unseen_classes(params: Params, unseen: Path, out: Path) -> None:
+def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
     """Every class not yet trained after each step: zero-shot vs composed accuracy and what was retrieved."""
-    lines = ["step,task,class,zeroshot,moder,diff,retrieved"]
+    rows: list[list] = [["step", "task", "class", "zeroshot", "moder", "diff", "retrieved"]]
     for step in params.tasks:
         path = unseen / f"{step}.parquet"
         if not path.is_file():
             raise MissingInput(f"per-class report not found: {path} (run evaluate@{step})")
         for row in pq.read_table(path).to_pylist():
-            lines.append(f"{row['step']},{row['task']},{row['class_name']},{row['zeroshot']:.2f},{row['moder']:.2f},"
-                         f"{row['moder'] - row['zeroshot']:+.2f},{row['retrieved']}")
-    _write(out, "\n".join(lines) + "\n")
+            rows.append([row["step"], row["task"], row["class_name"], f"{row['zeroshot']:.2f}", f"{row['moder']:.2f}",
+                         f"{row['moder'] - row['zeroshot']:+.2f}", row["retrieved"]])
+    return rows
+
+
+def step_curves(tasks: list[str], matrices: dict[str, np.ndarray]) -> dict[str, list[list]]:
+    """Mean accuracy after each step over the tasks already trained ("seen") and those not yet ("unseen")."""
+    curves = {}
+    for name, columns in (("seen", lambda i: slice(0, i + 1)), ("unseen", lambda i: slice(i + 1, None))):
+        rows: list[list] = [["step", "task", *METHODS]]
+        for i, step in enumerate(tasks):
+            if columns(i).start < len(tasks):
+                rows.append([i + 1, step, *(f"{matrices[m][i, columns(i)].mean():.2f}" for m in METHODS)])
+        curves[name] = rows
+    return curves
 
 
 def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metrics: Path, reports: Path) -> dict:
+    """Writes metrics.json and every file under `reports` together: all new, or (on any failure) all old."""
     matrices = read_matrices(params, evaluation, finetune)
-    write_unseen_classes(params, unseen, reports / "unseen_classes.csv")
     figures = metrics_of(params, matrices)
-    _write(metrics, json.dumps(figures, indent=2) + "\n")
     tasks = list(params.tasks)
     cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
              for m, a in matrices.items() for i in range(len(tasks)) for j in range(len(tasks))]
-    _write(reports / "accuracy.json", json.dumps(cells, indent=1) + "\n")
-    # Mean accuracy after each step over the tasks already trained, and over those not yet trained.
-    for name, columns in (("seen", lambda i: slice(0, i + 1)), ("unseen", lambda i: slice(i + 1, None))):
-        lines = ["step,task," + ",".join(METHODS)]
-        for i, step in enumerate(tasks):
-            if columns(i).start < len(tasks):
-                lines.append(",".join([str(i + 1), step] + [f"{matrices[m][i, columns(i)].mean():.2f}" for m in METHODS]))
-        _write(reports / f"{name}.csv", "\n".join(lines) + "\n")
+    curves = step_curves(tasks, matrices)
+    contents = {
+        metrics: json.dumps(figures, indent=2) + "\n",
+        reports / "accuracy.json": json.dumps(cells, indent=1) + "\n",
+        reports / "seen.csv": _csv(curves["seen"]),
+        reports / "unseen.csv": _csv(curves["unseen"]),
+        reports / "unseen_classes.csv": _csv(unseen_class_rows(params, unseen)),
+    }
+    with atomic_files(list(contents)) as temporaries:
+        for temporary, text in zip(temporaries, contents.values()):
+            temporary.write_text(text)
     print(summary(params, matrices, figures))
     return figures
 
@@ -122,7 +140,7 @@ def main() -> None:
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
     cli.add_argument("--finetune", type=Path, help="the finetune baseline's evaluation rows (.parquet)")
     cli.add_argument("--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)")
-    cli.add_argument("--metrics", type=Path, default=Path("metrics.json"))
+    cli.add_argument("--metrics", type=path_with_suffix(".json"), default=Path("metrics.json"))
     cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")
     args = cli.parse_args()
     if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen):

@@ -14,13 +14,13 @@ from moder.benchmark import Task
 from moder.compose import seen_prototypes
 from moder.experts import Experts, save_experts
 from moder.factory import ExpertFactory
-from moder.features import FeatureTable, read_features
+from moder.features import FeatureTable
 from moder.io import atomic_directory
 from moder.params import ParamsError, Params
 from moder.text import TextTower
 from moder.train import prototype_offsets, train_experts
 from moder.world import seed_for
-from stages.common import expert_file, load_backbone, parser, run_cli, split_tasks
+from stages.common import expert_file, load_backbone, parser, read_classes, read_split, run_cli, split_tasks
 
 
 def negatives_for(params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor],
@@ -42,14 +42,14 @@ def train(params: Params, dataset: str, model: Path, features: Path, out: Path) 
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
     clip = load_backbone(params, model)
     identity = clip.identity.to_json()
-    samples = read_features(features / dataset / "train.parquet", identity)
-    classes = read_features(features / dataset / "classes.parquet", identity)
+    samples = read_split(features, dataset, "train", identity)
+    classes = read_classes(features, dataset, identity)
     tower = TextTower(clip.model, clip.tokenizer)
     factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
     tasks = split_tasks(params, dataset, len(classes.class_names))
     stored: dict[int, torch.Tensor] = {}  # class -> its prototype as evaluation will use it
     trained = {}
-    with atomic_directory(out) as directory:
+    with atomic_directory(out, owner="train") as directory:
         for position, task in enumerate(tasks):
             trained[task.name] = _train_task(params, tower, factory, task, tasks[:position], samples, classes,
                                              stored, identity, expert_file(directory, task.step))

@@ -1,11 +1,17 @@
 """The miniature configuration through DVC itself: repro, no-op re-run, exactly-the-right invalidation, metrics, plots."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from moder.params import parse_params
-from tests.conftest import FULL, MINI, dvc
+from tests.conftest import FULL, MINI, dvc, run_command
 
 
 def _changed(cwd: Path, params: dict) -> set[str]:
@@ -15,7 +21,7 @@ def _changed(cwd: Path, params: dict) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     root, repro = project
-    for stage in ("backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"):
+    for stage in ("params", "backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
     assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}
@@ -39,9 +45,9 @@ def test_plots_render_the_accuracy_heatmap_and_step_curves(project, tmp_path):
 def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     """`dvc status` lists the stages a change touches directly; their outputs then carry it downstream."""
     root, _ = project
-    evaluation = {"evaluate@a", "evaluate@b"}
+    evaluation = {"evaluate@a", "evaluate@b", "params"}  # `params` validates the whole file at any change
     assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation
-    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {"train@a", "train@b", "finetune"}
+    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {"train@a", "train@b", "finetune", "params"}
     extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}}).model_dump(mode="json")
     appended = {**FULL, "datasets": {**FULL["datasets"], **extra["datasets"]}, "tasks": {**FULL["tasks"], **extra["tasks"]}}
     # appending a task trains only the new dataset's experts; evaluation, the sequential finetune
@@ -55,4 +61,40 @@ def test_exp_run_with_a_new_k_reruns_only_evaluation_and_report(project):
     result = dvc(root, "exp", "run", "-S", "retrieval.k=2")
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
     # report re-runs only if an evaluation output changed (with this tiny model it may not)
-    assert {"evaluate@a", "evaluate@b"} <= ran <= {"evaluate@a", "evaluate@b", "report"}
+    assert {"params", "evaluate@a", "evaluate@b"} <= ran <= {"params", "evaluate@a", "evaluate@b", "report"}
+
+
+def test_a_typo_anywhere_fails_repro_even_when_no_stage_reads_the_section(project):
+    root, _ = project
+    text = (root / "params.yaml").read_text()
+    (root / "params.yaml").write_text(text.replace("retrieval:", "retreival:", 1))
+    try:
+        assert json.loads(dvc(root, "status", "--json").stdout).keys() >= {"params"}
+        result = run_command([str(Path(sys.executable).parent / "dvc"), "repro"], root, check=False)
+        assert result.returncode != 0 and "unknown key 'retreival'" in result.stdout + result.stderr
+        assert "Running stage 'backbone'" not in result.stdout
+    finally:
+        (root / "params.yaml").write_text(text)
+    assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
+
+
+@pytest.mark.parametrize("stage", ["backbone", "extract@a", "train@b", "finetune", "evaluate@a", "report"])
+def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results(project, stage):
+    """kill -9 of the whole process group a moment into the stage; the next `dvc repro` redoes it,
+    the results are byte-identical and DVC sees nothing left over."""
+    root, _ = project
+    metrics = (root / "metrics.json").read_bytes()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", stage], cwd=root,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    for line in process.stdout:
+        if f"Running stage '{stage}'" in line:
+            break
+    time.sleep(1.5)  # into the stage's own work (its imports take about a second)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    dvc(root, "repro")
+    assert (root / "metrics.json").read_bytes() == metrics
+    assert "Data and pipelines are up to date." in dvc(root, "status").stdout
+    assert not [p for p in root.rglob("*.tmp") if ".git" not in p.parts and ".dvc" not in p.parts]

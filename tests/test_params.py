@@ -12,9 +12,24 @@ def test_repository_params_are_valid():
     assert params.seed == 0 and params.expert.kind in ("context", "lora")
 
 
+BENCHMARK = {"datasets": {"a": {"classes": 4}}, "tasks": {"a": {"dataset": "a"}}}
+
+
 def test_defaults_fill_missing_sections():
-    params = parse_params({"seed": 3})
-    assert params.retrieval.k == 3 and params.train.config(params.seed).seed == 3
+    params = parse_params({"seed": 3, **BENCHMARK})
+    assert params.retrieval.k == 16 and params.train.config(params.seed).seed == 3
+
+
+def test_the_schema_defaults_are_the_committed_params():
+    """One home for every default: a section deleted from params.yaml falls back to the same values."""
+    committed = load_params("params.yaml")
+    defaults = parse_params({"datasets": committed.model_dump()["datasets"], "tasks": committed.model_dump()["tasks"]})
+    assert defaults == committed
+
+
+def test_a_params_file_without_the_benchmark_is_refused():
+    with pytest.raises(ParamsError, match="key 'datasets': Field required"):
+        parse_params({"seed": 0})
 
 
 @pytest.mark.parametrize(
@@ -26,7 +41,17 @@ def test_defaults_fill_missing_sections():
         ({"learning_rate": 1}, "unknown key 'learning_rate'; allowed keys: seed, templates, model"),
         ({"expert": {"lora": {"rnk": 2}}}, "unknown key 'expert.lora.rnk'; allowed keys: rank, alpha, layers, modules"),
         ({"expert": {"lora": {"modules": ["qkv"]}}}, "'attn_in', 'attn_out', 'mlp_fc' or 'mlp_proj' (got 'qkv')"),
-        ({"templates": ["a photo"]}, "template 'a photo' has no '{}' slot"),
+        ({"templates": ["a photo"]}, "template 'a photo' does not insert the class name once"),
+        ({"templates": ["a photo of {{}}"]}, "template 'a photo of {{}}' does not insert the class name once"),
+        ({"templates": ["a {0} of a {0}"]}, "does not insert the class name once"),
+        ({"templates": ["a photo of a {name}"]}, "does not insert the class name once"),
+        ({"pretrain": {"captions": ["a {}", "no slot"]}}, "template 'no slot' does not insert"),
+        ({"train": {"lr": float("nan")}}, "key 'train.lr': Input should be a finite number"),
+        ({"retrieval": {"temperature": float("inf")}}, "key 'retrieval.temperature': Input should be a finite number"),
+        ({"model": {"device": "banana"}}, "key 'model.device': unknown device 'banana'"),
+        ({"benchmark": {"name": "../../escape"}}, "key 'benchmark.name': benchmark name '../../escape' becomes a directory"),
+        ({"datasets": {"a/b": {"classes": 4}}}, "datasets key 'a/b' becomes a directory name"),
+        ({"tasks": {"..": {"dataset": "a"}}}, "tasks key '..' becomes a directory name"),
         ({"model": {"pretrained": "openai", "checkpoint": "w.pt"}}, "either pretrained"),
         ({"seed": -1}, "key 'seed'"),
         ([1, 2], "expected a mapping"),
@@ -46,6 +71,10 @@ def test_bad_files(tmp_path):
     broken.write_text("seed: [1\n")
     with pytest.raises(ParamsError, match="broken.yaml: not valid YAML"):
         load_params(broken)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 0  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ParamsError, match=r"latin.yaml: not UTF-8 text \(byte 14"):
+        load_params(latin)
 
 
 def test_params_yaml_holds_the_embedded_mtil_preset_verbatim():

@@ -22,7 +22,7 @@ from stages.extract import extract
 from stages.backbone import backbone
 from stages.report import read_matrices, report
 from stages.train import train
-from tests.conftest import MINI
+from tests.conftest import MINI, run_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,28 +32,6 @@ MINI_CLASSIL = {
     "datasets": {"p": {"splits": 3, "tint": 0.2}},
     "tasks": {"p1": {"dataset": "p", "split": 1}, "p2": {"dataset": "p", "split": 2}, "p3": {"dataset": "p", "split": 3}},
 }
-
-
-def run_pipeline(data: dict, root: Path) -> dict:
-    """backbone -> extract -> train -> evaluate -> report with every path under `root`."""
-    params = parse_params(data)
-    model = root / "backbone" / "clip.safetensors"
-    backbone(params, model, root / "reports" / "backbone.json")
-    for dataset in params.datasets:
-        extract(params, dataset, model, root / "features" / dataset)
-    for dataset in params.datasets:
-        train(params, dataset, model, root / "features", root / "experts" / dataset)
-    finetune(params, model, root / "features", root / "finetune.parquet")
-    for step in params.tasks:
-        evaluate(params, step, model, root / "features", root / "experts", root / "eval" / f"{step}.parquet",
-                 root / "unseen" / f"{step}.parquet")
-    return report(params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports")
-
-
-@pytest.fixture(scope="module")
-def mtil_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mtil")
-    return root, run_pipeline(MINI, root)
 
 
 def test_pretrain_writes_a_loadable_checkpoint_and_its_accuracy(mtil_run):

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from moder.metrics import accuracy
+from moder.params import TrainParams
 from moder.prompts import zeroshot_prototypes
 from moder.synthetic import shifted_features
-from moder.train import TrainConfig, train_experts
+from moder.train import train_experts
 
 from conftest import TEMPLATES
 
@@ -29,7 +30,7 @@ def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_fac
     from moder.prompts import encode_prototypes
 
     for factory, lr in ((context_factory, 5e-3), (lora_factory, 1e-2)):
-        zeroshot, features, labels, prompts, result = _train(tower, factory, TrainConfig(epochs=15, batch_size=32, lr=lr))
+        zeroshot, features, labels, prompts, result = _train(tower, factory, TrainParams(epochs=15, batch_size=32, lr=lr).config(0))
         before = accuracy(features, labels, zeroshot)
         after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES))))
         assert before < 90.0, "the generated problem must leave room to improve"
@@ -38,7 +39,7 @@ def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_fac
 
 
 def test_training_is_deterministic_for_a_seed(tower, lora_factory):
-    config = TrainConfig(epochs=2, batch_size=16, lr=1e-2, seed=4)
+    config = TrainParams(epochs=2, batch_size=16, lr=1e-2).config(4)
     first = _train(tower, lora_factory, config)[-1]
     second = _train(tower, lora_factory, config)[-1]
     assert first.losses == second.losses
@@ -53,7 +54,7 @@ def test_one_batched_forward_per_optimisation_step(tower, context_factory, monke
     original = type(tower).encode
     monkeypatch.setattr(type(tower), "encode", lambda self, *a, **k: calls.append(a[0].shape[0]) or original(self, *a, **k))
     train_experts(tower, prompts, context_factory.new(len(NAMES), torch.Generator()), features, labels,
-                  TrainConfig(epochs=1, batch_size=60))  # 180 samples -> 3 steps
+                  TrainParams(epochs=1, batch_size=60).config(0))  # 180 samples -> 3 steps
     assert calls == [len(NAMES)] * 3
 
 
@@ -61,7 +62,7 @@ def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory)
     from moder.prompts import encode_prototypes
 
     def drift(reg):
-        zeroshot, _, _, prompts, result = _train(tower, context_factory, TrainConfig(epochs=5, lr=1e-2, reg_zeroshot=reg),
+        zeroshot, _, _, prompts, result = _train(tower, context_factory, TrainParams(epochs=5, lr=1e-2, reg_zeroshot=reg).config(0),
                                                  zeroshot=zeroshot_prototypes(tower, NAMES, TEMPLATES))
         own = encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES)))
         return (1 - (own * zeroshot).sum(-1)).mean().item()
@@ -70,7 +71,7 @@ def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory)
 
 
 def test_prior_prototypes_as_negatives_enter_the_loss(tower, context_factory):
-    config = TrainConfig(epochs=1, batch_size=180)
+    config = TrainParams(epochs=1, batch_size=180).config(0)
     plain = _train(tower, context_factory, config)[-1]
     negatives = zeroshot_prototypes(tower, ["pink star", "black circle", "white square"], TEMPLATES)
     with_negatives = _train(tower, context_factory, config, negatives=negatives)[-1]
@@ -85,7 +86,7 @@ def test_one_shared_expert_trains_on_every_class(tower, lora_factory):
     prompts = lora_factory.prompts(NAMES)
     shared = lora_factory.new(1, torch.Generator().manual_seed(0))
     everyone = torch.zeros(len(NAMES), dtype=torch.long)
-    result = train_experts(tower, prompts, shared, features, labels, TrainConfig(epochs=10, batch_size=32, lr=1e-2),
+    result = train_experts(tower, prompts, shared, features, labels, TrainParams(epochs=10, batch_size=32, lr=1e-2).config(0),
                            rows=everyone)
     assert len(result.experts) == 1
     after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, everyone))

@@ -1,0 +1,47 @@
+"""Checks on class names and prompt templates: every class must reach the text encoder as its own text."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+_PROBE = "\x00class\x00"
+
+
+class PromptError(ValueError):
+    """Class names or templates would give classes the same prompt, or cut it; the message names them."""
+
+
+def check_templates(templates: list[str]) -> None:
+    """Each template must put the class name into its text exactly once (`str.format` with one `{}`):
+    "{{}}" formats to a literal "{}", "{0} {0}" repeats it, "{name}" fails, and a template without a
+    slot gives every class the same prompt."""
+    if not templates:
+        raise PromptError("no templates: at least one prompt template with a '{}' slot is needed")
+    for template in templates:
+        try:
+            filled = template.format(_PROBE)
+        except (IndexError, KeyError, ValueError):
+            filled = ""
+        if filled.count(_PROBE) != 1:
+            raise PromptError(f"template {template!r} does not insert the class name once: "
+                              "it needs exactly one '{}' slot (and '{{'/'}}' for literal braces)")
+
+
+def normalized(name: str) -> str:
+    """How CLIP's tokenizer sees a name, near enough: case, '_' and runs of spaces do not count."""
+    return " ".join(name.replace("_", " ").lower().split())
+
+
+def check_class_names(names: list[str]) -> None:
+    """Refuse empty names and names that collide once normalised (they would share one prototype)."""
+    if not names:
+        raise PromptError("no class names given")
+    empty = [repr(name) for name in names if not normalized(name)]
+    if empty:
+        raise PromptError(f"empty class name(s): {', '.join(empty)}")
+    groups: dict[str, list[str]] = defaultdict(list)
+    for name in names:
+        groups[normalized(name)].append(name)
+    collisions = ["/".join(repr(n) for n in group) for group in groups.values() if len(group) > 1]
+    if collisions:
+        raise PromptError(f"class names collide once case, '_' and spaces are ignored: {'; '.join(collisions[:5])} "
+                          "(they would get the same prototype); rename them")
