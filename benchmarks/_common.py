@@ -1,4 +1,5 @@
 """Shared set-up for the benchmark scripts: the ViT-B-16 text tower and a timer."""
+
 from __future__ import annotations
 
 import statistics

@@ -4,11 +4,12 @@ Baseline: the loop a naive implementation runs, one forward per class with that 
 expert. Both use the same truncation; the experts are rank-4 LoRA on every linear map of
 the ViT-B-16 text tower (and, second, 4-token context experts).
 """
+
 from __future__ import annotations
 
 import torch
-
 from _common import CLASS_NAMES, TEMPLATE, median_seconds, vit_b16
+
 from moder.factory import ExpertFactory
 from moder.params import ExpertParams
 
@@ -19,7 +20,9 @@ def compare(tower, factory, experts, label: str) -> None:
     one = torch.zeros(1, dtype=torch.long)
 
     def looped():
-        return torch.cat([tower.encode(prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), one) for c in range(n)])
+        return torch.cat(
+            [tower.encode(prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), one) for c in range(n)]
+        )
 
     def batched():
         return tower.encode(prompts.tokens, experts, torch.arange(n))

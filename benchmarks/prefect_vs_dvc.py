@@ -1,4 +1,4 @@
-"""Wall time of the embedded pipeline through the Prefect flow vs through `dvc repro`, and of a fully cached flow re-run.
+"""Wall time of the embedded pipeline through the Prefect flow vs through `dvc repro`, and of a cached re-run.
 
 Both run from scratch in a fresh copy of the project (no DVC cache, an empty artifact store), on the
 committed params.yaml, one after the other on the same machine. The flow talks to a Prefect
@@ -6,6 +6,7 @@ server started here on loopback, as a deployment would. Target: Prefect / DVC <=
 
     .venv/bin/python benchmarks/prefect_vs_dvc.py
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,12 @@ def main() -> None:
             source = REPO / name
             shutil.copytree(source, root / name) if source.is_dir() else shutil.copy(source, root / name)
         (root / ".gitignore").write_text("/data/\n/out/\n")
-        env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        env = {
+            **os.environ,
+            "PATH": f"{BIN}:{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
         for command in (["git", "init", "-q"], [str(BIN / "dvc"), "init", "-q"]):
             subprocess.run(command, cwd=root, env=env, check=True)
         shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
@@ -49,11 +54,16 @@ def main() -> None:
             flow = [sys.executable, "-m", "flows.pipeline", "--params", "params.yaml"]
             prefect_seconds = timed(flow + ["--out", "out/first"], root, env)
             cached_seconds = timed(flow + ["--out", "out/cached"], root, env)
-        same = all(json.loads((root / d / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
-                   for d in ("out/first", "out/cached"))
+        same = all(
+            json.loads((root / d / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
+            for d in ("out/first", "out/cached")
+        )
 
     print(f"dvc repro (baseline)        {dvc_seconds:7.1f} s")
-    print(f"Prefect flow, from scratch  {prefect_seconds:7.1f} s   ratio {prefect_seconds / dvc_seconds:.2f} (target <= 1.2)")
+    print(
+        f"Prefect flow, from scratch  {prefect_seconds:7.1f} s   "
+        f"ratio {prefect_seconds / dvc_seconds:.2f} (target <= 1.2)"
+    )
     print(f"Prefect flow, fully cached  {cached_seconds:7.1f} s")
     print(f"metrics.json identical across the three runs: {same}")
 

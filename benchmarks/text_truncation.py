@@ -3,10 +3,10 @@
 Baseline: open_clip's own `encode_text`, which always runs the full context. Prompts:
 CIFAR-100's 100 class names in "a photo of a {}.".
 """
+
 from __future__ import annotations
 
 import torch
-
 from _common import CLASS_NAMES, TEMPLATE, median_seconds, vit_b16
 
 

@@ -4,6 +4,7 @@ Baseline: the naive step, which runs one forward per class (each with its own ex
 before a single backward. Runs on the CPU; peak memory is the growth of the process's peak
 resident set during the measured steps, each variant in a fresh process.
 """
+
 from __future__ import annotations
 
 import resource
@@ -13,8 +14,8 @@ import time
 
 import torch
 import torch.nn.functional as F
-
 from _common import CLASS_NAMES, TEMPLATE, vit_b16
+
 from moder.factory import ExpertFactory
 from moder.params import ExpertParams, TrainParams
 from moder.prompts import encode_prototypes
@@ -48,10 +49,12 @@ def measure(variant: str) -> None:
         optimizer = torch.optim.AdamW(parameters, lr=config.lr)
         one = torch.zeros(1, dtype=torch.long)
         for step in range(STEPS):
-            prototypes = torch.cat([
-                encode_prototypes(tower, prompts.select(torch.tensor([c])), experts.select(torch.tensor([c])), one)
-                for c in range(n)
-            ])
+            prototypes = torch.cat(
+                [
+                    encode_prototypes(tower, prompts.select(torch.tensor([c])), experts.select(torch.tensor([c])), one)
+                    for c in range(n)
+                ]
+            )
             batch = slice(step * BATCH, (step + 1) * BATCH)
             loss = F.cross_entropy(config.logit_scale * features[batch] @ prototypes.T, labels[batch])
             optimizer.zero_grad()
@@ -66,8 +69,10 @@ def main() -> None:
         output = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True).stdout
         results[variant] = [float(v) for v in output.split()[-2:]]
     (loop_ms, loop_mib), (batch_ms, batch_mib) = results["loop"], results["batched"]
-    print(f"training step, {len(CLASS_NAMES)} classes, rank-4 LoRA on all 48 linear maps of the ViT-B-16 text tower, "
-          f"batch {BATCH}, mean of {STEPS} steps, {torch.get_num_threads()} threads, each variant in a fresh process")
+    print(
+        f"training step, {len(CLASS_NAMES)} classes, rank-4 LoRA on all 48 linear maps of the ViT-B-16 text tower, "
+        f"batch {BATCH}, mean of {STEPS} steps, {torch.get_num_threads()} threads, each variant in a fresh process"
+    )
     print(f"  baseline per-class loop  : {loop_ms:8.1f} ms/step, peak RSS growth {loop_mib:7.1f} MiB")
     print(f"  batched (moder)          : {batch_ms:8.1f} ms/step, peak RSS growth {batch_mib:7.1f} MiB")
     print(f"  speed-up (loop / batched): {loop_ms / batch_ms:6.2f}x")

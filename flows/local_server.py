@@ -1,4 +1,5 @@
 """A Prefect server on loopback for one session: the tests and the Prefect-vs-DVC benchmark start theirs here."""
+
 from __future__ import annotations
 
 import os
@@ -7,9 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def _free_port() -> int:
@@ -34,7 +35,10 @@ def local_server(home: Path, timeout: float = 120.0) -> Iterator[dict[str, str]]
     }
     server = subprocess.Popen(
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + timeout

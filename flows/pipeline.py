@@ -1,10 +1,11 @@
 """The MoDER pipeline as a Prefect flow, running the same stage functions that `dvc repro` runs.
 
-Each stage instance is a task whose inputs and outputs are `ArtifactRecord`s: the paths and
-SHA-256 digests of the files a stage reads and writes, whose bytes live in a content-addressed
-`Store` (`flows/store.py`; `--store`, `out/store` by default, any fsspec URL). A task copies its
-inputs from the store into a scratch directory (each blob verified), calls the stage function on
-those paths, and stores the files it wrote, so a 600 MB backbone never passes through Prefect.
+Every stage instance runs as one generic task, `run_stage`, named after the instance (`backbone`,
+`train@sketch`, ...). Its inputs and outputs are `ArtifactRecord`s: the paths and SHA-256 digests
+of the files a stage reads and writes, whose bytes live in a content-addressed `Store`
+(`flows/store.py`; `--store`, `out/store` by default, any fsspec URL). A task copies its inputs
+from the store into a scratch directory (each blob verified), calls the stage function on those
+paths, and stores the files it wrote, so a 600 MB backbone never passes through Prefect.
 
 Caching is ours, not Prefect's: a Prefect result record names its own serializer and Prefect
 unpickles a record that says "pickle" whatever the task's own serializer is, so one crafted file
@@ -12,28 +13,33 @@ in result storage would run code on the next cached run. Tasks therefore persist
 Prefect (`persist_result=False`, which also turns Prefect's cache policy off) and keep their cache
 in the store: `records/<cache key>.json`, JSON only, every blob verified before use. A hit returns
 a Completed state named "Cached", as Prefect's own caching does. Cache keys are content-addressed:
-the stage, the slice of params it reads and the digest of its code — both taken from `dvc.yaml`,
-so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
+the stage, the slice of params it reads and the digest of its code — both resolved from `dvc.yaml`
+by DVC itself, so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
-import re
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
-from prefect import flow, get_run_logger, task
+from dvc.dependency.param import ParamsDependency
+from dvc.fs import MemoryFileSystem
+from dvc.repo import Repo
+from prefect import Task, flow, get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
+from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
 from moder.params import parse_params
-from stages.common import USER_ERRORS
 from stages.backbone import backbone
+from stages.common import USER_ERRORS
 from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.finetune import finetune
@@ -41,7 +47,6 @@ from stages.report import report
 from stages.train import train
 
 GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
-_INTERPOLATION = re.compile(r"\$\{([^}]+)\}")
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,35 @@ class StageCall:
         return f"{self.stage}@{self.name}" if self.name else self.stage
 
 
-def _lookup(data: dict, dotted: str) -> Any:
-    value: Any = data
-    for part in dotted.split("."):
-        value = value[part]
-    return value
+@dataclass(frozen=True)
+class StageRun:
+    """How a task runs one stage of `dvc.yaml` in its scratch directory. Paths are relative to that directory and
+    `{key}` is the foreach key, which stages with a foreach also take as their argument after params."""
+
+    function: Callable[..., Any]
+    paths: tuple[str, ...]  # the function's path arguments
+    outputs: tuple[str, ...]  # what it writes, to store
+    gpu: bool = True  # uses the accelerator: tagged `gpu`
+
+
+_MODEL = "backbone/clip.safetensors"
+STAGE_RUNS: dict[str, StageRun] = {
+    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports")),
+    "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
+    "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",)),
+    "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
+    "evaluate": StageRun(
+        evaluate,
+        (_MODEL, "features", "experts", "eval/{key}.parquet", "unseen/{key}.parquet"),
+        ("eval/{key}.parquet", "unseen/{key}.parquet"),
+    ),
+    "report": StageRun(
+        report,
+        ("eval", "finetune.parquet", "unseen", "metrics.json", "reports"),
+        ("metrics.json", "reports"),
+        gpu=False,
+    ),
+}
 
 
 def _digest_paths(root: Path, paths: list[str]) -> str:
@@ -75,31 +104,22 @@ def _digest_paths(root: Path, paths: list[str]) -> str:
 
 def stage_calls(dvc_yaml: Path, params_data: dict) -> dict[str, StageCall]:
     """Every stage instance of `dvc.yaml` with its params slice and code digest, keyed by its DVC name."""
-    root = dvc_yaml.parent
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
+    # DVC resolves a dvc.yaml against the params.yaml beside it, but the flow's params may come from another file and
+    # its code may be a copy without .dvc/: so DVC reads this dvc.yaml with `params_data` as params.yaml, in memory.
+    fs = MemoryFileSystem(global_store=False)
+    fs.pipe({"/dvc.yaml": dvc_yaml.read_bytes(), "/params.yaml": json.dumps(params_data).encode()})  # JSON is YAML
     calls = {}
-    for stage, spec in stages.items():
-        items = {"": None}
-        if "foreach" in spec:
-            items = _lookup(params_data, _INTERPOLATION.fullmatch(spec["foreach"]).group(1))
-            spec = spec["do"]
-
-        for key, item in items.items():
-            def resolve(text: str) -> str:
-                def value(match: re.Match) -> str:
-                    name = match.group(1)
-                    if name == "key":
-                        return key
-                    if name.startswith("item."):
-                        return str(_lookup(item, name[len("item."):]))
-                    return str(_lookup(params_data, name))
-                return _INTERPOLATION.sub(value, text)
-
-            declared = [resolve(p) for p in spec.get("params", [])]
-            code = [resolve(d) for d in spec.get("deps", []) if not resolve(d).startswith("data/")]
-            calls[f"{stage}@{key}" if key else stage] = StageCall(
-                stage, key, {p: _lookup(params_data, p) for p in declared}, _digest_paths(root, code)
-            )
+    with Repo("/", fs=fs, uninitialized=True) as repo:
+        for stage in repo.index.stages:
+            group, _, key = stage.name.partition("@")
+            params = {name: value for dep in stage.params for name, value in dep.read_params().items()}
+            # Stage outputs (under data/) are inputs, in the cache key by their digests; every other dep is code.
+            code = [
+                dep.def_path
+                for dep in stage.deps
+                if not isinstance(dep, ParamsDependency) and not dep.def_path.startswith("data/")
+            ]
+            calls[stage.name] = StageCall(group, key, params, _digest_paths(dvc_yaml.parent, code))
     return calls
 
 
@@ -119,97 +139,52 @@ def _retry_unless_user_error(task: Any, task_run: TaskRun, state: State) -> bool
     return not isinstance(state.result(raise_on_failure=False), (*USER_ERRORS, StoreError))
 
 
-def _run_stage(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord], store_url: str,
-               body: Callable[[Any, Path], list[Path]]) -> ArtifactRecord | State:
-    """The record cached for this call if there is one; else copy `inputs` into a scratch directory,
-    run `body(params, root)`, store what it wrote and cache its record."""
-    store = Store(store_url)
+# persist_result=False: Prefect neither writes nor reads a result, so it never deserializes a stored one.
+@task(persist_result=False, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
+def run_stage(
+    call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord], store: str
+) -> ArtifactRecord | State:
+    """The record cached for this call if there is one; else copy `inputs` into a scratch directory, run the stage
+    there, store what it wrote and cache its record."""
+    artifacts = Store(store)
     key = cache_key(call, inputs)
-    cached = store.lookup(key)
+    cached = artifacts.lookup(key)
     if cached is not None:
-        get_run_logger().info("%s cached in %s", call.label, store.record(key))
+        get_run_logger().info("%s cached in %s", call.label, artifacts.record(key))
         return Completed(name="Cached", data=cached)  # how Prefect names a cache hit
     params = parse_params(params_data)
+    run = STAGE_RUNS[call.stage]
     with tempfile.TemporaryDirectory(prefix=f"moder-{call.stage}-") as scratch:
         root = Path(scratch)
         for name, artifact in inputs.items():
-            store.materialise(artifact, root, name)
+            artifacts.materialise(artifact, root, name)
+        keys = [call.name] if call.name else []  # a foreach stage takes its key after params
+        paths = [root / path.format(key=call.name) for path in run.paths]
         try:
-            outputs = body(params, root)
+            run.function(params, *keys, *paths)
         except Exception as error:
             sources = ", ".join(f"{name} ({artifact.digest[:12]})" for name, artifact in sorted(inputs.items()))
             message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
             raise type(error)(message) if isinstance(error, USER_ERRORS) else RuntimeError(message) from error
-        record = store.put(root, outputs)
-    store.save(key, record)
+        record = artifacts.put(root, [root / path.format(key=call.name) for path in run.outputs])
+    artifacts.save(key, record)
     return record
 
 
-# persist_result=False: Prefect neither writes nor reads a result, so it never deserializes a stored one.
-_TASK_OPTIONS = dict(persist_result=False, retries=2, retry_delay_seconds=5,
-                     retry_condition_fn=_retry_unless_user_error)
-
-
-@task(name="backbone", tags=[GPU_TAG], task_run_name="backbone", **_TASK_OPTIONS)
-def backbone_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-                  store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        backbone(params, root / "backbone" / "clip.safetensors", root / "reports" / "backbone.json")
-        return [root / "backbone", root / "reports"]
-    return _run_stage(call, params_data, inputs, store, body)
-
-
-@task(name="extract", tags=[GPU_TAG], task_run_name="extract@{call.name}", **_TASK_OPTIONS)
-def extract_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-                 store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        extract(params, call.name, root / "backbone" / "clip.safetensors", root / "features" / call.name)
-        return [root / "features" / call.name]
-    return _run_stage(call, params_data, inputs, store, body)
-
-
-@task(name="train", tags=[GPU_TAG], task_run_name="train@{call.name}", **_TASK_OPTIONS)
-def train_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-               store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        out = root / "experts" / call.name
-        train(params, call.name, root / "backbone" / "clip.safetensors", root / "features", out)
-        return [out]
-    return _run_stage(call, params_data, inputs, store, body)
-
-
-@task(name="finetune", tags=[GPU_TAG], task_run_name="finetune", **_TASK_OPTIONS)
-def finetune_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-                  store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        finetune(params, root / "backbone" / "clip.safetensors", root / "features", root / "finetune.parquet")
-        return [root / "finetune.parquet"]
-    return _run_stage(call, params_data, inputs, store, body)
-
-
-@task(name="evaluate", tags=[GPU_TAG], task_run_name="evaluate@{call.name}", **_TASK_OPTIONS)
-def evaluate_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-                  store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        out, unseen = root / "eval" / f"{call.name}.parquet", root / "unseen" / f"{call.name}.parquet"
-        evaluate(params, call.name, root / "backbone" / "clip.safetensors", root / "features", root / "experts", out, unseen)
-        return [out, unseen]
-    return _run_stage(call, params_data, inputs, store, body)
-
-
-@task(name="report", task_run_name="report", **_TASK_OPTIONS)
-def report_task(call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord],
-                store: str) -> ArtifactRecord | State:
-    def body(params, root):
-        report(params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports")
-        return [root / "metrics.json", root / "reports"]
-    return _run_stage(call, params_data, inputs, store, body)
+def stage_task(call: StageCall) -> Task:
+    """`run_stage` named after the stage instance, tagged `gpu` if the stage uses the accelerator."""
+    tags = [GPU_TAG] if STAGE_RUNS[call.stage].gpu else []
+    return run_stage.with_options(name=call.stage, task_run_name=call.label, tags=tags)
 
 
 # persist_result=False: the returned metrics stay in memory, nothing is left for a client to unpickle later.
 @flow(name="moder-pipeline", log_prints=True, persist_result=False)
-def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect", dvc_yaml: str = "dvc.yaml",
-                   store: str = DEFAULT_STORE) -> dict:
+def moder_pipeline(
+    params_path: str = "params.yaml",
+    out_dir: str = "out/prefect",
+    dvc_yaml: str = "dvc.yaml",
+    store: str = DEFAULT_STORE,
+) -> dict:
     """backbone -> extract per dataset -> train per dataset (in parallel) and the finetune baseline
     -> evaluate per step -> report.
 
@@ -223,25 +198,28 @@ def moder_pipeline(params_path: str = "params.yaml", out_dir: str = "out/prefect
     artifacts = Store(store)
     url = artifacts.url  # absolute, so that workers in other directories find the same store
 
-    model = backbone_task.submit(calls["backbone"], params_data, {}, url)
-    features = {d: extract_task.submit(calls[f"extract@{d}"], params_data, {"backbone": model}, url)
-                for d in params.datasets if any(t.dataset == d for t in params.tasks.values())}
-    experts = {d: train_task.submit(calls[f"train@{d}"], params_data, {"backbone": model, f"extract@{d}": f}, url)
-               for d, f in features.items()}
+    def submit(label: str, inputs: dict[str, PrefectFuture]) -> PrefectFuture:
+        return stage_task(calls[label]).submit(calls[label], params_data, inputs, url)
+
+    model = submit("backbone", {})
+    features = {
+        d: submit(f"extract@{d}", {"backbone": model})
+        for d in params.datasets
+        if any(t.dataset == d for t in params.tasks.values())
+    }
+    experts = {d: submit(f"train@{d}", {"backbone": model, f"extract@{d}": f}) for d, f in features.items()}
     all_features = {f"extract@{d}": f for d, f in features.items()}
-    baseline = finetune_task.submit(calls["finetune"], params_data, {"backbone": model, **all_features}, url)
+    baseline = submit("finetune", {"backbone": model, **all_features})
     # every step reads every task's experts: the oracle scores tasks not yet trained with their own
     trained = {f"train@{d}": e for d, e in experts.items()}
-    evaluations = {name: evaluate_task.submit(calls[f"evaluate@{name}"], params_data,
-                                              {"backbone": model, **all_features, **trained}, url)
-                   for name in params.tasks}
+    evaluations = {
+        name: submit(f"evaluate@{name}", {"backbone": model, **all_features, **trained}) for name in params.tasks
+    }
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
     for future in [model, *features.values(), *experts.values(), baseline, *evaluations.values()]:
         future.result()
-    reported = report_task.submit(calls["report"], params_data,
-                                  {"finetune": baseline, **{f"evaluate@{t}": e for t, e in evaluations.items()}},
-                                  url).result()
+    reported = submit("report", {"finetune": baseline, **{f"evaluate@{t}": e for t, e in evaluations.items()}}).result()
 
     out = Path(out_dir)
     artifacts.materialise(reported, out, "report")
@@ -258,8 +236,11 @@ def with_task_runner(pipeline: Any, dask_workers: int | None = None, dask_addres
 
     if dask_address is not None:
         return pipeline.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    return pipeline.with_options(task_runner=DaskTaskRunner(
-        cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}))
+    return pipeline.with_options(
+        task_runner=DaskTaskRunner(
+            cluster_kwargs={"n_workers": dask_workers, "threads_per_worker": 1, "processes": True}
+        )
+    )
 
 
 def main() -> None:
@@ -268,8 +249,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Run the MoDER pipeline as a Prefect flow, once.")
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--out", default="out/prefect", help="where metrics.json and reports/ are written")
-    parser.add_argument("--store", default=DEFAULT_STORE,
-                        help=f"stage outputs and the cache: a path or fsspec URL (default: {DEFAULT_STORE})")
+    parser.add_argument(
+        "--store",
+        default=DEFAULT_STORE,
+        help=f"stage outputs and the cache: a path or fsspec URL (default: {DEFAULT_STORE})",
+    )
     parser.add_argument("--dask-workers", type=int, default=None, help="fan out over a local Dask cluster")
     parser.add_argument("--dask-address", default=None, help="or over an existing one, e.g. tcp://host:8786")
     args = parser.parse_args()

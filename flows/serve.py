@@ -5,6 +5,7 @@ Then trigger runs with `prefect deployment run 'moder-pipeline/moder'` (optional
 is resolved in the serving process's directory). `--dask-workers N` runs each flow's tasks on a
 local Dask cluster of N workers; `--dask-address tcp://host:8786` on an existing cluster.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -3,6 +3,7 @@
 Run once per server (idempotent): `python -m flows.setup` (or `--gpus N` to set the cap by hand).
 Machines without a GPU get a cap of 1, so GPU-tagged tasks still run, one at a time.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -14,6 +14,7 @@ unless it matches its name. A tampered store can therefore make a run fail with 
 the file, but cannot make it run code. Writes go to a temporary name and are moved into place,
 so readers never see half a file where the filesystem's move is atomic (local, POSIX).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,11 @@ def files_below(path: Path) -> list[Path]:
     """`path` itself if it is a file, else every file below it; sorted, caches and the temporaries
     of interrupted writes left out (as DVC leaves them out, through .dvcignore)."""
     candidates = [path] if path.is_file() else path.rglob("*")
-    return sorted(f for f in candidates if f.is_file() and "__pycache__" not in f.parts
-                  and not any(is_temporary(part) for part in f.parts))
+    return sorted(
+        f
+        for f in candidates
+        if f.is_file() and "__pycache__" not in f.parts and not any(is_temporary(part) for part in f.parts)
+    )
 
 
 def _sha256(handle: Any) -> str:
@@ -71,7 +75,7 @@ class ArtifactRecord:
     digest: str
 
     @classmethod
-    def of(cls, files: dict[str, str]) -> "ArtifactRecord":
+    def of(cls, files: dict[str, str]) -> ArtifactRecord:
         files = {_checked_name(name): _checked_digest(files[name]) for name in sorted(files)}
         digest = hashlib.sha256()
         for name, content in files.items():
@@ -82,7 +86,7 @@ class ArtifactRecord:
         return json.dumps({"files": self.files, "digest": self.digest}, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, content: bytes, source: str) -> "ArtifactRecord":
+    def from_json(cls, content: bytes, source: str) -> ArtifactRecord:
         """Parse and check a stored record; anything else (a pickle, another program's JSON) is refused."""
         try:
             data = json.loads(content)
@@ -151,8 +155,10 @@ class Store:
 
     def _check(self, actual: str, digest: str, label: str, name: str) -> None:
         if actual != digest:
-            raise StoreError(f"blob {self.blob(digest)} does not match its digest (it holds {actual[:12]}...); "
-                             f"it is {label}:{name}; delete it and the records naming it to recompute")
+            raise StoreError(
+                f"blob {self.blob(digest)} does not match its digest (it holds {actual[:12]}...); "
+                f"it is {label}:{name}; delete it and the records naming it to recompute"
+            )
 
     def lookup(self, key: str) -> ArtifactRecord | None:
         """The record cached under `key`, every blob verified; None when there is none."""

@@ -1,15 +1,17 @@
 """Baselines scored beside MoDER in the same label spaces (`zeroshot` and `oracle` live in evaluate_step)."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from moder.benchmark import AccuracyRow, Task, TaskData, accuracy_rows
+from moder.evaluation import AccuracyRow, accuracy_rows
 from moder.factory import ExpertFactory
 from moder.metrics import Protocol
-from moder.prompts import encode_prototypes
+from moder.prompts import NO_GRAD_CHUNK, encode_prototypes
+from moder.tasks import Task, TaskData
 from moder.train import TrainConfig, train_experts
 
 
@@ -17,6 +19,7 @@ def finetune_rows(
     factory: ExpertFactory,
     sequence: list[TaskData],
     train_sets: list[tuple[Tensor, Tensor]],
+    *,
     config_for: Callable[[Task], TrainConfig],
     protocol: Protocol,
     generator: torch.Generator,
@@ -28,17 +31,26 @@ def finetune_rows(
     rows: list[AccuracyRow] = []
     with torch.no_grad():
         prompts = [factory.prompts(d.class_names, list(d.templates)) for d in sequence]
-    for step, (data, (features, labels)) in enumerate(zip(sequence, train_sets), start=1):
+    for step, (data, (features, labels)) in enumerate(zip(sequence, train_sets, strict=True)):
         everyone = torch.zeros(len(data.class_names), dtype=torch.long)
-        shared = train_experts(factory.tower, prompts[step - 1], shared, features, labels, config_for(data.task),
-                               rows=everyone).experts
+        shared = train_experts(
+            factory.tower, prompts[step], shared, features, labels, config_for(data.task), rows=everyone
+        ).experts
         with torch.no_grad():
             table = {
                 (d.task.dataset, name): p
-                for d, task_prompts in zip(sequence, prompts)
-                for name, p in zip(d.class_names, encode_prototypes(
-                    factory.tower, task_prompts, shared, torch.zeros(len(d.class_names), dtype=torch.long),
-                    chunk_classes=256))
+                for d, task_prompts in zip(sequence, prompts, strict=True)
+                for name, p in zip(
+                    d.class_names,
+                    encode_prototypes(
+                        factory.tower,
+                        task_prompts,
+                        shared,
+                        torch.zeros(len(d.class_names), dtype=torch.long),
+                        chunk_classes=NO_GRAD_CHUNK,
+                    ),
+                    strict=True,
+                )
             }
         rows += accuracy_rows(sequence, step, protocol, "finetune", table)
     return rows

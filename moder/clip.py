@@ -1,15 +1,17 @@
 """Loading a frozen CLIP through open_clip, and the identity that tags everything it produces."""
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
-from torch import nn
 
 from moder.io import TensorFileError, load_metadata, save_tensors, verify_tensors
 
@@ -19,6 +21,11 @@ _CONFIG_DIR = Path(__file__).with_name("model_configs")
 open_clip.add_model_config(_CONFIG_DIR)
 
 PROJECT_MODELS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
+
+
+# open_clip's CLIP / CustomTextCLIP (an nn.Module with encode_image, encode_text, logit_scale, ...):
+# open_clip ships no type information, so its models are typed by this name only.
+OpenClipModel = Any
 
 
 class ModelLoadError(RuntimeError):
@@ -40,7 +47,7 @@ class ModelIdentity:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "ModelIdentity":
+    def from_json(cls, text: str) -> ModelIdentity:
         data = json.loads(text)
         data["mean"], data["std"] = tuple(data["mean"]), tuple(data["std"])
         return cls(**data)
@@ -48,8 +55,8 @@ class ModelIdentity:
 
 @dataclass
 class LoadedClip:
-    model: nn.Module
-    preprocess: object
+    model: OpenClipModel
+    preprocess: Callable[[Any], Any]  # open_clip's image transform: PIL image -> tensor
     tokenizer: object
     identity: ModelIdentity
     quick_gelu: bool = False  # the activation the weights were trained with (OpenAI's CLIPs use QuickGELU)
@@ -74,10 +81,14 @@ def _saved_backbone(checkpoint: Path) -> dict:
         raise ModelLoadError(f"{checkpoint}: its backbone metadata is not a JSON object")
     for key in ("mean", "std"):
         values = preprocess.get(key)
-        if values is not None and (not isinstance(values, list) or len(values) != 3 or not all(
-                isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in values)):
-            raise ModelLoadError(f"{checkpoint}: preprocessing {key} {values!r} is not 3 finite numbers"
-                                 f"{' > 0' if key == 'std' else ''}")
+        if values is not None and (
+            not isinstance(values, list)
+            or len(values) != 3
+            or not all(isinstance(v, (int, float)) and math.isfinite(v) and (key == "mean" or v > 0) for v in values)
+        ):
+            raise ModelLoadError(
+                f"{checkpoint}: preprocessing {key} {values!r} is not 3 finite numbers{' > 0' if key == 'std' else ''}"
+            )
     return saved
 
 
@@ -137,8 +148,11 @@ def load_clip(
         source = pretrained
     # open_clip builds e.g. ViT-B-16 with GELU even for OpenAI's weights, which were trained with
     # QuickGELU (it only warns): follow the tag's own setting, as CLIP's published numbers do.
-    quick_gelu = bool(saved.get("quick_gelu", False) or architecture.endswith("-quickgelu")
-                      or (pretrained and open_clip.get_pretrained_cfg(architecture, pretrained).get("quick_gelu", False)))
+    quick_gelu = bool(
+        saved.get("quick_gelu", False)
+        or architecture.endswith("-quickgelu")
+        or (pretrained and open_clip.get_pretrained_cfg(architecture, pretrained).get("quick_gelu", False))
+    )
     preprocess_cfg = saved.get("preprocess", {})
     try:
         with torch.random.fork_rng(devices=[]):  # seed the random init without touching the caller's RNG
@@ -158,16 +172,22 @@ def load_clip(
         if checkpoint is not None:
             raise ModelLoadError(f"could not load CLIP checkpoint {checkpoint} into {architecture}: {error}") from error
         raise ModelLoadError(
-            f"could not fetch weights {architecture}/{pretrained} (looked in cache_dir={cache_dir or 'the Hugging Face cache'}): "
+            f"could not fetch weights {architecture}/{pretrained} "
+            f"(looked in cache_dir={cache_dir or 'the Hugging Face cache'}): "
             f"{error}. Offline, download the weights elsewhere and set model.checkpoint in params.yaml "
             "to the local file, or set model.cache_dir to a directory that already holds them."
         ) from error
     model.eval().requires_grad_(False)
-    damaged = [name for name, tensor in model.state_dict().items()
-               if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    damaged = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if damaged:
-        raise ModelLoadError(f"CLIP weights from {source or 'random init'} have non-finite values in {damaged[0]}"
-                             f"{f' and {len(damaged) - 1} more tensors' if len(damaged) > 1 else ''}: the file is damaged")
+        raise ModelLoadError(
+            f"CLIP weights from {source or 'random init'} have non-finite values in {damaged[0]}"
+            f"{f' and {len(damaged) - 1} more tensors' if len(damaged) > 1 else ''}: the file is damaged"
+        )
     cfg = open_clip.get_model_preprocess_cfg(model)
     image_size = cfg["size"]
     identity = ModelIdentity(
@@ -188,5 +208,8 @@ def save_backbone(clip: LoadedClip, path: Path | str, source: str) -> None:
     cfg = open_clip.get_model_preprocess_cfg(clip.model)
     preprocess = {key: cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if key in cfg}
     preprocess["mean"], preprocess["std"] = list(preprocess["mean"]), list(preprocess["std"])
-    save_tensors(path, clip.model.state_dict(),
-                 {"backbone": {"source": source, "quick_gelu": clip.quick_gelu, "preprocess": preprocess}})
+    save_tensors(
+        path,
+        clip.model.state_dict(),
+        {"backbone": {"source": source, "quick_gelu": clip.quick_gelu, "preprocess": preprocess}},
+    )

@@ -1,4 +1,5 @@
 """Composing retrieved experts into prototypes for classes the hub has never trained on."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.experts import ContextExperts, Experts, LoraExperts, concat_experts
-from moder.prompts import PromptSet, encode_prototypes
+from moder.prompts import NO_GRAD_CHUNK, PromptSet, encode_prototypes
 from moder.text import TextTower
 
 
@@ -43,7 +44,9 @@ def compose_outputs(
     full, rows = _with_null(bank, null, indices)
     queries, k = rows.shape
     repeated = prompts.select(torch.arange(queries).repeat_interleave(k))
-    outputs = encode_prototypes(tower, repeated, full, rows.reshape(-1), chunk_classes=256).view(queries, k, -1)
+    outputs = encode_prototypes(tower, repeated, full, rows.reshape(-1), chunk_classes=NO_GRAD_CHUNK).view(
+        queries, k, -1
+    )
     return F.normalize(torch.einsum("qk,qkd->qd", weights, outputs), dim=-1)
 
 
@@ -60,7 +63,7 @@ def compose_prototypes(
     """Refined prototypes for unseen classes, composed in parameter or output space."""
     if space == "parameter":
         composed = compose_parameters(bank, null, indices, weights)
-        return encode_prototypes(tower, prompts, composed, torch.arange(prompts.n_classes), chunk_classes=256)
+        return encode_prototypes(tower, prompts, composed, torch.arange(prompts.n_classes), chunk_classes=NO_GRAD_CHUNK)
     if space == "output":
         return compose_outputs(tower, prompts, bank, null, indices, weights)
     raise ValueError(f"unknown composition space {space!r}; allowed: parameter, output")
@@ -69,5 +72,5 @@ def compose_prototypes(
 @torch.no_grad()
 def seen_prototypes(tower: TextTower, prompts: PromptSet, experts: Experts, zeroshot: Tensor, alpha: float) -> Tensor:
     """Each seen class's own expert, interpolated toward its zero-shot prototype (alpha=1: expert only)."""
-    own = encode_prototypes(tower, prompts, experts, torch.arange(prompts.n_classes), chunk_classes=256)
+    own = encode_prototypes(tower, prompts, experts, torch.arange(prompts.n_classes), chunk_classes=NO_GRAD_CHUNK)
     return F.normalize(alpha * own + (1.0 - alpha) * zeroshot, dim=-1)

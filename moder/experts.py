@@ -3,12 +3,13 @@
 A set of E experts is stored as stacked tensors so that N classes, each with its own
 expert, are encoded in one batched forward (see `moder.text.TextTower.encode`).
 """
+
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -20,8 +21,9 @@ class ExpertFileError(ValueError):
     """An experts file is missing, malformed or belongs to another backbone; the message names it."""
 
 
-LORA_MODULES = ("attn_in", "attn_out", "mlp_fc", "mlp_proj")
+# The linear maps of a text block a LoRA expert may adapt: attention in/out projections, MLP in/out.
 LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
+LORA_MODULES: tuple[LoraModule, ...] = get_args(LoraModule)
 
 
 def _gather(stacked: Tensor, rows: Tensor) -> Tensor:
@@ -41,13 +43,13 @@ class ContextExperts:
     def __len__(self) -> int:
         return self.ctx.shape[0]
 
-    def select(self, rows: Tensor) -> "ContextExperts":
+    def select(self, rows: Tensor) -> ContextExperts:
         return ContextExperts(_gather(self.ctx, rows))
 
     def parameters(self) -> list[Tensor]:
         return [self.ctx]
 
-    def with_parameters(self, parameters: list[Tensor]) -> "ContextExperts":
+    def with_parameters(self, parameters: list[Tensor]) -> ContextExperts:
         """The same experts holding `parameters` (in the order of `parameters()`)."""
         (ctx,) = parameters
         return ContextExperts(ctx)
@@ -79,17 +81,22 @@ class LoraExperts:
     def rank(self) -> int:
         return next(iter(self.a.values())).shape[1]
 
-    def select(self, rows: Tensor) -> "LoraExperts":
-        return LoraExperts({t: _gather(v, rows) for t, v in self.a.items()},
-                           {t: _gather(v, rows) for t, v in self.b.items()}, self.scaling)
+    def select(self, rows: Tensor) -> LoraExperts:
+        return LoraExperts(
+            {t: _gather(v, rows) for t, v in self.a.items()},
+            {t: _gather(v, rows) for t, v in self.b.items()},
+            self.scaling,
+        )
 
     def parameters(self) -> list[Tensor]:
         return [*self.a.values(), *self.b.values()]
 
-    def with_parameters(self, parameters: list[Tensor]) -> "LoraExperts":
+    def with_parameters(self, parameters: list[Tensor]) -> LoraExperts:
         """The same experts holding `parameters` (in the order of `parameters()`)."""
         n = len(self.a)
-        return LoraExperts(dict(zip(self.a, parameters[:n])), dict(zip(self.b, parameters[n:])), self.scaling)
+        return LoraExperts(
+            dict(zip(self.a, parameters[:n], strict=True)), dict(zip(self.b, parameters[n:], strict=True)), self.scaling
+        )
 
     def tensors(self) -> dict[str, Tensor]:
         return {**{f"lora_a.{t}": v for t, v in self.a.items()}, **{f"lora_b.{t}": v for t, v in self.b.items()}}
@@ -136,14 +143,16 @@ def concat_experts(parts: list[Experts]) -> Experts:
     first = parts[0]
     if any(p.kind != first.kind for p in parts):
         raise ValueError("cannot concatenate experts of different kinds")
-    if isinstance(first, ContextExperts):
-        return ContextExperts(torch.cat([p.ctx for p in parts]))
-    if any(p.describe() != first.describe() for p in parts):
+    contexts = [p for p in parts if isinstance(p, ContextExperts)]
+    if contexts:
+        return ContextExperts(torch.cat([p.ctx for p in contexts]))
+    loras = [p for p in parts if isinstance(p, LoraExperts)]
+    if any(p.describe() != loras[0].describe() for p in loras):
         raise ValueError("cannot concatenate LoRA experts with different rank, scaling or targets")
     return LoraExperts(
-        {t: torch.cat([p.a[t] for p in parts]) for t in first.a},
-        {t: torch.cat([p.b[t] for p in parts]) for t in first.b},
-        first.scaling,
+        {t: torch.cat([p.a[t] for p in loras]) for t in loras[0].a},
+        {t: torch.cat([p.b[t] for p in loras]) for t in loras[0].b},
+        loras[0].scaling,
     )
 
 
@@ -155,15 +164,18 @@ def experts_from_tensors(tensors: dict[str, Tensor], description: dict) -> Exper
     return LoraExperts(a, b, float(description["scaling"]))
 
 
-def save_experts(path, experts: Experts, class_names: list[str], backbone: str, extra: dict | None = None) -> None:
-    """Write experts as safetensors; metadata holds class names, kind, rank and backbone identity."""
+def save_experts(
+    path: Path | str, experts: Experts, class_names: list[str], identity: str, extra: dict | None = None
+) -> None:
+    """Write experts as safetensors; metadata holds class names, kind, rank and the identity of the
+    CLIP they were trained on (`ModelIdentity` JSON, under the key "backbone")."""
     if len(class_names) != len(experts):
         raise ValueError(f"{len(class_names)} class names for {len(experts)} experts")
-    metadata = {"class_names": class_names, "experts": experts.describe(), "backbone": backbone, "extra": extra or {}}
+    metadata = {"class_names": class_names, "experts": experts.describe(), "backbone": identity, "extra": extra or {}}
     save_tensors(path, experts.tensors(), metadata)
 
 
-def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str], dict]:
+def load_experts(path: Path | str, identity: str | None = None) -> tuple[Experts, list[str], dict]:
     """Read experts written by `save_experts`; refuse those made on another backbone, and files whose
     tensors are damaged, non-finite or of shapes that do not fit together."""
     if not Path(path).is_file():
@@ -172,11 +184,12 @@ def load_experts(path, backbone: str | None = None) -> tuple[Experts, list[str],
         tensors, metadata = load_tensors(path)
     except TensorFileError as error:
         raise ExpertFileError(str(error)) from None
-    missing = {"class_names", "experts", "backbone", "extra"} - set(metadata or {})
+    metadata = metadata or {}
+    missing = {"class_names", "experts", "backbone", "extra"} - set(metadata)
     if missing:
         raise ExpertFileError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
-    if backbone is not None and metadata["backbone"] != backbone:
-        raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {backbone}")
+    if identity is not None and metadata["backbone"] != identity:
+        raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {identity}")
     problem = _shape_problem(tensors, metadata["experts"], len(metadata["class_names"]))
     if problem:
         raise ExpertFileError(f"{path}: {problem}")

@@ -1,4 +1,5 @@
 """One factory for experts: the prompts a kind reads, fresh experts, and the null expert."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,7 +44,11 @@ class ExpertFactory:
             self._init_ctx = tower.context_prompts(["x"], spec.context_init)[1]
         elif spec.kind == "lora":
             self._shapes = tower.lora_shapes(
-                lora_targets(tower.n_layers, None if spec.lora_layers is None else list(spec.lora_layers), list(spec.lora_modules))
+                lora_targets(
+                    tower.n_layers,
+                    None if spec.lora_layers is None else list(spec.lora_layers),
+                    list(spec.lora_modules),
+                )
             )
         else:
             raise ValueError(f"unknown expert kind {spec.kind!r}; allowed: context, lora")

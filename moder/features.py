@@ -1,18 +1,21 @@
 """Feature and prototype tables as Parquet, tagged with the model that made them."""
+
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from moder.clip import OpenClipModel
 from moder.io import atomic_path
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -47,8 +50,9 @@ class FeatureTable:
 
 
 @torch.no_grad()
-def encode_images(model: nn.Module, batches: Iterable[Tensor], device: str = "cpu",
-                  precision: Precision = "fp32") -> Tensor:
+def encode_images(
+    model: OpenClipModel, batches: Iterable[Tensor], device: str = "cpu", precision: Precision = "fp32"
+) -> Tensor:
     """L2-normalised image features of every batch, in order, as float32 on the CPU.
 
     `batches` are preprocessed image tensors (a DataLoader's, or chunks of rendered images);
@@ -71,17 +75,21 @@ def write_features(path: Path | str, table: FeatureTable) -> None:
 
     Non-finite vectors are refused (a damaged backbone or preprocessing makes them)."""
     if not bool(torch.isfinite(table.vectors).all()):
-        raise FeatureFileError(f"refusing to write {path}: the {table.dataset} features have non-finite values "
-                               "(check the backbone checkpoint and its preprocessing)")
+        raise FeatureFileError(
+            f"refusing to write {path}: the {table.dataset} features have non-finite values "
+            "(check the backbone checkpoint and its preprocessing)"
+        )
     vectors = table.vectors.detach().cpu().float().contiguous().numpy()
     column = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), vectors.shape[1])
     arrow = pa.table({"label": pa.array(table.labels.cpu().numpy().astype(np.int32)), "feature": column})
-    arrow = arrow.replace_schema_metadata({
-        _MODEL_KEY: table.model.encode(),
-        _DATASET_KEY: table.dataset.encode(),
-        _CLASSES_KEY: json.dumps(table.class_names).encode(),
-        **({_TEMPLATES_KEY: json.dumps(list(table.templates)).encode()} if table.templates else {}),
-    })
+    arrow = arrow.replace_schema_metadata(
+        {
+            _MODEL_KEY: table.model.encode(),
+            _DATASET_KEY: table.dataset.encode(),
+            _CLASSES_KEY: json.dumps(table.class_names).encode(),
+            **({_TEMPLATES_KEY: json.dumps(list(table.templates)).encode()} if table.templates else {}),
+        }
+    )
     with atomic_path(path) as temporary:
         pq.write_table(arrow, temporary)
 
@@ -99,7 +107,9 @@ def read_features(path: Path | str, model: str | None = None, dataset: str | Non
     metadata = arrow.schema.metadata or {}
     missing = [key.decode() for key in (_MODEL_KEY, _DATASET_KEY, _CLASSES_KEY) if key not in metadata]
     if missing or "feature" not in arrow.column_names or "label" not in arrow.column_names:
-        raise FeatureFileError(f"{path}: not a MoDER feature file (missing {', '.join(missing) or 'feature/label columns'})")
+        raise FeatureFileError(
+            f"{path}: not a MoDER feature file (missing {', '.join(missing) or 'feature/label columns'})"
+        )
     producer = metadata[_MODEL_KEY].decode()
     if model is not None and producer != model:
         raise FeatureFileError(
@@ -121,18 +131,22 @@ def read_features(path: Path | str, model: str | None = None, dataset: str | Non
     except ValueError as error:
         raise FeatureFileError(f"{path}: its class list or templates are not valid JSON ({error})") from None
     if not np.isfinite(vectors).all():
-        raise FeatureFileError(f"{path}: {int((~np.isfinite(vectors)).any(1).sum())} feature rows have non-finite values")
+        raise FeatureFileError(
+            f"{path}: {int((~np.isfinite(vectors)).any(1).sum())} feature rows have non-finite values"
+        )
     outside = labels[(labels < 0) | (labels >= len(class_names))]
     if outside.size:
         raise FeatureFileError(f"{path}: label {int(outside[0])} is outside its {len(class_names)} classes")
-    return FeatureTable(torch.from_numpy(vectors.copy()), torch.from_numpy(labels), class_names, tagged, producer,
-                        templates)
+    return FeatureTable(
+        torch.from_numpy(vectors.copy()), torch.from_numpy(labels), class_names, tagged, producer, templates
+    )
 
 
 def read_prototypes(path: Path | str, model: str, dataset: str) -> FeatureTable:
     """A prototype table (`classes.parquet`): one row per class, in class order."""
     table = read_features(path, model, dataset)
     if not torch.equal(table.labels, torch.arange(len(table.class_names))):
-        raise FeatureFileError(f"{path}: {len(table.labels)} prototype rows do not match its "
-                               f"{len(table.class_names)} classes one to one")
+        raise FeatureFileError(
+            f"{path}: {len(table.labels)} prototype rows do not match its {len(table.class_names)} classes one to one"
+        )
     return table

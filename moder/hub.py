@@ -1,4 +1,5 @@
 """The foundational hub: every trained expert, keyed by its class's zero-shot prototype."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,8 +27,8 @@ class Retrieval:
 class ExpertHub:
     """Grows step after step; rows are (step, class) pairs, never modified once appended."""
 
-    def __init__(self, backbone: str) -> None:
-        self.backbone = backbone
+    def __init__(self, identity: str) -> None:
+        self.identity = identity  # ModelIdentity JSON of the CLIP the experts were trained on
         self.keys: Tensor | None = None
         self.class_names: list[str] = []
         self.steps: list[int] = []
@@ -38,7 +39,9 @@ class ExpertHub:
 
     def append(self, step: int, class_names: list[str], keys: Tensor, experts: Experts) -> None:
         if not len(class_names) == keys.shape[0] == len(experts):
-            raise ValueError(f"{len(class_names)} classes, {keys.shape[0]} keys and {len(experts)} experts do not match")
+            raise ValueError(
+                f"{len(class_names)} classes, {keys.shape[0]} keys and {len(experts)} experts do not match"
+            )
         if step in self.steps:
             raise ValueError(f"step {step} is already in the hub")
         keys = F.normalize(keys.detach().float(), dim=-1)
@@ -67,26 +70,31 @@ class ExpertHub:
 
     def save(self, tensors_path: Path | str, manifest_path: Path | str) -> None:
         """Keys and experts as safetensors, one manifest row per expert as Parquet; both atomic."""
-        if self.experts is None:
+        if self.experts is None or self.keys is None:
             raise ValueError("cannot save an empty hub")
-        save_tensors(tensors_path, {"keys": self.keys, **self.experts.tensors()},
-                     {"backbone": self.backbone, "experts": self.experts.describe()})
+        save_tensors(
+            tensors_path,
+            {"keys": self.keys, **self.experts.tensors()},
+            {"backbone": self.identity, "experts": self.experts.describe()},
+        )
         table = pa.table({"row": list(range(len(self))), "class_name": self.class_names, "step": self.steps})
-        table = table.replace_schema_metadata({b"backbone": self.backbone.encode()})
+        table = table.replace_schema_metadata({b"backbone": self.identity.encode()})
         with atomic_path(manifest_path) as temporary:
             pq.write_table(table, temporary)
 
     @classmethod
-    def load(cls, tensors_path: Path | str, manifest_path: Path | str, backbone: str | None = None) -> "ExpertHub":
+    def load(cls, tensors_path: Path | str, manifest_path: Path | str, identity: str | None = None) -> ExpertHub:
         tensors, metadata = load_tensors(tensors_path)
         metadata = metadata or {}
         if "backbone" not in metadata or "experts" not in metadata:
             raise ValueError(f"{tensors_path}: not a hub file (metadata lacks backbone/experts)")
-        if backbone is not None and metadata["backbone"] != backbone:
-            raise ValueError(f"{tensors_path}: hub was built on backbone {metadata['backbone']}, not {backbone}")
+        if identity is not None and metadata["backbone"] != identity:
+            raise ValueError(f"{tensors_path}: hub was built on backbone {metadata['backbone']}, not {identity}")
         manifest = pq.read_table(manifest_path).to_pydict()
         if manifest["row"] != list(range(tensors["keys"].shape[0])):
-            raise ValueError(f"{manifest_path}: manifest rows do not match the {tensors['keys'].shape[0]} keys in {tensors_path}")
+            raise ValueError(
+                f"{manifest_path}: manifest rows do not match the {tensors['keys'].shape[0]} keys in {tensors_path}"
+            )
         hub = cls(metadata["backbone"])
         hub.keys = tensors.pop("keys")
         hub.experts = experts_from_tensors(tensors, metadata["experts"])

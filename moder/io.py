@@ -7,6 +7,7 @@ the same target once the process that made them is gone. A directory output carr
 naming what wrote it; a write refuses to replace a directory that is not empty and not its own, so
 a wrong `--out` can never delete a user's data.
 """
+
 from __future__ import annotations
 
 import errno
@@ -16,9 +17,10 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -151,8 +153,10 @@ def atomic_directory(path: Path | str, owner: str) -> Iterator[Path]:
         if not path.is_dir():
             raise OutputError(f"refusing to replace {path}: it is a file, not a directory written by {owner}")
         if any(path.iterdir()) and _owner(path) != owner:
-            raise OutputError(f"refusing to replace {path}: it is not empty and was not written by {owner} "
-                              f"(no {OWNER_FILE} of {owner} in it); choose another --out")
+            raise OutputError(
+                f"refusing to replace {path}: it is not empty and was not written by {owner} "
+                f"(no {OWNER_FILE} of {owner} in it); choose another --out"
+            )
     temporary = _temporary_name(path)
     with _disk_errors_name(path):
         temporary.mkdir(0o777)  # the umask applies, as for any directory the user makes
@@ -203,8 +207,11 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: d
         raise TensorFileError(f"refusing to write {path}: its metadata holds non-finite numbers") from None
     digest = _content_digest(iter(sorted(tensors.items())), text)
     with atomic_path(path) as temporary:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(temporary),
-                  metadata={_METADATA_KEY: json.dumps({**metadata, _DIGEST_KEY: digest}, sort_keys=True)})
+        save_file(
+            {k: v.detach().contiguous() for k, v in tensors.items()},
+            str(temporary),
+            metadata={_METADATA_KEY: json.dumps({**metadata, _DIGEST_KEY: digest}, sort_keys=True)},
+        )
 
 
 def _read_metadata(path: Path | str) -> tuple[dict[str, Any] | None, str | None]:
@@ -231,8 +238,9 @@ def load_metadata(path: Path | str) -> dict[str, Any] | None:
     return _read_metadata(path)[0]
 
 
-def _check_digest(path: Path | str, tensors: Iterator[tuple[str, torch.Tensor]], metadata: dict[str, Any] | None,
-                  recorded: str | None) -> None:
+def _check_digest(
+    path: Path | str, tensors: Iterator[tuple[str, torch.Tensor]], metadata: dict[str, Any] | None, recorded: str | None
+) -> None:
     if metadata is None:
         return  # not written by save_tensors (e.g. a checkpoint from elsewhere): nothing to compare
     if recorded is None:

@@ -3,6 +3,7 @@
 A[i][j] is the accuracy (percent) on task j's test set after training step i; the code
 indexes from 0, the design from 1.
 """
+
 from __future__ import annotations
 
 from typing import Literal
@@ -10,12 +11,13 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
+from numpy.typing import ArrayLike
 from torch import Tensor
 
 Protocol = Literal["mtil", "classil"]
 
 
-def _square(matrix) -> np.ndarray:
+def _square(matrix: ArrayLike) -> np.ndarray:
     a = np.asarray(matrix, dtype=float)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] < 1:
         raise ValueError(f"accuracy matrix must be square T x T with T >= 1, got shape {a.shape}")
@@ -24,7 +26,7 @@ def _square(matrix) -> np.ndarray:
     return a
 
 
-def transfer(matrix) -> float:
+def transfer(matrix: ArrayLike) -> float:
     """Mean over j = 2..T of the mean over i < j of A[i][j]: zero-shot ability on tasks not yet trained."""
     a = _square(matrix)
     if a.shape[0] < 2:
@@ -32,17 +34,17 @@ def transfer(matrix) -> float:
     return float(np.mean([a[:j, j].mean() for j in range(1, a.shape[0])]))
 
 
-def average(matrix) -> float:
+def average(matrix: ArrayLike) -> float:
     """Mean over j of the mean over i of A[i][j]."""
     return float(_square(matrix).mean(axis=0).mean())
 
 
-def last(matrix) -> float:
+def last(matrix: ArrayLike) -> float:
     """Mean over j of A[T][j]: every task after the final step."""
     return float(_square(matrix)[-1].mean())
 
 
-def future(matrix) -> float:
+def future(matrix: ArrayLike) -> float:
     """Mean over i = 1..T-1 of the mean over j > i of A[i][j] (mammoth's "AVG Transfer")."""
     a = _square(matrix)
     if a.shape[0] < 2:
@@ -50,7 +52,7 @@ def future(matrix) -> float:
     return float(np.mean([a[i, i + 1 :].mean() for i in range(a.shape[0] - 1)]))
 
 
-def summarize(matrix, protocol: Protocol) -> dict[str, float]:
+def summarize(matrix: ArrayLike, protocol: Protocol) -> dict[str, float]:
     """The metrics.json entry of one method."""
     summary = {"transfer": transfer(matrix), "avg": average(matrix), "last": last(matrix)}
     if protocol == "classil":

@@ -1,4 +1,5 @@
 """Checks on class names and prompt templates: every class must reach the text encoder as its own text."""
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -22,8 +23,10 @@ def check_templates(templates: list[str]) -> None:
         except (IndexError, KeyError, ValueError):
             filled = ""
         if filled.count(_PROBE) != 1:
-            raise PromptError(f"template {template!r} does not insert the class name once: "
-                              "it needs exactly one '{}' slot (and '{{'/'}}' for literal braces)")
+            raise PromptError(
+                f"template {template!r} does not insert the class name once: "
+                "it needs exactly one '{}' slot (and '{{'/'}}' for literal braces)"
+            )
 
 
 def normalized(name: str) -> str:
@@ -43,5 +46,7 @@ def check_class_names(names: list[str]) -> None:
         groups[normalized(name)].append(name)
     collisions = ["/".join(repr(n) for n in group) for group in groups.values() if len(group) > 1]
     if collisions:
-        raise PromptError(f"class names collide once case, '_' and spaces are ignored: {'; '.join(collisions[:5])} "
-                          "(they would get the same prototype); rename them")
+        raise PromptError(
+            f"class names collide once case, '_' and spaces are ignored: {'; '.join(collisions[:5])} "
+            "(they would get the same prototype); rename them"
+        )

@@ -1,4 +1,5 @@
 """The one schema of params.yaml. Unknown keys and bad values fail naming the key and what is allowed."""
+
 from __future__ import annotations
 
 import re
@@ -8,14 +9,16 @@ from typing import Any, Literal
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import ErrorDetails
 
 from moder.datasets import ADAPTERS
-from moder.experts import LORA_MODULES
+from moder.evaluation import EvaluationSettings
+from moder.experts import LORA_MODULES, LoraModule
 from moder.factory import ExpertSpec
+from moder.names import check_templates
 from moder.pretrain import PretrainConfig
 from moder.train import TrainConfig
-from moder.names import check_templates
-from moder.world import SHAPES, Domain, World
+from moder.world import SHAPES, Domain, Shape, World
 
 # Names that become parts of output paths (data/<benchmark>/features/<dataset>, ...): one plain
 # path component each, so no name can lead a stage's writes out of its own directory.
@@ -25,8 +28,10 @@ _PATH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 def path_name(name: str, what: str) -> str:
     """`name` if it is safe as one path component, else a ValueError naming `what` it is."""
     if not _PATH_NAME.fullmatch(name) or ".." in name:
-        raise ValueError(f"{what} {name!r} becomes a directory name: use letters, digits, '.', '_' and '-' "
-                         "(no '/', no '..', not starting with '.')")
+        raise ValueError(
+            f"{what} {name!r} becomes a directory name: use letters, digits, '.', '_' and '-' "
+            "(no '/', no '..', not starting with '.')"
+        )
     return name
 
 
@@ -61,7 +66,7 @@ class ModelParams(_Section):
         return device
 
     @model_validator(mode="after")
-    def _one_weights_source(self) -> "ModelParams":
+    def _one_weights_source(self) -> ModelParams:
         if self.pretrained and self.checkpoint:
             raise ValueError("set either pretrained (an open_clip tag) or checkpoint (a local file), not both")
         return self
@@ -75,9 +80,7 @@ class LoraParams(_Section):
     rank: int = Field(4, ge=1, le=256)
     alpha: float = Field(8.0, gt=0)
     layers: list[int] | None = None  # None: every layer of the text encoder
-    modules: list[Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]] = Field(
-        default_factory=lambda: list(LORA_MODULES), min_length=1
-    )
+    modules: list[LoraModule] = Field(default_factory=lambda: list(LORA_MODULES), min_length=1)
 
 
 class ExpertParams(_Section):
@@ -185,7 +188,7 @@ class DatasetParams(DomainParams):
         return None if templates is None else _with_slot(templates)
 
     @model_validator(mode="after")
-    def _fields_fit_source(self) -> "DatasetParams":
+    def _fields_fit_source(self) -> DatasetParams:
         if self.source == "embedded":
             if self.root is not None:
                 raise ValueError("root is for image datasets read from disk; source embedded renders its images")
@@ -193,8 +196,11 @@ class DatasetParams(DomainParams):
         if self.root is None:
             raise ValueError(f"source {self.source} needs root: the directory that holds the dataset")
         # compared with the defaults, not "was it given": a full dump of the params must parse again
-        rendering = [name for name in (*DomainParams.model_fields, "classes")
-                     if getattr(self, name) != DatasetParams.model_fields[name].default]
+        rendering = [
+            name
+            for name in (*DomainParams.model_fields, "classes")
+            if getattr(self, name) != DatasetParams.model_fields[name].default
+        ]
         if rendering:
             raise ValueError(f"{', '.join(rendering)}: only for source embedded (rendered datasets), not {self.source}")
         return self
@@ -204,14 +210,19 @@ class WorldParams(_Section):
     image_size: int = Field(32, ge=8, le=256)
     colours: dict[str, tuple[float, float, float]] = Field(
         default_factory=lambda: {
-            "red": (0.9, 0.15, 0.15), "orange": (1.0, 0.55, 0.1), "yellow": (0.95, 0.9, 0.15),
-            "green": (0.2, 0.75, 0.25), "cyan": (0.15, 0.8, 0.85), "blue": (0.15, 0.3, 0.95),
-            "purple": (0.55, 0.2, 0.8), "pink": (1.0, 0.45, 0.75),
+            "red": (0.9, 0.15, 0.15),
+            "orange": (1.0, 0.55, 0.1),
+            "yellow": (0.95, 0.9, 0.15),
+            "green": (0.2, 0.75, 0.25),
+            "cyan": (0.15, 0.8, 0.85),
+            "blue": (0.15, 0.3, 0.95),
+            "purple": (0.55, 0.2, 0.8),
+            "pink": (1.0, 0.45, 0.75),
         },
         min_length=2,
     )
-    shapes: list[Literal[SHAPES]] = Field(
-        default_factory=lambda: ["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"],
+    shapes: list[Shape] = Field(
+        default_factory=lambda: list(SHAPES),
         min_length=2,
     )
 
@@ -241,8 +252,14 @@ class PretrainParams(_Section):
     weight_decay: float = Field(0.1, ge=0)
     warmup: int = Field(100, ge=1)
     captions: list[str] = Field(
-        default_factory=lambda: ["a {}.", "a photo of a {}.", "a drawing of a {}.", "a rendering of a {}.",
-                                 "an image of a {}.", "a picture of the {}."],
+        default_factory=lambda: [
+            "a {}.",
+            "a photo of a {}.",
+            "a drawing of a {}.",
+            "a rendering of a {}.",
+            "an image of a {}.",
+            "a picture of the {}.",
+        ],
         min_length=1,
     )
     domain: DomainParams = DomainParams()
@@ -253,8 +270,14 @@ class PretrainParams(_Section):
         return _with_slot(captions)
 
     def config(self, seed: int) -> PretrainConfig:
-        return PretrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr,
-                              weight_decay=self.weight_decay, warmup=self.warmup, seed=seed)
+        return PretrainConfig(
+            steps=self.steps,
+            batch_size=self.batch_size,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup=self.warmup,
+            seed=seed,
+        )
 
 
 class ExtractParams(_Section):
@@ -305,6 +328,17 @@ class Params(_Section):
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
         return _with_slot(templates)
 
+    def evaluation_settings(self) -> EvaluationSettings:
+        return EvaluationSettings(
+            protocol=self.benchmark.protocol,
+            k=self.retrieval.k,
+            temperature=self.retrieval.temperature,
+            null_score=self.retrieval.null_score,
+            space=self.composition.space,
+            alpha=self.composition.alpha,
+            calibrate=self.composition.calibrate,
+        )
+
     @field_validator("datasets", "tasks")
     @classmethod
     def _path_safe_keys(cls, entries: dict[str, Any], info: Any) -> dict[str, Any]:
@@ -313,22 +347,28 @@ class Params(_Section):
         return entries
 
     @model_validator(mode="after")
-    def _tasks_fit_protocol(self) -> "Params":
+    def _tasks_fit_protocol(self) -> Params:
         seen: set[tuple[str, int]] = set()
         for name, task in self.tasks.items():
             if task.dataset not in self.datasets:
-                raise ValueError(f"tasks.{name}.dataset: unknown dataset {task.dataset!r}; datasets: {', '.join(self.datasets)}")
+                raise ValueError(
+                    f"tasks.{name}.dataset: unknown dataset {task.dataset!r}; datasets: {', '.join(self.datasets)}"
+                )
             splits = self.datasets[task.dataset].splits
             if task.split > splits:
                 raise ValueError(f"tasks.{name}.split: {task.split} but datasets.{task.dataset}.splits is {splits}")
             if (task.dataset, task.split) in seen:
-                raise ValueError(f"tasks.{name}: split {task.split} of dataset {task.dataset!r} is already another task")
+                raise ValueError(
+                    f"tasks.{name}: split {task.split} of dataset {task.dataset!r} is already another task"
+                )
             seen.add((task.dataset, task.split))
         splits_in_order: dict[str, int] = {}
         for name, task in self.tasks.items():  # train@<dataset> trains a dataset's splits in split order
             if task.split < splits_in_order.get(task.dataset, 0):
-                raise ValueError(f"tasks.{name}: split {task.split} of dataset {task.dataset!r} comes after split "
-                                 f"{splits_in_order[task.dataset]}; a dataset's tasks must follow its split order")
+                raise ValueError(
+                    f"tasks.{name}: split {task.split} of dataset {task.dataset!r} comes after split "
+                    f"{splits_in_order[task.dataset]}; a dataset's tasks must follow its split order"
+                )
             splits_in_order[task.dataset] = task.split
         used = {task.dataset for task in self.tasks.values()}
         if self.benchmark.protocol == "classil" and len(used) != 1:
@@ -348,7 +388,7 @@ def _allowed(model: type[BaseModel] | None, location: tuple) -> str:
     return f"; allowed keys: {', '.join(model.model_fields)}"
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     location = tuple(error["loc"])
     key = ".".join(str(part) for part in location) or "<root>"
     if error["type"] == "extra_forbidden":

@@ -1,4 +1,5 @@
 """Contrastive pre-training of a tiny CLIP on the clean rendering domain of the embedded world."""
+
 from __future__ import annotations
 
 import math
@@ -6,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from moder.clip import OpenClipModel
 from moder.metrics import accuracy
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
@@ -42,7 +44,7 @@ def normalize_images(images: Tensor, mean: tuple[float, ...], std: tuple[float, 
 def _caption_tokens(tower: TextTower, world: World, captions: list[str], choice: Tensor) -> Tensor:
     """Tokens of one caption per class: class c reads captions[choice[c]]."""
     names = world.class_names
-    return tower.tokenize([captions[int(t)].format(name) for t, name in zip(choice, names)])
+    return tower.tokenize([captions[int(t)].format(name) for t, name in zip(choice, names, strict=True)])
 
 
 def _learning_rate(step: int, config: PretrainConfig) -> float:
@@ -53,12 +55,13 @@ def _learning_rate(step: int, config: PretrainConfig) -> float:
 
 
 def pretrain_clip(
-    model: nn.Module,
+    model: OpenClipModel,
     tower: TextTower,
     world: World,
     domain: Domain,
     captions: list[str],
     config: PretrainConfig,
+    *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     progress: bool = False,
@@ -83,7 +86,9 @@ def pretrain_clip(
             group["lr"] = _learning_rate(step, config)
         labels = torch.randint(n_classes, (config.batch_size,), generator=generator)
         images = normalize_images(render(world, domain, "pretrain", labels, generator), mean, std)
-        tokens = _caption_tokens(tower, world, captions, torch.randint(len(captions), (n_classes,), generator=generator))
+        tokens = _caption_tokens(
+            tower, world, captions, torch.randint(len(captions), (n_classes,), generator=generator)
+        )
         image_features = F.normalize(model.encode_image(images), dim=-1)
         text_features = tower.encode(tokens)
         logits = model.logit_scale.exp().clamp(max=100) * image_features @ text_features.T
@@ -94,8 +99,10 @@ def pretrain_clip(
         text_to_image = -torch.logsumexp(log_probs.masked_fill(~positive, -math.inf), dim=1).mean()
         loss = (image_to_text + text_to_image) / 2
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"pre-training diverged: the loss is {loss.item()} at step {step + 1} "
-                                   f"(lr {config.lr}); lower pretrain.lr")
+            raise TrainingDiverged(
+                f"pre-training diverged: the loss is {loss.item()} at step {step + 1} "
+                f"(lr {config.lr}); lower pretrain.lr"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -106,7 +113,7 @@ def pretrain_clip(
 
 @torch.no_grad()
 def clean_accuracy(
-    model: nn.Module,
+    model: OpenClipModel,
     tower: TextTower,
     world: World,
     domain: Domain,

@@ -1,4 +1,5 @@
 """Prompts per class and the prototypes (class text embeddings) they encode to."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +12,9 @@ from moder.experts import Experts
 from moder.names import check_class_names, check_templates
 from moder.text import TextTower
 
+# Classes encoded per forward pass where no gradient is kept: bounds memory whatever the class count.
+NO_GRAD_CHUNK = 256
+
 
 @dataclass(frozen=True)
 class PromptSet:
@@ -20,7 +24,7 @@ class PromptSet:
     n_classes: int
     per_class: int
 
-    def select(self, classes: Tensor) -> "PromptSet":
+    def select(self, classes: Tensor) -> PromptSet:
         rows = (classes[:, None] * self.per_class + torch.arange(self.per_class)).reshape(-1)
         return PromptSet(self.tokens[rows.to(self.tokens.device)], len(classes), self.per_class)
 
@@ -45,18 +49,22 @@ def encode_prototypes(
     With experts, class c is encoded by expert row `class_expert[c]`. `chunk_classes` bounds
     memory for large no-grad encodings; training passes None to keep one batched forward.
     """
+    if experts is not None and class_expert is None:
+        raise ValueError("experts need class_expert: which expert row encodes each class")
     step = chunk_classes or prompts.n_classes
     parts = []
     for start in range(0, prompts.n_classes, step):
         classes = torch.arange(start, min(start + step, prompts.n_classes))
         chunk = prompts.select(classes)
-        index = None if experts is None else class_expert[classes].repeat_interleave(prompts.per_class)
+        index = None if class_expert is None else class_expert[classes].repeat_interleave(prompts.per_class)
         embeddings = tower.encode(chunk.tokens, experts, index)
         parts.append(embeddings.view(len(classes), prompts.per_class, -1).mean(dim=1))
     return F.normalize(torch.cat(parts), dim=-1)
 
 
 @torch.no_grad()
-def zeroshot_prototypes(tower: TextTower, class_names: list[str], templates: list[str], chunk_classes: int = 64) -> Tensor:
+def zeroshot_prototypes(
+    tower: TextTower, class_names: list[str], templates: list[str], chunk_classes: int = NO_GRAD_CHUNK
+) -> Tensor:
     """The frozen model's template-ensembled class embeddings: keys, queries and the zero-shot classifier."""
     return encode_prototypes(tower, template_prompts(tower, class_names, templates), chunk_classes=chunk_classes)

@@ -6,17 +6,20 @@ over experts), and truncation of each batch to its longest prompt. The causal ma
 position reads a later one, and the pooled feature is read at the end-of-text token, so the
 truncated result equals full-context encoding while skipping the padding.
 """
+
 from __future__ import annotations
+
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import Tensor, nn
 
-from moder.experts import ContextExperts, Experts, LoraExperts
+from moder.experts import LORA_MODULES, ContextExperts, Experts, LoraExperts
 from moder.names import PromptError, check_class_names
 
-_LORA_ATTN_IN, _LORA_ATTN_OUT, _LORA_FC, _LORA_PROJ = "attn_in", "attn_out", "mlp_fc", "mlp_proj"
+_LORA_ATTN_IN, _LORA_ATTN_OUT, _LORA_FC, _LORA_PROJ = LORA_MODULES
 
 
 class UnsupportedTextTower(ValueError):
@@ -26,11 +29,13 @@ class UnsupportedTextTower(ValueError):
 class TextTower:
     """A view on a frozen open_clip model's text encoder."""
 
-    def __init__(self, model: nn.Module, tokenizer) -> None:
-        text = model.text if hasattr(model, "text") else model
+    def __init__(self, model: nn.Module, tokenizer: Any) -> None:
+        # open_clip's towers are read by attribute; they carry no type information
+        text: Any = model.text if hasattr(model, "text") else model
         if not hasattr(text, "transformer") or not hasattr(text, "token_embedding"):
             raise UnsupportedTextTower(
-                f"{type(text).__name__} is not an open_clip text transformer (Hugging Face text towers are not supported)"
+                f"{type(text).__name__} is not an open_clip text transformer "
+                "(Hugging Face text towers are not supported)"
             )
         if getattr(text, "cls_emb", None) is not None:
             raise UnsupportedTextTower("text towers with a CLS embedding (CoCa) are not supported")
@@ -66,14 +71,19 @@ class TextTower:
         for target in targets:
             layer, module = target.split(".")
             weight = self.linear_weight(self.blocks[int(layer)], module)[0]
-            shapes[target] = tuple(weight.shape)
+            shapes[target] = (int(weight.shape[0]), int(weight.shape[1]))
         return shapes
 
     @staticmethod
     def linear_weight(block: ResidualAttentionBlock, module: str) -> tuple[Tensor, Tensor | None]:
         if module == _LORA_ATTN_IN:
             return block.attn.in_proj_weight, block.attn.in_proj_bias
-        layer = {_LORA_ATTN_OUT: block.attn.out_proj, _LORA_FC: block.mlp.c_fc, _LORA_PROJ: block.mlp.c_proj}[module]
+        layers: dict[str, Any] = {
+            _LORA_ATTN_OUT: block.attn.out_proj,
+            _LORA_FC: block.mlp.c_fc,
+            _LORA_PROJ: block.mlp.c_proj,
+        }
+        layer = layers[module]
         return layer.weight, layer.bias
 
     def tokenize(self, texts: list[str]) -> Tensor:
@@ -83,8 +93,10 @@ class TextTower:
         if encode is not None and length is not None:
             too_long = [text for text in texts if len(encode(text)) + 2 > length]  # + start and end of text
             if too_long:
-                raise PromptError(f"{len(too_long)} prompt(s) longer than the text encoder's {length} tokens, "
-                                  f"e.g. {too_long[0][:120]!r}: shorten the class name or template")
+                raise PromptError(
+                    f"{len(too_long)} prompt(s) longer than the text encoder's {length} tokens, "
+                    f"e.g. {too_long[0][:120]!r}: shorten the class name or template"
+                )
         return self.tokenizer(texts).to(self.device)
 
     def context_prompts(self, class_names: list[str], init_phrase: str) -> tuple[Tensor, Tensor]:
@@ -93,7 +105,9 @@ class TextTower:
         The init phrase's tokens sit right after start-of-text; a context expert replaces them.
         """
         if not hasattr(self.tokenizer, "encode"):
-            raise UnsupportedTextTower(f"context experts need a BPE tokenizer with encode(); got {type(self.tokenizer).__name__}")
+            raise UnsupportedTextTower(
+                f"context experts need a BPE tokenizer with encode(); got {type(self.tokenizer).__name__}"
+            )
         n_ctx = len(self.tokenizer.encode(init_phrase))
         if not n_ctx:
             raise ValueError(f"context init phrase {init_phrase!r} has no tokens")
@@ -110,7 +124,7 @@ class TextTower:
         if self.pool_type == "argmax":
             last = tokens.argmax(dim=-1)
         else:
-            last = (tokens == self.eos_id).int().argmax(dim=-1)
+            last = torch.eq(tokens, cast(int, self.eos_id)).int().argmax(dim=-1)
         return int(last.max()) + 1
 
     def encode(
@@ -147,7 +161,9 @@ class TextTower:
             x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
 
-    def _linear(self, block, layer: int, module: str, x: Tensor, lora: LoraExperts | None) -> Tensor:
+    def _linear(
+        self, block: ResidualAttentionBlock, layer: int, module: str, x: Tensor, lora: LoraExperts | None
+    ) -> Tensor:
         weight, bias = self.linear_weight(block, module)
         y = F.linear(x, weight, bias)
         target = f"{layer}.{module}"
@@ -157,7 +173,9 @@ class TextTower:
             y = y.baddbmm_(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2), alpha=lora.scaling)
         return y
 
-    def _attention(self, block, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None) -> Tensor:
+    def _attention(
+        self, block: ResidualAttentionBlock, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None
+    ) -> Tensor:
         batch, length, width = x.shape
         heads = block.attn.num_heads
         qkv = self._linear(block, layer, _LORA_ATTN_IN, x, lora)

@@ -1,4 +1,5 @@
 """Training one task's experts jointly on cached image features."""
+
 from __future__ import annotations
 
 import math
@@ -44,6 +45,7 @@ def train_experts(
     features: Tensor,
     labels: Tensor,
     config: TrainConfig,
+    *,
     zeroshot: Tensor | None = None,
     negatives: Tensor | None = None,
     rows: Tensor | None = None,
@@ -66,9 +68,18 @@ def train_experts(
     return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
 
 
-def _train(tower: TextTower, prompts: PromptSet, experts: Experts, features: Tensor, labels: Tensor,
-           config: TrainConfig, zeroshot: Tensor | None, negatives: Tensor | None, class_rows: Tensor,
-           progress: bool) -> TrainResult:
+def _train(
+    tower: TextTower,
+    prompts: PromptSet,
+    experts: Experts,
+    features: Tensor,
+    labels: Tensor,
+    config: TrainConfig,
+    zeroshot: Tensor | None,
+    negatives: Tensor | None,
+    class_rows: Tensor,
+    progress: bool,
+) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
     trainable = experts.with_parameters(parameters)
@@ -86,12 +97,14 @@ def _train(tower: TextTower, prompts: PromptSet, experts: Experts, features: Ten
             classifier = prototypes if negatives is None else torch.cat([prototypes, negatives.to(prototypes)])
             logits = config.logit_scale * features[batch] @ classifier.T
             loss = F.cross_entropy(logits, labels[batch])
-            if config.reg_zeroshot > 0:
+            if zeroshot is not None and config.reg_zeroshot > 0:
                 loss = loss + config.reg_zeroshot * (1 - (prototypes * zeroshot.to(prototypes)).sum(-1)).mean()
             if not torch.isfinite(loss):
                 bar.close()
-                raise TrainingDiverged(f"training diverged: the loss is {loss.item()} at step {len(losses) + 1} "
-                                       f"(lr {config.lr}); lower train.lr")
+                raise TrainingDiverged(
+                    f"training diverged: the loss is {loss.item()} at step {len(losses) + 1} "
+                    f"(lr {config.lr}); lower train.lr"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -113,4 +126,3 @@ def prototype_offsets(prototypes: Tensor, zeroshot: Tensor, features: Tensor, la
     gain = features @ (prototypes - zeroshot).T  # [N, C]
     others = labels[:, None] != torch.arange(prototypes.shape[0])[None, :]
     return (gain * others).sum(0) / others.sum(0).clamp(min=1)
-

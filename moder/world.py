@@ -5,17 +5,20 @@ dataset draws its images. Its shifts act on attributes, as a real domain shift a
 concept wherever it appears: a colour is tinted the same way in every class that has it,
 and a shape drawn as an outline is drawn so in every class that has it.
 """
+
 from __future__ import annotations
 
 import math
 import zlib
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring")
+Shape = Literal["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"]
+SHAPES: tuple[Shape, ...] = get_args(Shape)
 _SUPERSAMPLE = 2  # render at 2x and average-pool: anti-aliased edges
 _MAX_TILT = math.radians(20)  # small tilts only: a square turned 45 degrees would be a diamond
 
@@ -194,11 +197,6 @@ def render(
             images = images + domain.noise * torch.randn(images.shape, generator=generator)
         parts.append(images.clamp(0, 1))
     return torch.cat(parts) if parts else torch.empty(0, 3, world.image_size, world.image_size)
-
-
-def balanced_labels(classes: Tensor, per_class: int) -> Tensor:
-    """`per_class` samples of each class, class-major."""
-    return classes.repeat_interleave(per_class)
 
 
 def class_splits(n_classes: int, splits: int, seed: int, dataset_name: str, shuffle: bool = True) -> list[Tensor]:

@@ -4,6 +4,7 @@ With `model.pretrained` (an open_clip tag) or `model.checkpoint` (a local file) 
 are loaded (a tag is fetched into `model.cache_dir`); otherwise the embedded benchmark's tiny CLIP
 is pre-trained contrastively on the clean rendered domain.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,14 @@ from stages.common import parser, run_cli
 def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
     model = params.model
     if model.pretrained or model.checkpoint:
-        clip = load_clip(model.architecture, pretrained=model.pretrained, checkpoint=model.checkpoint,
-                         cache_dir=model.cache_dir, device=model.device, seed=params.seed)
+        clip = load_clip(
+            model.architecture,
+            pretrained=model.pretrained,
+            checkpoint=model.checkpoint,
+            cache_dir=model.cache_dir,
+            device=model.device,
+            seed=params.seed,
+        )
         source = clip.identity.weights
         figures: dict = {"architecture": model.architecture, "weights": source}
     else:
@@ -32,9 +39,15 @@ def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
                 f"{clip.identity.image_size}-pixel images; make them equal in params.yaml"
             )
         result = pretrain_clip(
-            clip.model, TextTower(clip.model, clip.tokenizer), params.world.world(params.seed),
-            params.pretrain.domain.domain(), params.pretrain.captions, params.pretrain.config(params.seed),
-            clip.identity.mean, clip.identity.std, progress=True,
+            clip.model,
+            TextTower(clip.model, clip.tokenizer),
+            params.world.world(params.seed),
+            params.pretrain.domain.domain(),
+            params.pretrain.captions,
+            params.pretrain.config(params.seed),
+            mean=clip.identity.mean,
+            std=clip.identity.std,
+            progress=True,
         )
         source = f"pretrained on the embedded world, seed {params.seed}"
         figures = {"clean_zeroshot_accuracy": round(result.accuracy, 2), "final_loss": round(result.losses[-1], 4)}
@@ -46,8 +59,7 @@ def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
 
 
 def main() -> None:
-    cli = parser(__doc__, ("out", "the checkpoint to write", ".safetensors"),
-                 ("summary", "what it is", ".json"))
+    cli = parser(__doc__, ("out", "the checkpoint to write", ".safetensors"), ("summary", "what it is", ".json"))
     run_cli(lambda args, params: backbone(params, args.out, args.summary), cli.parse_args())
 
 

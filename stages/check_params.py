@@ -4,6 +4,7 @@ Every stage validates the whole file too, but when a typo lands in a section no 
 for, only this stage (which depends on params.yaml as a file) notices it. `make run` and the
 Prefect flow call it first as well.
 """
+
 from __future__ import annotations
 
 from stages.common import parser, run_cli
@@ -11,8 +12,13 @@ from stages.common import parser, run_cli
 
 def main() -> None:
     cli = parser(__doc__)
-    run_cli(lambda args, params: print(f"{args.params}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, "
-                                       f"{len(params.tasks)} tasks)"), cli.parse_args())
+    run_cli(
+        lambda args, params: print(
+            f"{args.params}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, "
+            f"{len(params.tasks)} tasks)"
+        ),
+        cli.parse_args(),
+    )
 
 
 if __name__ == "__main__":

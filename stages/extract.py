@@ -5,41 +5,46 @@ by its adapter (moder.datasets) and preprocessed with the backbone's own open_cl
 file that cannot be decoded fails the stage naming it, or with `extract.skip_bad_images` is left out
 (with its label), and the stage prints how many were left out per split.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from moder.clip import LoadedClip
-from moder.datasets import BadImage, DatasetFormatError, ImageSplit, catalog, load_split
+from moder.datasets import BadImage, DatasetFormatError, ImageSplit, Split, catalog, load_split
 from moder.features import FeatureTable, encode_images, write_features
 from moder.io import atomic_directory
-from moder.params import DatasetParams, ParamsError, Params
+from moder.params import DatasetParams, Params, ParamsError
 from moder.pretrain import normalize_images
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 from moder.world import dataset_classes, render, seed_for
-from stages.common import load_backbone, parser, run_cli
+from stages.common import load_frozen_clip, parser, run_cli
 
-SPLITS = ("train", "test")
+SPLITS: tuple[Split, ...] = ("train", "test")
 SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
 
-def rendered_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[list[str], dict[str, tuple]]:
+def rendered_splits(
+    params: Params, dataset: str, clip: LoadedClip
+) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
     """An embedded dataset: its class names, and per split (features, labels) of freshly rendered images."""
     world, spec = params.world.world(params.seed), params.datasets[dataset]
     classes = dataset_classes(world, spec.classes, dataset)
     splits = {}
-    for split, per_class in zip(SPLITS, (params.extract.train_per_class, params.extract.test_per_class)):
+    for split, per_class in zip(SPLITS, (params.extract.train_per_class, params.extract.test_per_class), strict=True):
         labels = torch.arange(len(classes)).repeat_interleave(per_class)
         generator = torch.Generator().manual_seed(seed_for(params.seed, "render", dataset, split))
-        images = normalize_images(render(world, spec.domain(), dataset, classes[labels], generator),
-                                  clip.identity.mean, clip.identity.std)
+        images = normalize_images(
+            render(world, spec.domain(), dataset, classes[labels], generator), clip.identity.mean, clip.identity.std
+        )
         batches = images.split(params.extract.batch_size)
         splits[split] = (encode_images(clip.model, batches, params.model.device, params.extract.precision), labels)
     return [world.class_names[i] for i in classes], splits
@@ -85,9 +90,15 @@ def collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | None, Tenso
 def encode_split(params: Params, clip: LoadedClip, data: ImageSplit, where: str) -> tuple[Tensor, Tensor, list[str]]:
     """Features and labels of the decodable images of `data` (`where` names it), and the undecodable
     images skipped: none, unless params.extract.skip_bad_images, else the first one fails naming it."""
-    loader = DataLoader(Decoded(data), batch_size=params.extract.batch_size, num_workers=params.extract.workers,
-                        pin_memory=params.model.device.startswith("cuda"), collate_fn=collate_readable)
-    labels, skipped = [], []
+    loader = DataLoader(
+        Decoded(data),
+        batch_size=params.extract.batch_size,
+        num_workers=params.extract.workers,
+        pin_memory=params.model.device.startswith("cuda"),
+        collate_fn=collate_readable,
+    )
+    labels: list[Tensor] = []
+    skipped: list[str] = []
 
     def batches() -> Iterator[Tensor]:
         for images, batch_labels, bad in loader:
@@ -111,10 +122,13 @@ def report_skipped(where: str, skipped: list[str]) -> None:
         print(f"skipped {len(skipped)} undecodable image(s) of {where}: {', '.join(skipped[:SHOWN_SKIPPED])}{more}")
 
 
-def image_splits(params: Params, spec: DatasetParams, clip: LoadedClip) -> tuple[list[str], dict[str, tuple]]:
+def image_splits(
+    params: Params, spec: DatasetParams, clip: LoadedClip
+) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
     """An image dataset on disk: its class names, and per split (features, labels)."""
-    splits, names = {}, None
+    splits, names = {}, []
     for split in SPLITS:
+        assert spec.root is not None  # params validation requires a root for image datasets
         data = load_split(spec.source, spec.root, split).with_transform(clip.preprocess)
         where = f"the {split} split of {spec.root}"
         features, labels, skipped = encode_split(params, clip, data, where)
@@ -137,18 +151,21 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
     """Writes <out>/train.parquet, test.parquet (image features) and classes.parquet (zero-shot prototypes)."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
-    clip = load_backbone(params, model)
+    clip = load_frozen_clip(params, model)
     identity = clip.identity.to_json()
     spec = params.datasets[dataset]
-    names, splits = (rendered_splits(params, dataset, clip) if spec.source == "embedded"
-                     else image_splits(params, spec, clip))
+    names, splits = (
+        rendered_splits(params, dataset, clip) if spec.source == "embedded" else image_splits(params, spec, clip)
+    )
     templates = templates_of(params, spec)
     prototypes = zeroshot_prototypes(TextTower(clip.model, clip.tokenizer), names, templates)
     with atomic_directory(out, owner="extract") as directory:
         for split, (features, labels) in splits.items():
             write_features(directory / f"{split}.parquet", FeatureTable(features, labels, names, dataset, identity))
-        write_features(directory / "classes.parquet",
-                       FeatureTable(prototypes, torch.arange(len(names)), names, dataset, identity, tuple(templates)))
+        write_features(
+            directory / "classes.parquet",
+            FeatureTable(prototypes, torch.arange(len(names)), names, dataset, identity, tuple(templates)),
+        )
     sizes = ", ".join(f"{len(labels)} {split}" for split, (_, labels) in splits.items())
     print(f"extracted {dataset}: {len(names)} classes, {sizes} images, {len(templates)} templates")
 

@@ -1,4 +1,5 @@
 """Stage `report`: the accuracy matrices as metrics.json (Transfer/Avg/Last per method), plot data and a summary."""
+
 from __future__ import annotations
 
 import csv
@@ -9,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from moder.benchmark import AccuracyRow
+from moder.evaluation import AccuracyRow
 from moder.io import atomic_files
 from moder.metrics import summarize
 from moder.params import Params
-from stages.common import MissingInput, path_with_suffix, parser, run_cli
+from stages.common import MissingInput, parser, path_with_suffix, run_cli
 
 METHODS = ("zeroshot", "finetune", "oracle", "moder")
 
@@ -31,15 +32,19 @@ def read_matrices(params: Params, evaluation: Path, finetune: Path) -> dict[str,
             if row.method in matrices and row.task in tasks and row.step in tasks:
                 matrices[row.method][tasks.index(row.step), tasks.index(row.task)] = row.accuracy
     for method, matrix in matrices.items():
-        missing = [f"{tasks[i]}/{tasks[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)))]
+        missing = [f"{tasks[i]}/{tasks[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)), strict=True)]
         if missing:
-            raise MissingInput(f"no {method} accuracy for step/task {', '.join(missing[:5])} in {evaluation}; "
-                               "re-run the evaluate and finetune stages (dvc repro)")
+            raise MissingInput(
+                f"no {method} accuracy for step/task {', '.join(missing[:5])} in {evaluation}; "
+                "re-run the evaluate and finetune stages (dvc repro)"
+            )
     return matrices
 
 
 def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    return {m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()}
+    return {
+        m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()
+    }
 
 
 def _csv(rows: list[list]) -> str:
@@ -57,8 +62,17 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
         if not path.is_file():
             raise MissingInput(f"per-class report not found: {path} (run evaluate@{step})")
         for row in pq.read_table(path).to_pylist():
-            rows.append([row["step"], row["task"], row["class_name"], f"{row['zeroshot']:.2f}", f"{row['moder']:.2f}",
-                         f"{row['moder'] - row['zeroshot']:+.2f}", row["retrieved"]])
+            rows.append(
+                [
+                    row["step"],
+                    row["task"],
+                    row["class_name"],
+                    f"{row['zeroshot']:.2f}",
+                    f"{row['moder']:.2f}",
+                    f"{row['moder'] - row['zeroshot']:+.2f}",
+                    row["retrieved"],
+                ]
+            )
     return rows
 
 
@@ -79,8 +93,12 @@ def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metri
     matrices = read_matrices(params, evaluation, finetune)
     figures = metrics_of(params, matrices)
     tasks = list(params.tasks)
-    cells = [{"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
-             for m, a in matrices.items() for i in range(len(tasks)) for j in range(len(tasks))]
+    cells = [
+        {"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
+        for m, a in matrices.items()
+        for i in range(len(tasks))
+        for j in range(len(tasks))
+    ]
     curves = step_curves(tasks, matrices)
     contents = {
         metrics: json.dumps(figures, indent=2) + "\n",
@@ -90,7 +108,7 @@ def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metri
         reports / "unseen_classes.csv": _csv(unseen_class_rows(params, unseen)),
     }
     with atomic_files(list(contents)) as temporaries:
-        for temporary, text in zip(temporaries, contents.values()):
+        for temporary, text in zip(temporaries, contents.values(), strict=True):
             temporary.write_text(text)
     print(summary(params, matrices, figures))
     return figures
@@ -106,7 +124,11 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
         f"{'task':<14}" + f"{'zero-shot':>10}{'MoDER':>8}{'diff':>8}  " * 2,
     ]
     for j, task in enumerate(tasks):
-        before = ("" if j == 0 else f"{zs[:j, j].mean():>10.1f}{md[:j, j].mean():>8.1f}{md[:j, j].mean() - zs[:j, j].mean():>+8.1f}")
+        before = (
+            ""
+            if j == 0
+            else f"{zs[:j, j].mean():>10.1f}{md[:j, j].mean():>8.1f}{md[:j, j].mean() - zs[:j, j].mean():>+8.1f}"
+        )
         out.append(f"{task:<14}{before:<26}  {zs[-1, j]:>10.1f}{md[-1, j]:>8.1f}{md[-1, j] - zs[-1, j]:>+8.1f}")
     out.append(f"\n{'metric':<14}{'zero-shot':>10}{'finetune':>10}{'oracle':>8}{'MoDER':>8}{'diff':>8}")
     for name in figures["zeroshot"]:
@@ -130,23 +152,35 @@ def print_summary(params: Params, reports: Path) -> None:
     if any(np.isnan(matrix).any() for matrix in matrices.values()):
         raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
     print(summary(params, matrices, metrics_of(params, matrices)))
-    print(f"\nseed {params.seed}; {params.expert.kind} experts; negatives {params.train.negatives}; "
-          f"{params.composition.space}-space composition, calibrate {params.composition.calibrate}; "
-          f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}")
+    print(
+        f"\nseed {params.seed}; {params.expert.kind} experts; negatives {params.train.negatives}; "
+        f"{params.composition.space}-space composition, calibrate {params.composition.calibrate}; "
+        f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}"
+    )
 
 
 def main() -> None:
     cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, seen.csv, unseen.csv)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
     cli.add_argument("--finetune", type=Path, help="the finetune baseline's evaluation rows (.parquet)")
-    cli.add_argument("--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)")
+    cli.add_argument(
+        "--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)"
+    )
     cli.add_argument("--metrics", type=path_with_suffix(".json"), default=Path("metrics.json"))
-    cli.add_argument("--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing")
+    cli.add_argument(
+        "--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing"
+    )
     args = cli.parse_args()
     if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen):
         cli.error("--evaluation, --finetune and --unseen are required unless --summary-only")
-    run_cli(lambda args, params: print_summary(params, args.reports) if args.summary_only
-            else report(params, args.evaluation, args.finetune, args.unseen, args.metrics, args.reports), args)
+    run_cli(
+        lambda args, params: (
+            print_summary(params, args.reports)
+            if args.summary_only
+            else report(params, args.evaluation, args.finetune, args.unseen, args.metrics, args.reports)
+        ),
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -4,27 +4,29 @@ A dataset's splits are trained by one stage because a split may read what the ea
 (`train.negatives`); datasets never depend on each other. The stage reads no task list (the
 tasks of a dataset are its splits, in order), so appending a task of another dataset leaves it be.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
 
-from moder.benchmark import Task
 from moder.compose import seen_prototypes
 from moder.experts import Experts, save_experts
 from moder.factory import ExpertFactory
 from moder.features import FeatureTable
 from moder.io import atomic_directory
-from moder.params import ParamsError, Params
+from moder.params import Params, ParamsError
+from moder.tasks import Task, dataset_tasks
 from moder.text import TextTower
 from moder.train import prototype_offsets, train_experts
 from moder.world import seed_for
-from stages.common import expert_file, load_backbone, parser, read_classes, read_split, run_cli, split_tasks
+from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_cli
 
 
-def negatives_for(params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor],
-                  classes: FeatureTable) -> torch.Tensor | None:
+def negatives_for(
+    params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor], classes: FeatureTable
+) -> torch.Tensor | None:
     """The extra logit columns `train.negatives` asks for while training `task` (text embeddings only)."""
     if params.train.negatives == "none":
         return None
@@ -40,25 +42,44 @@ def train(params: Params, dataset: str, model: Path, features: Path, out: Path) 
     """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/split-<i>.safetensors per split."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
-    clip = load_backbone(params, model)
+    clip = load_frozen_clip(params, model)
     identity = clip.identity.to_json()
     samples = read_split(features, dataset, "train", identity)
     classes = read_classes(features, dataset, identity)
     tower = TextTower(clip.model, clip.tokenizer)
     factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
-    tasks = split_tasks(params, dataset, len(classes.class_names))
+    tasks = dataset_tasks(params, dataset, len(classes.class_names))
     stored: dict[int, torch.Tensor] = {}  # class -> its prototype as evaluation will use it
     trained = {}
     with atomic_directory(out, owner="train") as directory:
         for position, task in enumerate(tasks):
-            trained[task.name] = _train_task(params, tower, factory, task, tasks[:position], samples, classes,
-                                             stored, identity, expert_file(directory, task.step))
+            trained[task.name] = _train_task(
+                params,
+                tower,
+                factory,
+                task,
+                tasks[:position],
+                samples,
+                classes,
+                stored,
+                identity,
+                expert_file(directory, task.step),
+            )
     return trained
 
 
-def _train_task(params: Params, tower: TextTower, factory: ExpertFactory, task: Task, earlier: list[Task],
-                samples: FeatureTable, classes: FeatureTable, stored: dict[int, torch.Tensor], identity: str,
-                out: Path) -> Experts:
+def _train_task(
+    params: Params,
+    tower: TextTower,
+    factory: ExpertFactory,
+    task: Task,
+    earlier: list[Task],
+    samples: FeatureTable,
+    classes: FeatureTable,
+    stored: dict[int, torch.Tensor],
+    identity: str,
+    out: Path,
+) -> Experts:
     """One task's experts, written to `out`; `stored` gains their classes' prototypes."""
     task_features, labels = samples.select(task.classes)
     names = [classes.class_names[i] for i in task.classes]
@@ -66,23 +87,40 @@ def _train_task(params: Params, tower: TextTower, factory: ExpertFactory, task: 
     prompts = factory.prompts(names)
     generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task.dataset, str(task.step)))
     result = train_experts(
-        tower, prompts, factory.new(len(names), generator), task_features, labels,
-        params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))), zeroshot=zeroshot,
-        negatives=negatives_for(params, task, earlier, stored, classes), progress=True,
+        tower,
+        prompts,
+        factory.new(len(names), generator),
+        task_features,
+        labels,
+        params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))),
+        zeroshot=zeroshot,
+        negatives=negatives_for(params, task, earlier, stored, classes),
+        progress=True,
     )
     prototypes = seen_prototypes(tower, prompts, result.experts, zeroshot, params.composition.alpha)
-    stored.update(zip(task.classes, prototypes))
+    stored.update(zip(task.classes, prototypes, strict=True))
     offsets = prototype_offsets(prototypes, zeroshot, task_features, labels)
-    save_experts(out, result.experts, names, identity,
-                 {"dataset": task.dataset, "split": task.step, "offsets": [round(float(v), 6) for v in offsets]})
-    print(f"trained {len(names)} {params.expert.kind} experts for {task.name}: "
-          f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    save_experts(
+        out,
+        result.experts,
+        names,
+        identity,
+        {"dataset": task.dataset, "split": task.step, "offsets": [round(float(v), 6) for v in offsets]},
+    )
+    print(
+        f"trained {len(names)} {params.expert.kind} experts for {task.name}: "
+        f"loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"
+    )
     return result.experts
 
 
 def main() -> None:
-    cli = parser(__doc__, ("model", "the backbone CLIP checkpoint"), ("features", "the directory of feature directories"),
-                 ("out", "the dataset's experts directory (one .safetensors per task)"))
+    cli = parser(
+        __doc__,
+        ("model", "the backbone CLIP checkpoint"),
+        ("features", "the directory of feature directories"),
+        ("out", "the dataset's experts directory (one .safetensors per task)"),
+    )
     cli.add_argument("--dataset", required=True)
     run_cli(lambda args, params: train(params, args.dataset, args.model, args.features, args.out), cli.parse_args())
 

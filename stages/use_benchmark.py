@@ -1,4 +1,5 @@
 """Select a benchmark: replace params.yaml's benchmark block with the preset configs/<name>.yaml."""
+
 from __future__ import annotations
 
 import argparse

@@ -54,7 +54,7 @@ def merged_lora_model(model, experts, rows, weights):
         for target in experts.a:
             layer, module = target.split(".")
             weight, _ = TextTower.linear_weight(merged.transformer.resblocks[int(layer)], module)
-            for row, w in zip(rows, weights):
+            for row, w in zip(rows, weights, strict=True):
                 weight += w * experts.scaling * experts.b[target][row] @ experts.a[target][row]
     return merged
 
@@ -64,8 +64,11 @@ MINI = {
     "seed": 0,
     "templates": ["a photo of a {}.", "a drawing of a {}."],
     "model": {"architecture": "moder-micro-clip"},
-    "world": {"image_size": 16, "colours": {"red": [0.9, 0.1, 0.1], "green": [0.1, 0.8, 0.2], "blue": [0.1, 0.2, 0.9]},
-              "shapes": ["circle", "square", "star"]},
+    "world": {
+        "image_size": 16,
+        "colours": {"red": [0.9, 0.1, 0.1], "green": [0.1, 0.8, 0.2], "blue": [0.1, 0.2, 0.9]},
+        "shapes": ["circle", "square", "star"],
+    },
     "pretrain": {"steps": 3, "batch_size": 8, "warmup": 1, "captions": ["a {}."]},
     "extract": {"train_per_class": 4, "test_per_class": 3, "batch_size": 16},
     # the first method's settings, which these tests were written for (not the committed defaults)
@@ -105,8 +108,11 @@ def copy_code(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for name in ("dvc.yaml", "moder", "stages", "flows"):
         source = REPO / name
-        (shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
-         if source.is_dir() else shutil.copy(source, root / name))
+        (
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+            if source.is_dir()
+            else shutil.copy(source, root / name)
+        )
     return root
 
 
@@ -146,9 +152,18 @@ def run_pipeline(data: dict, root: Path) -> dict:
         train(params, dataset, model, root / "features", root / "experts" / dataset)
     finetune(params, model, root / "features", root / "finetune.parquet")
     for step in params.tasks:
-        evaluate(params, step, model, root / "features", root / "experts", root / "eval" / f"{step}.parquet",
-                 root / "unseen" / f"{step}.parquet")
-    return report(params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports")
+        evaluate(
+            params,
+            step,
+            model,
+            root / "features",
+            root / "experts",
+            root / "eval" / f"{step}.parquet",
+            root / "unseen" / f"{step}.parquet",
+        )
+    return report(
+        params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports"
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,5 @@
 """scripts/ablation_table.py on hand-made `dvc exp show --json` output."""
+
 import importlib.util
 
 from tests.conftest import REPO
@@ -11,21 +12,33 @@ spec.loader.exec_module(ablation_table)
 def _exp(name: str, sequence: str, moder_last: float, executor=None, timestamp="2026-11-25T04:00:00") -> dict:
     metrics = {m: {"transfer": 40.0, "avg": 45.0, "last": 50.0} for m in ("zeroshot", "finetune", "oracle")}
     metrics["moder"] = {"transfer": 42.0, "avg": 55.0, "last": moder_last}
-    data = {"timestamp": timestamp, "params": {"params.yaml": {"data": {"benchmark": {"name": sequence}}}},
-            "metrics": {"metrics.json": {"data": metrics}}}
-    return {"executor": executor, "name": name, "revs": [{"rev": "abc", "name": name, "data": data, "experiments": None}]}
+    data = {
+        "timestamp": timestamp,
+        "params": {"params.yaml": {"data": {"benchmark": {"name": sequence}}}},
+        "metrics": {"metrics.json": {"data": metrics}},
+    }
+    return {
+        "executor": executor,
+        "name": name,
+        "revs": [{"rev": "abc", "name": name, "data": data, "experiments": None}],
+    }
 
 
 SHOW = [
     {"rev": "workspace", "name": None, "data": {}, "experiments": None},
-    {"rev": "123", "name": "main", "data": {}, "experiments": [
-        _exp("embedded-mtil-moder-s0", "embedded-mtil", 60.0),
-        _exp("embedded-mtil-moder-s1", "embedded-mtil", 70.0, timestamp="2026-11-25T05:00:00"),
-        _exp("embedded-mtil-moder-s1", "embedded-mtil", 10.0),  # the same row and seed run earlier: superseded
-        _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
-        _exp("embedded-mtil-lora-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
-        _exp("unrelated", "embedded-mtil", 1.0),
-    ]},
+    {
+        "rev": "123",
+        "name": "main",
+        "data": {},
+        "experiments": [
+            _exp("embedded-mtil-moder-s0", "embedded-mtil", 60.0),
+            _exp("embedded-mtil-moder-s1", "embedded-mtil", 70.0, timestamp="2026-11-25T05:00:00"),
+            _exp("embedded-mtil-moder-s1", "embedded-mtil", 10.0),  # the same row and seed run earlier: superseded
+            _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
+            _exp("embedded-mtil-lora-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
+            _exp("unrelated", "embedded-mtil", 1.0),
+        ],
+    },
 ]
 
 

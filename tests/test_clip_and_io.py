@@ -1,13 +1,12 @@
+import open_clip
 import pytest
 import torch
+from conftest import random_lora
 from safetensors.torch import save_file
 
-import open_clip
 from moder.clip import ModelIdentity, ModelLoadError, load_clip
 from moder.experts import load_experts, save_experts
 from moder.text import TextTower
-
-from conftest import random_lora
 
 
 def test_project_configs_are_registered_with_open_clip():
@@ -29,7 +28,9 @@ def test_local_checkpoint_loads_and_tags_identity_with_its_digest(tmp_path, clip
     save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(path))
     loaded = load_clip("moder-micro-clip", checkpoint=path, seed=99)
     tokens = loaded.tokenizer(["a photo of a red star."])
-    assert torch.equal(TextTower(loaded.model, loaded.tokenizer).encode(tokens), TextTower(clip.model, clip.tokenizer).encode(tokens))
+    assert torch.equal(
+        TextTower(loaded.model, loaded.tokenizer).encode(tokens), TextTower(clip.model, clip.tokenizer).encode(tokens)
+    )
     assert loaded.identity.weights.startswith("file:") and loaded.identity.embed_dim == 32
     assert ModelIdentity.from_json(loaded.identity.to_json()) == loaded.identity
 
@@ -38,9 +39,14 @@ def test_local_checkpoint_loads_and_tags_identity_with_its_digest(tmp_path, clip
     "kwargs, message",
     [
         ({"architecture": "ViT-Q-99"}, "unknown CLIP architecture 'ViT-Q-99'"),
-        ({"architecture": "moder-micro-clip", "checkpoint": "/nowhere/w.safetensors"},
-         "CLIP checkpoint not found: /nowhere/w.safetensors"),
-        ({"architecture": "ViT-B-16", "pretrained": "no-such-tag"}, "unknown pretrained tag 'no-such-tag' for ViT-B-16"),
+        (
+            {"architecture": "moder-micro-clip", "checkpoint": "/nowhere/w.safetensors"},
+            "CLIP checkpoint not found: /nowhere/w.safetensors",
+        ),
+        (
+            {"architecture": "ViT-B-16", "pretrained": "no-such-tag"},
+            "unknown pretrained tag 'no-such-tag' for ViT-B-16",
+        ),
     ],
 )
 def test_load_errors_say_what_was_looked_for(kwargs, message):
@@ -58,16 +64,16 @@ def test_wrong_checkpoint_is_reported_with_its_path(tmp_path):
 def test_experts_round_trip_with_metadata(tmp_path, lora_factory, context_factory):
     for experts in (random_lora(lora_factory, 2), context_factory.new(2, torch.Generator())):
         path = tmp_path / f"{experts.kind}.safetensors"
-        save_experts(path, experts, ["red star", "blue circle"], backbone="B", extra={"step": 3})
-        loaded, names, extra = load_experts(path, backbone="B")
+        save_experts(path, experts, ["red star", "blue circle"], identity="B", extra={"step": 3})
+        loaded, names, extra = load_experts(path, identity="B")
         assert names == ["red star", "blue circle"] and extra == {"step": 3}
         assert loaded.describe() == experts.describe()
         for name, tensor in experts.tensors().items():
             assert torch.equal(loaded.tensors()[name], tensor)
         with pytest.raises(ValueError, match="trained on backbone B, not C"):
-            load_experts(path, backbone="C")
+            load_experts(path, identity="C")
     with pytest.raises(ValueError, match="2 class names for 1 experts"):
-        save_experts(tmp_path / "x.safetensors", context_factory.new(1, torch.Generator()), ["a", "b"], backbone="B")
+        save_experts(tmp_path / "x.safetensors", context_factory.new(1, torch.Generator()), ["a", "b"], identity="B")
 
 
 def test_the_same_experts_always_give_the_same_bytes(tmp_path, lora_factory):
@@ -75,7 +81,7 @@ def test_the_same_experts_always_give_the_same_bytes(tmp_path, lora_factory):
     experts = random_lora(lora_factory, 2)
     written = set()
     for _ in range(8):
-        save_experts(tmp_path / "e.safetensors", experts, ["a", "b"], backbone="B", extra={"task": "t", "dataset": "d"})
+        save_experts(tmp_path / "e.safetensors", experts, ["a", "b"], identity="B", extra={"task": "t", "dataset": "d"})
         written.add((tmp_path / "e.safetensors").read_bytes())
     assert len(written) == 1
 
@@ -86,8 +92,7 @@ def test_offline_pretrained_tag_error_says_how_to_use_a_local_copy(tmp_path):
     import sys
 
     code = (
-        "from moder.clip import load_clip\n"
-        f"load_clip('ViT-B-16', pretrained='openai', cache_dir={str(tmp_path)!r})\n"
+        f"from moder.clip import load_clip\nload_clip('ViT-B-16', pretrained='openai', cache_dir={str(tmp_path)!r})\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)

@@ -1,10 +1,9 @@
 import torch
+from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 from moder.compose import compose_parameters, compose_prototypes, seen_prototypes
 from moder.hub import NULL_EXPERT
 from moder.prompts import encode_prototypes, template_prompts, zeroshot_prototypes
-
-from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 UNSEEN = ["orange circle", "pink star"]
 
@@ -14,8 +13,10 @@ def _own_prototypes(tower, prompts, experts, rows):
 
 
 def test_single_expert_with_weight_one_is_that_expert_in_both_spaces(tower, lora_factory, context_factory):
-    for factory, bank in ((lora_factory, random_lora(lora_factory, 4)),
-                          (context_factory, context_factory.new(4, torch.Generator()))):
+    for factory, bank in (
+        (lora_factory, random_lora(lora_factory, 4)),
+        (context_factory, context_factory.new(4, torch.Generator())),
+    ):
         if factory is context_factory:
             bank.ctx += torch.randn(bank.ctx.shape, generator=torch.Generator().manual_seed(5))
         prompts = factory.prompts(UNSEEN)
@@ -62,7 +63,9 @@ def test_output_space_is_normalised_weighted_mean_of_expert_outputs(tower, lora_
     indices, weights = torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0.7, 0.3], [0.5, 0.5]])
     composed = compose_prototypes(tower, prompts, bank, lora_factory.null(), indices, weights, "output")
     by_expert = [_own_prototypes(tower, prompts, bank, [e, e]) for e in range(3)]
-    expected = torch.stack([0.7 * by_expert[0][0] + 0.3 * by_expert[1][0], 0.5 * by_expert[2][1] + 0.5 * by_expert[0][1]])
+    expected = torch.stack(
+        [0.7 * by_expert[0][0] + 0.3 * by_expert[1][0], 0.5 * by_expert[2][1] + 0.5 * by_expert[0][1]]
+    )
     assert torch.allclose(composed, torch.nn.functional.normalize(expected, dim=-1), atol=1e-5, rtol=0)
 
 
@@ -81,5 +84,12 @@ def test_unknown_space_is_an_error(tower, lora_factory):
     import pytest
 
     with pytest.raises(ValueError, match="allowed: parameter, output"):
-        compose_prototypes(tower, lora_factory.prompts(UNSEEN), None, lora_factory.null(),
-                           torch.full((2, 1), NULL_EXPERT), torch.ones(2, 1), "weights")
+        compose_prototypes(
+            tower,
+            lora_factory.prompts(UNSEEN),
+            None,
+            lora_factory.null(),
+            torch.full((2, 1), NULL_EXPERT),
+            torch.ones(2, 1),
+            "weights",
+        )

@@ -1,6 +1,7 @@
 """Untrusted dataset inputs: file names that leave the dataset root (`..`, absolute paths, symlinks),
 empty splits, and images that cannot be decoded, refused (or, for images, skipped on request) with
 one line naming the file at fault."""
+
 from __future__ import annotations
 
 import csv
@@ -17,8 +18,9 @@ from PIL import Image
 from moder.clip import save_backbone
 from moder.datasets import BadImage, DatasetFormatError, load_split
 from moder.params import parse_params
-from stages.extract import image_splits, main as extract_main
-from tests.layouts import cub200, csv_list, eurosat, imagefolder, pets
+from stages.extract import image_splits
+from stages.extract import main as extract_main
+from tests.layouts import csv_list, cub200, eurosat, imagefolder, pets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -204,12 +206,14 @@ def test_reading_a_truncated_or_garbage_image_names_the_file(tmp_path):
 
 
 def _params(root: Path, **extract) -> object:
-    return parse_params({
-        "model": {"architecture": "moder-micro-clip"},
-        "extract": {"batch_size": 3, **extract},
-        "datasets": {"shapes": {"source": "imagefolder", "root": str(root)}},
-        "tasks": {"shapes": {"dataset": "shapes"}},
-    })
+    return parse_params(
+        {
+            "model": {"architecture": "moder-micro-clip"},
+            "extract": {"batch_size": 3, **extract},
+            "datasets": {"shapes": {"source": "imagefolder", "root": str(root)}},
+            "tasks": {"shapes": {"dataset": "shapes"}},
+        }
+    )
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -255,8 +259,21 @@ def test_extract_stage_prints_one_error_line_for_a_bad_image_in_a_worker(clip, t
     truncated = _truncated_jpeg(root / "train" / "blue_circle" / "1b.jpg")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(_params(root, workers=1).model_dump(mode="json")))
     save_backbone(clip, tmp_path / "clip.safetensors", "tag:test")
-    monkeypatch.setattr(sys, "argv", ["extract", "--params", str(tmp_path / "params.yaml"), "--dataset", "shapes",
-                                      "--model", str(tmp_path / "clip.safetensors"), "--out", str(tmp_path / "out")])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "extract",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--dataset",
+            "shapes",
+            "--model",
+            str(tmp_path / "clip.safetensors"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     with pytest.raises(SystemExit) as exit_:
         extract_main()
     message = str(exit_.value.code)

@@ -4,6 +4,7 @@ eurosat, flowers, sun397, each on a tiny fixture written in the dataset's real o
 Fixture images carry their class: 8 pixels high and 8 + class wide (CIFAR-100: red value of the
 top-left pixel), so every item's label can be checked against the image it came with.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -76,14 +77,31 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "aircraft": Case(100, True, "fgvc-aircraft-2013b/data/images_variant_test.txt",
-                     lambda root: _append(root / "fgvc-aircraft-2013b/data/images_variant_train.txt", "1999999\n")),
-    "caltech101": Case(101, False, "caltech101/101_ObjectCategories",
-                       lambda root: _stray_file(root / "caltech101/101_ObjectCategories/Faces/notes.txt")),
-    "cifar100": Case(100, True, "cifar-100-binary/test.bin",
-                     lambda root: _truncate(root / "cifar-100-binary/train.bin"), class_of=_red_class),
-    "dtd": Case(47, True, "dtd/dtd/labels/test1.txt",
-                lambda root: _append(root / "dtd/dtd/labels/train1.txt", "no-class-folder.jpg\n")),
+    "aircraft": Case(
+        100,
+        True,
+        "fgvc-aircraft-2013b/data/images_variant_test.txt",
+        lambda root: _append(root / "fgvc-aircraft-2013b/data/images_variant_train.txt", "1999999\n"),
+    ),
+    "caltech101": Case(
+        101,
+        False,
+        "caltech101/101_ObjectCategories",
+        lambda root: _stray_file(root / "caltech101/101_ObjectCategories/Faces/notes.txt"),
+    ),
+    "cifar100": Case(
+        100,
+        True,
+        "cifar-100-binary/test.bin",
+        lambda root: _truncate(root / "cifar-100-binary/train.bin"),
+        class_of=_red_class,
+    ),
+    "dtd": Case(
+        47,
+        True,
+        "dtd/dtd/labels/test1.txt",
+        lambda root: _append(root / "dtd/dtd/labels/train1.txt", "no-class-folder.jpg\n"),
+    ),
     "eurosat": Case(10, False, "eurosat/2750", _unknown_eurosat_folder),
     "flowers": Case(102, True, "flowers-102/setid.mat", lambda root: _junk(root / "flowers-102/imagelabels.mat")),
     # 10 classes reach two-folder-deep ones (/a/apartment_building/outdoor, /a/apse/indoor).
@@ -138,14 +156,16 @@ def test_random_split_indices_is_zscls_split():
     for n in (5, 13, 8677):
         train, test = random_split_indices(n)
         permutation = torch.randperm(n, generator=torch.Generator().manual_seed(42)).tolist()
-        assert (train, test) == (permutation[:int(0.8 * n)], permutation[int(0.8 * n):])
+        assert (train, test) == (permutation[: int(0.8 * n)], permutation[int(0.8 * n) :])
         assert sorted(train + test) == list(range(n)) and random_split_indices(n) == (train, test)
 
 
 def _caltech_zscl_order(root: Path) -> list[Path]:
     dataset = Caltech101(root)
-    return [root / "caltech101" / "101_ObjectCategories" / dataset.categories[y] / f"image_{i:04d}.jpg"
-            for i, y in zip(dataset.index, dataset.y, strict=True)]
+    return [
+        root / "caltech101" / "101_ObjectCategories" / dataset.categories[y] / f"image_{i:04d}.jpg"
+        for i, y in zip(dataset.index, dataset.y, strict=True)
+    ]
 
 
 # The item order each split is drawn over: torchvision's for Caltech101 and EuroSAT (ZSCL's exactly);
@@ -217,12 +237,19 @@ def test_catalog_orders_follow_the_datasets_label_orders():
     assert list(CALTECH_FOLDERS) == sorted(CALTECH_FOLDERS) and len(CALTECH_FOLDERS) == 101
     caltech = dict(zip(CALTECH_FOLDERS, catalog("caltech101").class_names, strict=True))
     assert (caltech["Faces"], caltech["Faces_easy"], caltech["car_side"], caltech["yin_yang"]) == (
-        "off-center face", "centered face", "side of a car", "yin and yang symbol")
+        "off-center face",
+        "centered face",
+        "side of a car",
+        "yin and yang symbol",
+    )
     assert "background" not in catalog("caltech101").class_names  # ZSCL drops BACKGROUND_Google
     assert list(EUROSAT_FOLDERS) == sorted(EUROSAT_FOLDERS)
     eurosat = dict(zip(EUROSAT_FOLDERS, catalog("eurosat").class_names, strict=True))
     assert (eurosat["AnnualCrop"], eurosat["HerbaceousVegetation"], eurosat["SeaLake"]) == (
-        "annual crop land", "brushland or shrubland", "lake or sea")
+        "annual crop land",
+        "brushland or shrubland",
+        "lake or sea",
+    )
     # Name-labelled datasets: these label orders are sorted name lists.
     assert catalog("dtd").class_names == sorted(catalog("dtd").class_names)
     cifar = [name.replace(" ", "_") for name in catalog("cifar100").class_names]
@@ -237,4 +264,4 @@ def test_cifar100_items_are_decoded_from_the_records(written):
     records = np.fromfile(written("cifar100") / "cifar-100-binary" / "test.bin", dtype=np.uint8).reshape(-1, 3074)
     pixels = np.asarray(split[0][0])
     assert pixels.shape == (32, 32, 3)
-    assert (pixels[:, :, 1].ravel() == records[0, 2 + 1024:2 + 2048]).all()  # green plane, row-major
+    assert (pixels[:, :, 1].ravel() == records[0, 2 + 1024 : 2 + 2048]).all()  # green plane, row-major

@@ -1,5 +1,6 @@
 """Dataset adapters of MTIL's food, mnist, pets and cars, Class-IL's imagenet-r and cub200, and the
 generic imagefolder and csv sources, on tiny fixtures written in each dataset's real layout."""
+
 import csv
 import importlib
 import json
@@ -58,7 +59,7 @@ def test_fixture_round_trips(source, fixtures):
         assert set(split.labels) == set(range(N_CLASSES))
         image, label = split[0]
         assert image.mode == "RGB" and label == split.labels[0]
-        for path, label in zip(split.images, split.labels):
+        for path, label in zip(split.images, split.labels, strict=True):
             name = _class_of_file(source, path)
             assert name is None or split.class_names[label] == name
         tensor, _ = split.with_transform(pil_to_tensor)[0]
@@ -266,8 +267,9 @@ def test_catalog_counts_and_templates(source, count):
     entry = catalog(source)
     assert len(entry.class_names) == len(set(entry.class_names)) == count
     assert entry.templates and all("{}" in t for t in entry.templates)
-    data = json.loads((Path(importlib.import_module("moder.datasets").__file__).parent / "catalog"
-                       / f"{source}.json").read_text())
+    data = json.loads(
+        (Path(importlib.import_module("moder.datasets").__file__).parent / "catalog" / f"{source}.json").read_text()
+    )
     assert data["source"]
 
 

@@ -1,5 +1,6 @@
 """Every stage declares the code it runs: DVC (and the Prefect cache keys, built from the same lists)
 re-run a stage when any module it imports changes."""
+
 import ast
 import re
 from pathlib import Path

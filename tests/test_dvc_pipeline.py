@@ -1,4 +1,5 @@
-"""The miniature configuration through DVC itself: repro, no-op re-run, exactly-the-right invalidation, metrics, plots."""
+"""The miniature configuration through DVC itself: repro, no-op re-run, exact invalidation, metrics, plots, kills."""
+
 import json
 import os
 import signal
@@ -21,10 +22,25 @@ def _changed(cwd: Path, params: dict) -> set[str]:
 
 def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     root, repro = project
-    for stage in ("params", "backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"):
+    for stage in (
+        "params",
+        "backbone",
+        "extract@a",
+        "extract@b",
+        "train@a",
+        "train@b",
+        "finetune",
+        "evaluate@a",
+        "evaluate@b",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder"} and set(metrics["moder"]) == {"transfer", "avg", "last"}
+    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder"} and set(metrics["moder"]) == {
+        "transfer",
+        "avg",
+        "last",
+    }
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert json.dumps(metrics["moder"]["last"]) in json.dumps(shown)
 
@@ -47,9 +63,20 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     root, _ = project
     evaluation = {"evaluate@a", "evaluate@b", "params"}  # `params` validates the whole file at any change
     assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation
-    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {"train@a", "train@b", "finetune", "params"}
-    extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}}).model_dump(mode="json")
-    appended = {**FULL, "datasets": {**FULL["datasets"], **extra["datasets"]}, "tasks": {**FULL["tasks"], **extra["tasks"]}}
+    assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {
+        "train@a",
+        "train@b",
+        "finetune",
+        "params",
+    }
+    extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}}).model_dump(
+        mode="json"
+    )
+    appended = {
+        **FULL,
+        "datasets": {**FULL["datasets"], **extra["datasets"]},
+        "tasks": {**FULL["tasks"], **extra["tasks"]},
+    }
     # appending a task trains only the new dataset's experts; evaluation, the sequential finetune
     # baseline and report read the task list
     assert _changed(root, appended) == {"extract@c", "train@c", "finetune", "evaluate@c", "report"} | evaluation
@@ -85,9 +112,15 @@ def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results
     root, _ = project
     metrics = (root / "metrics.json").read_bytes()
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
-    process = subprocess.Popen([str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", stage], cwd=root,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "dvc"), "repro", "-f", "-s", stage],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     for line in process.stdout:
         if f"Running stage '{stage}'" in line:
             break

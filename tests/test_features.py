@@ -7,8 +7,13 @@ from moder.features import FeatureFileError, FeatureTable, read_features, write_
 
 def _table(model="model-A"):
     generator = torch.Generator().manual_seed(0)
-    return FeatureTable(torch.randn(6, 4, generator=generator), torch.tensor([0, 0, 1, 1, 2, 2]),
-                        ["red star", "blue ring", "green cross"], "studio", model)
+    return FeatureTable(
+        torch.randn(6, 4, generator=generator),
+        torch.tensor([0, 0, 1, 1, 2, 2]),
+        ["red star", "blue ring", "green cross"],
+        "studio",
+        model,
+    )
 
 
 def test_round_trip_keeps_vectors_labels_classes_and_producer(tmp_path):
@@ -23,7 +28,9 @@ def test_round_trip_keeps_vectors_labels_classes_and_producer(tmp_path):
 
 def test_features_of_another_model_are_refused_naming_the_file(tmp_path):
     write_features(tmp_path / "f.parquet", _table("model-A"))
-    with pytest.raises(FeatureFileError, match=r"f.parquet was made by another model:\n  file:     model-A\n  expected: model-B"):
+    with pytest.raises(
+        FeatureFileError, match=r"f.parquet was made by another model:\n  file:     model-A\n  expected: model-B"
+    ):
         read_features(tmp_path / "f.parquet", model="model-B")
 
 

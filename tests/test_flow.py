@@ -1,4 +1,5 @@
 """The Prefect flow against a real Prefect server on loopback: caching, deployment, Dask, GPU limit."""
+
 import json
 import os
 import shutil
@@ -26,8 +27,12 @@ def server(tmp_path_factory):
     with local_server(home) as client_env:
         saved = {key: os.environ.get(key) for key in client_env}
         os.environ.update(client_env)  # Dask workers and served runs inherit it
-        with temporary_settings({PREFECT_API_URL: client_env["PREFECT_API_URL"],
-                                 PREFECT_LOCAL_STORAGE_PATH: client_env["PREFECT_LOCAL_STORAGE_PATH"]}):
+        with temporary_settings(
+            {
+                PREFECT_API_URL: client_env["PREFECT_API_URL"],
+                PREFECT_LOCAL_STORAGE_PATH: client_env["PREFECT_LOCAL_STORAGE_PATH"],
+            }
+        ):
             yield {"url": client_env["PREFECT_API_URL"], "env": {**os.environ, **client_env}, "home": home}
             from prefect.events.worker import EventsWorker
             from prefect.logging.handlers import APILogWorker
@@ -51,15 +56,22 @@ def _task_runs(state) -> list:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
 
 
 def _run(params_path: Path, out: Path, store: Path, **runner) -> tuple[dict, dict[str, str]]:
     """Run the flow in this process; return its metrics and {task run name: final state name}."""
     from flows.pipeline import moder_pipeline, with_task_runner
 
-    state = with_task_runner(moder_pipeline, **runner)(params_path=str(params_path), out_dir=str(out), store=str(store),
-                                                        dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+    state = with_task_runner(moder_pipeline, **runner)(
+        params_path=str(params_path),
+        out_dir=str(out),
+        store=str(store),
+        dvc_yaml=str(REPO / "dvc.yaml"),
+        return_state=True,
+    )
     assert state.is_completed(), state.message
     return state.result(), {run.name: run.state.name for run in _task_runs(state)}
 
@@ -71,7 +83,17 @@ def _executed(states: dict[str, str]) -> set[str]:
 def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
     params, store = _write(tmp_path / "params.yaml", FULL), tmp_path / "store"
     first, states = _run(params, tmp_path / "run1", store)
-    everything = {"backbone", "extract@a", "extract@b", "train@a", "train@b", "finetune", "evaluate@a", "evaluate@b", "report"}
+    everything = {
+        "backbone",
+        "extract@a",
+        "extract@b",
+        "train@a",
+        "train@b",
+        "finetune",
+        "evaluate@a",
+        "evaluate@b",
+        "report",
+    }
     assert set(states) == everything and _executed(states) == everything
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
 
@@ -81,8 +103,13 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     prefect_results = [f for f in (server["home"] / "storage").rglob("*") if f.is_file()]
     assert prefect_results == []  # the cache is the store's: Prefect holds nothing it could deserialize
 
-    appended = full_params({**MINI, "datasets": {**MINI["datasets"], "c": {"classes": 3}},
-                            "tasks": {**MINI["tasks"], "c": {"dataset": "c"}}})
+    appended = full_params(
+        {
+            **MINI,
+            "datasets": {**MINI["datasets"], "c": {"classes": 3}},
+            "tasks": {**MINI["tasks"], "c": {"dataset": "c"}},
+        }
+    )
     _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3", store)
     assert _executed(states) == {"extract@c", "train@c", "finetune", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
 
@@ -98,8 +125,14 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
         source = REPO / name
         shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source, tmp_path / name)
     calls = stage_calls(tmp_path / "dvc.yaml", FULL)
-    assert calls["train@a"].params == {"seed": 0, "model": FULL["model"], "expert": FULL["expert"], "train": FULL["train"],
-                                       "composition.alpha": FULL["composition"]["alpha"], "datasets.a": FULL["datasets"]["a"]}
+    assert calls["train@a"].params == {
+        "seed": 0,
+        "model": FULL["model"],
+        "expert": FULL["expert"],
+        "train": FULL["train"],
+        "composition.alpha": FULL["composition"]["alpha"],
+        "datasets.a": FULL["datasets"]["a"],
+    }
     assert set(calls["report"].params) == {"benchmark", "tasks"}
     (tmp_path / "stages" / "train.py").write_text((tmp_path / "stages" / "train.py").read_text() + "\n# edited\n")
     edited = stage_calls(tmp_path / "dvc.yaml", FULL)
@@ -110,12 +143,27 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
 def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
     root, _ = project
     env = {**server["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    serving = subprocess.Popen([sys.executable, "-m", "flows.serve", "--name", "test"], cwd=root, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "flows.serve", "--name", "test"],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out = tmp_path / "served"
-        command = [str(Path(sys.executable).parent / "prefect"), "deployment", "run", "moder-pipeline/test",
-                   "--param", f"out_dir={out}", "--param", f"store={tmp_path / 'store'}", "--watch"]
+        command = [
+            str(Path(sys.executable).parent / "prefect"),
+            "deployment",
+            "run",
+            "moder-pipeline/test",
+            "--param",
+            f"out_dir={out}",
+            "--param",
+            f"store={tmp_path / 'store'}",
+            "--watch",
+        ]
         for _ in range(60):  # the deployment exists once the serving process has registered it
             result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
             if "not found" not in (result.stdout + result.stderr).lower():
@@ -150,11 +198,20 @@ def test_gpu_tag_limit_is_created_and_updated(server):
 def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_input(server, tmp_path):
     from flows.pipeline import moder_pipeline
 
-    broken = full_params({**MINI, "model": {"architecture": "moder-micro-clip"}, "world": {**MINI["world"], "image_size": 32}})
-    state = moder_pipeline(params_path=str(_write(tmp_path / "bad.yaml", broken)), out_dir=str(tmp_path / "out"),
-                           store=str(tmp_path / "store"), dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+    broken = full_params(
+        {**MINI, "model": {"architecture": "moder-micro-clip"}, "world": {**MINI["world"], "image_size": 32}}
+    )
+    state = moder_pipeline(
+        params_path=str(_write(tmp_path / "bad.yaml", broken)),
+        out_dir=str(tmp_path / "out"),
+        store=str(tmp_path / "store"),
+        dvc_yaml=str(REPO / "dvc.yaml"),
+        return_state=True,
+    )
     assert state.is_failed()
-    with pytest.raises(Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"):
+    with pytest.raises(
+        Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"
+    ):
         state.result()
     backbone_run = next(run for run in _task_runs(state) if run.name == "backbone")
     assert backbone_run.run_count == 1  # a bad input is not retried
@@ -173,8 +230,14 @@ def _plant(store, key: str, kind: str, payload: bytes) -> str:
         record.write_bytes(_prefect_result_record(payload))
     elif kind == "escaping path":
         digest = hashlib.sha256(b"x").hexdigest()
-        record.write_text(json.dumps({"files": {"../escape": digest}, "digest": hashlib.sha256(
-            b"../escape\0" + bytes.fromhex(digest)).hexdigest()}))
+        record.write_text(
+            json.dumps(
+                {
+                    "files": {"../escape": digest},
+                    "digest": hashlib.sha256(b"../escape\0" + bytes.fromhex(digest)).hexdigest(),
+                }
+            )
+        )
     else:  # a blob whose bytes changed after it was stored
         fake = record.parent / "fake"
         (fake / "backbone").mkdir(parents=True)
@@ -210,8 +273,13 @@ def test_a_tampered_cache_runs_no_code_and_fails_naming_the_file(server, tmp_pat
     store = Store(str(tmp_path / "store"))
     named = _plant(store, key, kind, payload)
     try:
-        state = moder_pipeline(params_path=str(_write(tmp_path / "params.yaml", FULL)), out_dir=str(tmp_path / "out"),
-                               store=str(tmp_path / "store"), dvc_yaml=str(REPO / "dvc.yaml"), return_state=True)
+        state = moder_pipeline(
+            params_path=str(_write(tmp_path / "params.yaml", FULL)),
+            out_dir=str(tmp_path / "out"),
+            store=str(tmp_path / "store"),
+            dvc_yaml=str(REPO / "dvc.yaml"),
+            return_state=True,
+        )
     finally:
         (server["home"] / "storage" / key).unlink()
     assert not marker.exists() and not (tmp_path / "store" / "escape").exists()

@@ -2,11 +2,10 @@ import json
 
 import pytest
 import torch
+from conftest import random_lora
 
 from moder.experts import ContextExperts
 from moder.hub import NULL_EXPERT, ExpertHub
-
-from conftest import random_lora
 
 
 def _keys(*vectors):
@@ -55,7 +54,7 @@ def test_hub_grows_and_round_trips(tmp_path, lora_factory):
     with pytest.raises(ValueError, match="step 2 is already"):
         hub.append(2, ["f"], keys[:1], random_lora(lora_factory, 1))
     hub.save(tmp_path / "hub.safetensors", tmp_path / "hub.parquet")
-    loaded = ExpertHub.load(tmp_path / "hub.safetensors", tmp_path / "hub.parquet", backbone=hub.backbone)
+    loaded = ExpertHub.load(tmp_path / "hub.safetensors", tmp_path / "hub.parquet", identity=hub.identity)
     assert loaded.class_names == ["a", "b", "c", "d", "e"] and loaded.steps == [1, 1, 1, 2, 2]
     for name, tensor in hub.experts.tensors().items():
         assert torch.equal(loaded.experts.tensors()[name], tensor)
@@ -73,4 +72,4 @@ def test_hub_refuses_another_backbone_and_mismatched_sizes(tmp_path):
     hub.append(1, ["a"], torch.randn(1, 3), _context(1))
     hub.save(tmp_path / "h.safetensors", tmp_path / "h.parquet")
     with pytest.raises(ValueError, match="built on backbone"):
-        ExpertHub.load(tmp_path / "h.safetensors", tmp_path / "h.parquet", backbone="other")
+        ExpertHub.load(tmp_path / "h.safetensors", tmp_path / "h.parquet", identity="other")

@@ -4,9 +4,7 @@ import torch
 from moder.metrics import accuracy, average, class_accuracy, future, label_space, last, summarize, transfer
 
 # A[i][j]: rows are training steps, columns tasks.
-A = [[50.0, 20.0, 30.0],
-     [60.0, 70.0, 40.0],
-     [55.0, 65.0, 80.0]]
+A = [[50.0, 20.0, 30.0], [60.0, 70.0, 40.0], [55.0, 65.0, 80.0]]
 
 
 def test_metrics_on_hand_computed_matrix():

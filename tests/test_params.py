@@ -49,7 +49,10 @@ def test_a_params_file_without_the_benchmark_is_refused():
         ({"train": {"lr": float("nan")}}, "key 'train.lr': Input should be a finite number"),
         ({"retrieval": {"temperature": float("inf")}}, "key 'retrieval.temperature': Input should be a finite number"),
         ({"model": {"device": "banana"}}, "key 'model.device': unknown device 'banana'"),
-        ({"benchmark": {"name": "../../escape"}}, "key 'benchmark.name': benchmark name '../../escape' becomes a directory"),
+        (
+            {"benchmark": {"name": "../../escape"}},
+            "key 'benchmark.name': benchmark name '../../escape' becomes a directory",
+        ),
         ({"datasets": {"a/b": {"classes": 4}}}, "datasets key 'a/b' becomes a directory name"),
         ({"tasks": {"..": {"dataset": "a"}}}, "tasks key '..' becomes a directory name"),
         ({"model": {"pretrained": "openai", "checkpoint": "w.pt"}}, "either pretrained"),
@@ -80,7 +83,7 @@ def test_bad_files(tmp_path):
 def test_params_yaml_holds_the_embedded_mtil_preset_verbatim():
     text = Path("params.yaml").read_text()
     marker = "# Benchmark preset: configs/embedded-mtil.yaml\n"
-    assert text[text.index(marker) + len(marker):] == Path("configs/embedded-mtil.yaml").read_text()
+    assert text[text.index(marker) + len(marker) :] == Path("configs/embedded-mtil.yaml").read_text()
 
 
 def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
@@ -93,7 +96,11 @@ def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
     assert params.retrieval.k == 5  # the rest of the file is untouched
     use_benchmark("embedded-mtil", target, Path("configs"))
     assert target.read_text() == edited
-    with pytest.raises(ParamsError, match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, embedded-classil, embedded-mtil, mtil-order1, mtil-order2"):
+    with pytest.raises(
+        ParamsError,
+        match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, "
+        "embedded-classil, embedded-mtil, mtil-order1, mtil-order2",
+    ):
         use_benchmark("nope", target, Path("configs"))
 
 
@@ -108,7 +115,10 @@ def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
     ],
 )
 def test_benchmark_block_errors_name_the_key(change, message):
-    base = {"datasets": {"a": {"classes": 4}, "b": {"classes": 4}}, "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}}}
+    base = {
+        "datasets": {"a": {"classes": 4}, "b": {"classes": 4}},
+        "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
+    }
     with pytest.raises(ParamsError) as error:
         parse_params({**base, **change})
     assert message in str(error.value)

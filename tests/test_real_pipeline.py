@@ -1,6 +1,7 @@
 """The real-benchmark path end to end: image datasets in their on-disk layouts and a randomly
 initialised ViT-B-16 given as a local checkpoint, through `dvc repro` (backbone, extract, train,
 evaluate, report)."""
+
 import json
 
 import pytest
@@ -28,16 +29,20 @@ def real_project(tmp_path_factory):
     data = tmp_path_factory.mktemp("datasets")
     mnist.write(data / "mnist", n_classes=10, per_class=1)
     imagefolder.write(data / "shapes", n_classes=3, per_class=2)
-    params = parse_params({
-        "model": {"architecture": "ViT-B-16", "checkpoint": str(weights)},
-        "templates": ["a photo of a {}."],
-        "extract": {"batch_size": 8},
-        "train": {"epochs": 1, "batch_size": 16},
-        "benchmark": {"name": "tiny-real", "protocol": "mtil"},
-        "datasets": {"shapes": {"source": "imagefolder", "root": str(data / "shapes")},
-                     "mnist": {"source": "mnist", "root": str(data / "mnist")}},
-        "tasks": {"shapes": {"dataset": "shapes"}, "mnist": {"dataset": "mnist"}},
-    })
+    params = parse_params(
+        {
+            "model": {"architecture": "ViT-B-16", "checkpoint": str(weights)},
+            "templates": ["a photo of a {}."],
+            "extract": {"batch_size": 8},
+            "train": {"epochs": 1, "batch_size": 16},
+            "benchmark": {"name": "tiny-real", "protocol": "mtil"},
+            "datasets": {
+                "shapes": {"source": "imagefolder", "root": str(data / "shapes")},
+                "mnist": {"source": "mnist", "root": str(data / "mnist")},
+            },
+            "tasks": {"shapes": {"dataset": "shapes"}, "mnist": {"dataset": "mnist"}},
+        }
+    )
     root = copy_code(tmp_path_factory.mktemp("project"))
     (root / "params.yaml").write_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False))
     run_command(["git", "init", "-q"], root)
@@ -47,8 +52,17 @@ def real_project(tmp_path_factory):
 
 def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
     root, _, _, repro = real_project
-    for stage in ("backbone", "extract@shapes", "extract@mnist", "train@shapes", "train@mnist", "finetune",
-                  "evaluate@shapes", "evaluate@mnist", "report"):
+    for stage in (
+        "backbone",
+        "extract@shapes",
+        "extract@mnist",
+        "train@shapes",
+        "train@mnist",
+        "finetune",
+        "evaluate@shapes",
+        "evaluate@mnist",
+        "report",
+    ):
         assert f"Running stage '{stage}'" in repro.stdout
     summary = json.loads((root / "reports" / "backbone.json").read_text())
     assert summary["architecture"] == "ViT-B-16" and summary["weights"].startswith("file:")

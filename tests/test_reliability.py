@@ -1,5 +1,6 @@
 """Faults, bad input and tampering on the miniature pipeline: each is refused with one line naming
 what is at fault, and nothing outside the stage's own outputs changes (docs/reliability.md)."""
+
 import csv
 import errno
 import hashlib
@@ -19,14 +20,13 @@ import yaml
 
 from moder.clip import ModelLoadError, load_clip
 from moder.experts import ExpertFileError, load_experts
-from moder.features import FeatureFileError, FeatureTable, read_features, write_features
-from moder.io import OWNER_FILE, OutputError, TensorFileError, atomic_directory, atomic_path, load_tensors
+from moder.features import FeatureFileError, FeatureTable, write_features
+from moder.io import OWNER_FILE, OutputError, TensorFileError, atomic_directory, atomic_path
 from moder.names import PromptError
 from moder.params import parse_params
 from moder.prompts import template_prompts
 from moder.train import TrainingDiverged
 from stages.evaluate import evaluate
-from stages.extract import extract
 from stages.finetune import finetune
 from stages.report import report
 from stages.train import train
@@ -37,8 +37,11 @@ MODEL = Path("backbone") / "clip.safetensors"
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under `root` by path -> sha256, to prove a failure changed nothing."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -53,8 +56,13 @@ def run(mtil_run, tmp_path):
 
 def _cli(stage: str, cwd: Path, *args: str, params: dict = MINI) -> subprocess.CompletedProcess:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:
@@ -66,6 +74,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None
 
 
 # --- outputs only where the stage owns them ------------------------------------------------------
+
 
 def test_extract_refuses_an_out_that_holds_other_outputs(run):
     before = snapshot(run)
@@ -88,8 +97,22 @@ def test_a_stage_replaces_its_own_earlier_output(run):
 
 
 def test_file_outputs_must_have_their_suffix(run):
-    result = _cli("evaluate", run, "--step", "a", "--model", str(run / MODEL), "--features", "features",
-                  "--experts", "experts", "--out", "params.yaml", "--unseen-out", "u.parquet")
+    result = _cli(
+        "evaluate",
+        run,
+        "--step",
+        "a",
+        "--model",
+        str(run / MODEL),
+        "--features",
+        "features",
+        "--experts",
+        "experts",
+        "--out",
+        "params.yaml",
+        "--unseen-out",
+        "u.parquet",
+    )
     assert result.returncode == 2 and "argument --out: 'params.yaml' is not a .parquet file" in result.stderr
     with pytest.raises(OutputError, match="refusing to write the file .*features: a directory is there"):
         with atomic_path(run / "features"):
@@ -149,12 +172,19 @@ def test_report_replaces_all_its_outputs_together(run, monkeypatch):
 
     monkeypatch.setattr(Path, "write_text", fail_on_the_fourth)
     with pytest.raises(OutputError, match="No space left on device"):
-        report(parse_params({**MINI, "seed": 1}), run / "eval", run / "finetune.parquet", run / "unseen",
-               run / "metrics.json", run / "reports")
+        report(
+            parse_params({**MINI, "seed": 1}),
+            run / "eval",
+            run / "finetune.parquet",
+            run / "unseen",
+            run / "metrics.json",
+            run / "reports",
+        )
     assert snapshot(run / "reports") | {"metrics.json": snapshot(run)["metrics.json"]} == before
 
 
 # --- finite or refused ---------------------------------------------------------------------------
+
 
 def test_a_diverging_training_fails_and_writes_nothing(run):
     shutil.rmtree(run / "experts" / "a")
@@ -166,14 +196,14 @@ def test_a_diverging_training_fails_and_writes_nothing(run):
 
 def _overwrite(path: Path, offset_from_end: int, data: bytes) -> None:
     raw = bytearray(path.read_bytes())
-    raw[len(raw) - offset_from_end: len(raw) - offset_from_end + len(data)] = data
+    raw[len(raw) - offset_from_end : len(raw) - offset_from_end + len(data)] = data
     path.write_bytes(bytes(raw))
 
 
 def _header(path: Path) -> tuple[int, dict]:
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return length, json.loads(raw[8: 8 + length])
+    return length, json.loads(raw[8 : 8 + length])
 
 
 def _rewrite_metadata(path: Path, edit) -> None:
@@ -185,23 +215,35 @@ def _rewrite_metadata(path: Path, edit) -> None:
     header["__metadata__"]["moder"] = json.dumps(inner, sort_keys=True)
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
-    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length:])
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + length :])
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda p: _overwrite(p, 64, bytes(range(64))), "its contents do not match their digest"),
-    (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable safetensors file"),
-    (lambda p: p.write_bytes(b"garbage" * 10), "not a readable safetensors file"),
-    (lambda p: _rewrite_metadata(p, lambda m: m["extra"].update(offsets=[1e308] * len(m["class_names"]))),
-     "its contents do not match their digest"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda p: _overwrite(p, 64, bytes(range(64))), "its contents do not match their digest"),
+        (lambda p: p.write_bytes(p.read_bytes()[:200]), "not a readable safetensors file"),
+        (lambda p: p.write_bytes(b"garbage" * 10), "not a readable safetensors file"),
+        (
+            lambda p: _rewrite_metadata(p, lambda m: m["extra"].update(offsets=[1e308] * len(m["class_names"]))),
+            "its contents do not match their digest",
+        ),
+    ],
+)
 def test_damaged_experts_are_refused_naming_the_file_and_its_stage(run, damage, message):
     path = run / "experts" / "b" / "split-1.safetensors"
     damage(path)
     before = snapshot(run)
     with pytest.raises(ExpertFileError) as error:
-        evaluate(parse_params(MINI), "a", run / MODEL, run / "features", run / "experts", run / "eval" / "a.parquet",
-                 run / "unseen" / "a.parquet")
+        evaluate(
+            parse_params(MINI),
+            "a",
+            run / MODEL,
+            run / "features",
+            run / "experts",
+            run / "eval" / "a.parquet",
+            run / "unseen" / "a.parquet",
+        )
     assert str(path) in str(error.value) and message in str(error.value)
     assert "[written by train@b: re-run it" in str(error.value) and "\n" not in str(error.value)
     assert snapshot(run) == before
@@ -209,6 +251,7 @@ def test_damaged_experts_are_refused_naming_the_file_and_its_stage(run, damage, 
 
 def test_malformed_metadata_json_is_named(tmp_path):
     from safetensors.torch import save_file
+
     path = tmp_path / "x.safetensors"
     save_file({"ctx": torch.zeros(1, 2, 3)}, str(path), metadata={"moder": "{not json"})
     with pytest.raises(ExpertFileError, match=r"x.safetensors: its metadata is not valid JSON"):
@@ -217,24 +260,32 @@ def test_malformed_metadata_json_is_named(tmp_path):
 
 def test_tensors_with_shapes_that_do_not_fit_are_refused(tmp_path):
     from moder.io import save_tensors
+
     path = tmp_path / "e.safetensors"
     description = {"experts": {"kind": "context", "n_ctx": 3}, "backbone": "model", "extra": {}}
     save_tensors(path, {"ctx": torch.zeros(2, 3, 4)}, {**description, "class_names": ["a", "b", "c"]})
-    with pytest.raises(ExpertFileError, match=r"e.safetensors: expected one ctx tensor \[3, n_ctx, width\], got ctx \[2, 3, 4\]"):
+    with pytest.raises(
+        ExpertFileError, match=r"e.safetensors: expected one ctx tensor \[3, n_ctx, width\], got ctx \[2, 3, 4\]"
+    ):
         load_experts(path)
     lora = {"lora_a.0.attn_in": torch.zeros(2, 2, 4), "lora_b.0.attn_in": torch.zeros(2, 12, 3)}
     save_tensors(path, lora, {**description, "experts": {"kind": "lora", "scaling": 1.0}, "class_names": ["a", "b"]})
-    with pytest.raises(ExpertFileError, match=r"LoRA target 0.attn_in: A \[2, 2, 4\] and B \[2, 12, 3\] are not rank-matched"):
+    with pytest.raises(
+        ExpertFileError, match=r"LoRA target 0.attn_in: A \[2, 2, 4\] and B \[2, 12, 3\] are not rank-matched"
+    ):
         load_experts(path)
 
 
 def test_non_finite_values_are_never_written(tmp_path):
     with pytest.raises(TensorFileError, match=r"refusing to write .*t.safetensors: tensor w has non-finite values"):
         from moder.io import save_tensors
+
         save_tensors(tmp_path / "t.safetensors", {"w": torch.tensor([1.0, float("inf")])}, {})
     with pytest.raises(FeatureFileError, match=r"refusing to write .*f.parquet: the d features have non-finite values"):
-        write_features(tmp_path / "f.parquet", FeatureTable(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]),
-                                                            ["x"], "d", "m"))
+        write_features(
+            tmp_path / "f.parquet",
+            FeatureTable(torch.tensor([[float("nan"), 1.0]]), torch.tensor([0]), ["x"], "d", "m"),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -247,12 +298,22 @@ def test_a_damaged_backbone_is_refused_naming_it(run):
     _one_line_error(result, str(path), "do not match their digest")
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda t: t.replace_schema_metadata({**t.schema.metadata, b"moder.dataset": b"b"}), "holds features of dataset 'b', not 'a'"),
-    (lambda t: t.set_column(0, "label", __import__("pyarrow").array([99] * t.num_rows, "int32")), "label 99 is outside its 4 classes"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda t: t.replace_schema_metadata({**t.schema.metadata, b"moder.dataset": b"b"}),
+            "holds features of dataset 'b', not 'a'",
+        ),
+        (
+            lambda t: t.set_column(0, "label", __import__("pyarrow").array([99] * t.num_rows, "int32")),
+            "label 99 is outside its 4 classes",
+        ),
+    ],
+)
 def test_features_for_another_dataset_or_with_labels_out_of_range_are_refused(run, change, message):
     import pyarrow.parquet as pq
+
     path = run / "features" / "a" / "train.parquet"
     pq.write_table(change(pq.read_table(path)), path)
     with pytest.raises(FeatureFileError) as error:
@@ -262,6 +323,7 @@ def test_features_for_another_dataset_or_with_labels_out_of_range_are_refused(ru
 
 def test_prototype_rows_must_match_the_class_list(run):
     import pyarrow.parquet as pq
+
     path = run / "features" / "a" / "classes.parquet"
     pq.write_table(pq.read_table(path).slice(0, 3), path)
     with pytest.raises(FeatureFileError, match="3 prototype rows do not match its 4 classes one to one"):
@@ -271,12 +333,22 @@ def test_prototype_rows_must_match_the_class_list(run):
 def test_a_cuda_device_without_cuda_is_blamed_on_the_device(run):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    result = _cli("extract", run, "--dataset", "a", "--model", str(run / MODEL), "--out", str(run / "new"),
-                  params={**MINI, "model": {**MINI["model"], "device": "cuda"}})
+    result = _cli(
+        "extract",
+        run,
+        "--dataset",
+        "a",
+        "--model",
+        str(run / MODEL),
+        "--out",
+        str(run / "new"),
+        params={**MINI, "model": {**MINI["model"], "device": "cuda"}},
+    )
     _one_line_error(result, "model.device is 'cuda' but this machine has no CUDA device")
 
 
 # --- names and templates -------------------------------------------------------------------------
+
 
 def test_colliding_class_names_are_refused_naming_them(tower):
     with pytest.raises(PromptError, match=r"'red_circle'/'Red  circle'.*same prototype"):
@@ -296,20 +368,31 @@ def test_a_template_that_does_not_insert_the_name_is_refused(tower):
 
 # --- reports ------------------------------------------------------------------------------------
 
+
 def test_class_names_with_commas_quotes_and_newlines_stay_one_csv_field(run):
     import pyarrow.parquet as pq
+
     path = run / "unseen" / "a.parquet"
     table = pq.read_table(path)
     odd = ['red, "bright"\ncircle'] * table.num_rows
-    pq.write_table(table.set_column(table.schema.get_field_index("class_name"), "class_name",
-                                    __import__("pyarrow").array(odd)), path)
-    report(parse_params(MINI), run / "eval", run / "finetune.parquet", run / "unseen", run / "metrics.json",
-           run / "reports")
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("class_name"), "class_name", __import__("pyarrow").array(odd)),
+        path,
+    )
+    report(
+        parse_params(MINI),
+        run / "eval",
+        run / "finetune.parquet",
+        run / "unseen",
+        run / "metrics.json",
+        run / "reports",
+    )
     rows = list(csv.reader(io.StringIO((run / "reports" / "unseen_classes.csv").read_text())))
     assert {len(row) for row in rows} == {7} and rows[1][2] == odd[0]
 
 
 # --- deterministic under concurrency -------------------------------------------------------------
+
 
 def test_concurrent_training_gives_the_bytes_of_sequential_training(mtil_run, tmp_path):
     """Prefect runs stages in a thread pool: nothing one thread does may change another's numerics."""
@@ -317,8 +400,9 @@ def test_concurrent_training_gives_the_bytes_of_sequential_training(mtil_run, tm
     params = parse_params(MINI)
 
     def jobs(out: Path):
-        return [lambda d=d: train(params, d, root / MODEL, root / "features", out / "experts" / d) for d in ("a", "b")] + [
-            lambda: finetune(params, root / MODEL, root / "features", out / "finetune.parquet")]
+        return [
+            lambda d=d: train(params, d, root / MODEL, root / "features", out / "experts" / d) for d in ("a", "b")
+        ] + [lambda: finetune(params, root / MODEL, root / "features", out / "finetune.parquet")]
 
     for job in jobs(tmp_path / "sequential"):
         job()

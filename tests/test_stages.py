@@ -1,4 +1,5 @@
 """Every stage on a very small configuration, called as functions and as CLIs."""
+
 import copy
 import json
 import subprocess
@@ -16,11 +17,8 @@ from moder.experts import load_experts
 from moder.features import FeatureFileError, read_features
 from moder.metrics import accuracy, summarize
 from moder.params import parse_params
-from stages.evaluate import evaluate
-from stages.finetune import finetune
-from stages.extract import extract
 from stages.backbone import backbone
-from stages.report import read_matrices, report
+from stages.report import read_matrices
 from stages.train import train
 from tests.conftest import MINI, run_pipeline
 
@@ -30,7 +28,11 @@ MINI_CLASSIL = {
     **MINI,
     "benchmark": {"name": "mini-classil", "protocol": "classil"},
     "datasets": {"p": {"splits": 3, "tint": 0.2}},
-    "tasks": {"p1": {"dataset": "p", "split": 1}, "p2": {"dataset": "p", "split": 2}, "p3": {"dataset": "p", "split": 3}},
+    "tasks": {
+        "p1": {"dataset": "p", "split": 1},
+        "p2": {"dataset": "p", "split": 2},
+        "p3": {"dataset": "p", "split": 3},
+    },
 }
 
 
@@ -51,7 +53,9 @@ def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
     assert np.bincount(train_split.labels.numpy()).tolist() == [4] * 5  # balanced
     assert np.bincount(test_split.labels.numpy()).tolist() == [3] * 5
     assert classes.vectors.shape == (5, 32) and torch.allclose(classes.vectors.norm(dim=1), torch.ones(5))
-    assert set(classes.class_names) <= {f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")}
+    assert set(classes.class_names) <= {
+        f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")
+    }
 
 
 def test_train_writes_one_expert_per_class_of_its_task(mtil_run):
@@ -81,7 +85,8 @@ def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_
     methods = ("zeroshot", "finetune", "oracle", "moder")
     seen = [",".join(f"{matrices[m][i, : i + 1].mean():.2f}" for m in methods) for i in range(2)]
     assert (root / "reports" / "seen.csv").read_text() == (
-        f"step,task,{','.join(methods)}\n1,a,{seen[0]}\n2,b,{seen[1]}\n")
+        f"step,task,{','.join(methods)}\n1,a,{seen[0]}\n2,b,{seen[1]}\n"
+    )
     unseen = ",".join(f"{matrices[m][0, 1]:.2f}" for m in methods)
     assert (root / "reports" / "unseen.csv").read_text() == f"step,task,{','.join(methods)}\n1,a,{unseen}\n"
 
@@ -127,28 +132,59 @@ def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
 
 def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run([sys.executable, "-m", f"stages.{stage}", *args], cwd=cwd, capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"retrieval": {"k": 0}}, "error: params.yaml: invalid params\n  key 'retrieval.k': Input should be greater than or equal to 1"),
+        (
+            {"retrieval": {"k": 0}},
+            "error: params.yaml: invalid params\n  key 'retrieval.k': Input should be greater than or equal to 1",
+        ),
         ({"tasks": {"a": {"dataset": "zzz"}}}, "tasks.a.dataset: unknown dataset 'zzz'; datasets: a, b"),
-        ({"datasets": {"a": {"classes": 4, "background": [0.8, 0.2]}, "b": {}}}, "key 'datasets.a.background': need 0 <= low <= high <= 1 (got [0.8, 0.2])"),
+        (
+            {"datasets": {"a": {"classes": 4, "background": [0.8, 0.2]}, "b": {}}},
+            "key 'datasets.a.background': need 0 <= low <= high <= 1 (got [0.8, 0.2])",
+        ),
     ],
 )
 def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
-    result = _cli("train", {**copy.deepcopy(MINI), **change}, tmp_path, "--dataset", "a", "--model", "m.safetensors",
-                  "--features", "features", "--out", "experts/a")
+    result = _cli(
+        "train",
+        {**copy.deepcopy(MINI), **change},
+        tmp_path,
+        "--dataset",
+        "a",
+        "--model",
+        "m.safetensors",
+        "--features",
+        "features",
+        "--out",
+        "experts/a",
+    )
     assert result.returncode == 1 and message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_cli_reports_a_missing_pretrained_model(tmp_path):
-    result = _cli("extract", MINI, tmp_path, "--dataset", "a", "--model", "data/backbone/clip.safetensors",
-                  "--out", "data/features/a")
+    result = _cli(
+        "extract",
+        MINI,
+        tmp_path,
+        "--dataset",
+        "a",
+        "--model",
+        "data/backbone/clip.safetensors",
+        "--out",
+        "data/features/a",
+    )
     assert result.returncode == 1
     assert "error: backbone CLIP not found: data/backbone/clip.safetensors (run the backbone stage" in result.stderr
     assert not (tmp_path / "data" / "features").exists()
@@ -156,19 +192,34 @@ def test_cli_reports_a_missing_pretrained_model(tmp_path):
 
 def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
     root, _ = mtil_run
-    renamed = {**MINI, "datasets": {"a": {"classes": 4}, "c": {}}, "tasks": {"a": {"dataset": "a"}, "c": {"dataset": "c"}}}
+    renamed = {
+        **MINI,
+        "datasets": {"a": {"classes": 4}, "c": {}},
+        "tasks": {"a": {"dataset": "a"}, "c": {"dataset": "c"}},
+    }
     result = _cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"))
-    assert result.returncode == 1 and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
+    assert (
+        result.returncode == 1
+        and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
+    )
     shown = _cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
     assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
 
 
 def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_path):
-    data = {**MINI, "expert": {"kind": "lora", "lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
-            "composition": {"space": "output"}, "retrieval": {"k": 2, "null_score": 0.5}}
+    data = {
+        **MINI,
+        "expert": {"kind": "lora", "lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
+        "composition": {"space": "output"},
+        "retrieval": {"k": 2, "null_score": 0.5},
+    }
     figures = run_pipeline(data, tmp_path)
     experts, _, _ = load_experts(tmp_path / "experts" / "b" / "split-1.safetensors")
-    assert experts.kind == "lora" and experts.rank == 2 and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
+    assert (
+        experts.kind == "lora"
+        and experts.rank == 2
+        and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
+    )
     assert set(figures) == {"zeroshot", "finetune", "oracle", "moder"}
 
 
@@ -210,16 +261,18 @@ def test_finetune_baseline_scores_every_task_after_every_step(mtil_run):
 
 
 def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained_zeroshot_ones(tmp_path):
-    from moder.benchmark import Task
     from moder.features import FeatureTable
+    from moder.tasks import Task
     from stages.train import negatives_for
 
     classes = FeatureTable(torch.eye(6), torch.arange(6), [str(i) for i in range(6)], "p", "m")
     tasks = [Task("p split 1", 1, "p", [0, 1]), Task("p split 2", 2, "p", [2, 3]), Task("p split 3", 3, "p", [4, 5])]
     stored = {0: torch.full((6,), 7.0), 1: torch.full((6,), 8.0)}
-    for mode, first, second in (("none", None, None),
-                                ("earlier", None, [7.0, 8.0]),
-                                ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5])):
+    for mode, first, second in (
+        ("none", None, None),
+        ("earlier", None, [7.0, 8.0]),
+        ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5]),
+    ):
         params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode}})
         got = negatives_for(params, tasks[0], [], {}, classes)
         assert (got is None) if first is None else torch.equal(got, torch.eye(6)[first])
@@ -233,15 +286,20 @@ def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained
 
 def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_classes(tmp_path):
     plain = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "dataset"}}, tmp_path / "plain")
-    calibrated = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "dataset"}, "composition": {"calibrate": True}},
-                              tmp_path / "calibrated")
+    calibrated = run_pipeline(
+        {**MINI_CLASSIL, "train": {"negatives": "dataset"}, "composition": {"calibrate": True}}, tmp_path / "calibrated"
+    )
     assert plain["moder"]["last"] == calibrated["moder"]["last"]  # every class trained: one shared offset, no change
     assert plain["moder"]["transfer"] != calibrated["moder"]["transfer"]  # unseen tasks compete with trained classes
     for step in ("p1", "p2", "p3"):
-        rows = {(r["task"], r["method"]): r["accuracy"]
-                for r in pq.read_table(tmp_path / "plain" / "eval" / f"{step}.parquet").to_pylist()}
-        moved = {(r["task"], r["method"]): r["accuracy"]
-                 for r in pq.read_table(tmp_path / "calibrated" / "eval" / f"{step}.parquet").to_pylist()}
+        rows = {
+            (r["task"], r["method"]): r["accuracy"]
+            for r in pq.read_table(tmp_path / "plain" / "eval" / f"{step}.parquet").to_pylist()
+        }
+        moved = {
+            (r["task"], r["method"]): r["accuracy"]
+            for r in pq.read_table(tmp_path / "calibrated" / "eval" / f"{step}.parquet").to_pylist()
+        }
         trained = ["p1", "p2", "p3"][: ["p1", "p2", "p3"].index(step) + 1]
         for task in trained:
             assert rows[(task, "moder")] == moved[(task, "moder")]

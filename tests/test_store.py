@@ -1,4 +1,5 @@
 """The content-addressed store behind the Prefect flow: round trip, and refusal of anything tampered with."""
+
 import hashlib
 import json
 import os
@@ -42,7 +43,8 @@ def test_round_trip_stores_each_content_once_and_restores_every_file(stored, tmp
         "metrics.json": hashlib.sha256(b'{"accuracy": 1.0}').hexdigest(),
     }
     assert store.put(tmp_path / "stage", [tmp_path / "stage" / "metrics.json"]).files == {
-        "metrics.json": record.files["metrics.json"]}
+        "metrics.json": record.files["metrics.json"]
+    }
     assert len(list((tmp_path / "store" / "blobs").iterdir())) == 3  # no temporaries left behind
 
     store.materialise(record, tmp_path / "copy", "extract@a")
@@ -76,9 +78,18 @@ def _prefect_result_record(payload: bytes) -> bytes:
     """What Prefect 3 writes for a persisted result, naming the pickle serializer."""
     import base64
 
-    return json.dumps({"metadata": {"storage_key": "x", "expiration": None, "serializer": {"type": "pickle"},
-                                    "prefect_version": "3", "storage_block_id": None},
-                       "result": base64.b64encode(payload).decode()}).encode()
+    return json.dumps(
+        {
+            "metadata": {
+                "storage_key": "x",
+                "expiration": None,
+                "serializer": {"type": "pickle"},
+                "prefect_version": "3",
+                "storage_block_id": None,
+            },
+            "result": base64.b64encode(payload).decode(),
+        }
+    ).encode()
 
 
 @pytest.mark.parametrize("tampered", ["pickle", "prefect record naming pickle"])
@@ -97,8 +108,9 @@ def test_a_record_replaced_by_a_pickle_payload_is_refused_without_running_it(sto
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "./a", "a//b", "a\\..\\..\\x", ""])
 def test_a_record_path_that_could_leave_the_artifact_root_is_refused(tmp_path, name):
     digest = hashlib.sha256(b"x").hexdigest()
-    forged = json.dumps({"files": {name: digest},
-                         "digest": hashlib.sha256(name.encode() + b"\0" + bytes.fromhex(digest)).hexdigest()})
+    forged = json.dumps(
+        {"files": {name: digest}, "digest": hashlib.sha256(name.encode() + b"\0" + bytes.fromhex(digest)).hexdigest()}
+    )
     with pytest.raises(StoreError, match="not a plain relative path"):
         ArtifactRecord.from_json(forged.encode(), "forged.json")
     with pytest.raises(ValueError, match="not a plain relative path"):

@@ -1,9 +1,8 @@
 import torch
+from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 from moder.experts import ContextExperts
 from moder.prompts import encode_prototypes, template_prompts
-
-from conftest import CLASSES, TEMPLATES, merged_lora_model, random_lora
 
 
 def test_truncated_encoding_equals_full_context(clip, tower):
@@ -65,5 +64,7 @@ def test_batched_context_experts_equal_per_class_loop(tower, context_factory):
     experts = ContextExperts(torch.randn(len(CLASSES), 4, tower.width, generator=torch.Generator().manual_seed(2)))
     batched = tower.encode(prompts.tokens, experts, torch.arange(len(CLASSES)))
     for c in range(len(CLASSES)):
-        looped = tower.encode(prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), torch.zeros(1, dtype=torch.long))
+        looped = tower.encode(
+            prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), torch.zeros(1, dtype=torch.long)
+        )
         assert torch.allclose(batched[c : c + 1], looped, atol=1e-5, rtol=0)

@@ -1,13 +1,12 @@
 import pytest
 import torch
+from conftest import TEMPLATES
 
 from moder.metrics import accuracy
 from moder.params import TrainParams
 from moder.prompts import zeroshot_prototypes
-from moder.synthetic import shifted_features
 from moder.train import train_experts
-
-from conftest import TEMPLATES
+from tests.synthetic import shifted_features
 
 NAMES = [f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "square", "star")]
 
@@ -15,7 +14,9 @@ NAMES = [f"{c} {s}" for c in ("red", "green", "blue") for s in ("circle", "squar
 def _problem(tower, seed=0):
     zeroshot = zeroshot_prototypes(tower, NAMES, TEMPLATES)
     groups = torch.arange(3).repeat_interleave(3)
-    features, labels = shifted_features(zeroshot, groups, 20, shift=1.0, noise=0.3, generator=torch.Generator().manual_seed(seed))
+    features, labels = shifted_features(
+        zeroshot, groups, 20, shift=1.0, noise=0.3, generator=torch.Generator().manual_seed(seed)
+    )
     return zeroshot, features, labels
 
 
@@ -23,14 +24,22 @@ def _train(tower, factory, config, **kwargs):
     zeroshot, features, labels = _problem(tower)
     prompts = factory.prompts(NAMES)
     experts = factory.new(len(NAMES), torch.Generator().manual_seed(config.seed))
-    return zeroshot, features, labels, prompts, train_experts(tower, prompts, experts, features, labels, config, **kwargs)
+    return (
+        zeroshot,
+        features,
+        labels,
+        prompts,
+        train_experts(tower, prompts, experts, features, labels, config, **kwargs),
+    )
 
 
 def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_factory, context_factory):
     from moder.prompts import encode_prototypes
 
     for factory, lr in ((context_factory, 5e-3), (lora_factory, 1e-2)):
-        zeroshot, features, labels, prompts, result = _train(tower, factory, TrainParams(epochs=15, batch_size=32, lr=lr).config(0))
+        zeroshot, features, labels, prompts, result = _train(
+            tower, factory, TrainParams(epochs=15, batch_size=32, lr=lr).config(0)
+        )
         before = accuracy(features, labels, zeroshot)
         after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES))))
         assert before < 90.0, "the generated problem must leave room to improve"
@@ -52,9 +61,17 @@ def test_one_batched_forward_per_optimisation_step(tower, context_factory, monke
     prompts = context_factory.prompts(NAMES)
     calls = []
     original = type(tower).encode
-    monkeypatch.setattr(type(tower), "encode", lambda self, *a, **k: calls.append(a[0].shape[0]) or original(self, *a, **k))
-    train_experts(tower, prompts, context_factory.new(len(NAMES), torch.Generator()), features, labels,
-                  TrainParams(epochs=1, batch_size=60).config(0))  # 180 samples -> 3 steps
+    monkeypatch.setattr(
+        type(tower), "encode", lambda self, *a, **k: calls.append(a[0].shape[0]) or original(self, *a, **k)
+    )
+    train_experts(
+        tower,
+        prompts,
+        context_factory.new(len(NAMES), torch.Generator()),
+        features,
+        labels,
+        TrainParams(epochs=1, batch_size=60).config(0),
+    )  # 180 samples -> 3 steps
     assert calls == [len(NAMES)] * 3
 
 
@@ -62,8 +79,12 @@ def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory)
     from moder.prompts import encode_prototypes
 
     def drift(reg):
-        zeroshot, _, _, prompts, result = _train(tower, context_factory, TrainParams(epochs=5, lr=1e-2, reg_zeroshot=reg).config(0),
-                                                 zeroshot=zeroshot_prototypes(tower, NAMES, TEMPLATES))
+        zeroshot, _, _, prompts, result = _train(
+            tower,
+            context_factory,
+            TrainParams(epochs=5, lr=1e-2, reg_zeroshot=reg).config(0),
+            zeroshot=zeroshot_prototypes(tower, NAMES, TEMPLATES),
+        )
         own = encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES)))
         return (1 - (own * zeroshot).sum(-1)).mean().item()
 
@@ -86,8 +107,15 @@ def test_one_shared_expert_trains_on_every_class(tower, lora_factory):
     prompts = lora_factory.prompts(NAMES)
     shared = lora_factory.new(1, torch.Generator().manual_seed(0))
     everyone = torch.zeros(len(NAMES), dtype=torch.long)
-    result = train_experts(tower, prompts, shared, features, labels, TrainParams(epochs=10, batch_size=32, lr=1e-2).config(0),
-                           rows=everyone)
+    result = train_experts(
+        tower,
+        prompts,
+        shared,
+        features,
+        labels,
+        TrainParams(epochs=10, batch_size=32, lr=1e-2).config(0),
+        rows=everyone,
+    )
     assert len(result.experts) == 1
     after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, everyone))
     assert after > accuracy(features, labels, zeroshot) + 5.0
@@ -97,9 +125,11 @@ def test_prototype_offsets_measure_the_gain_on_other_classes_images():
     from moder.train import prototype_offsets
 
     zeroshot = torch.eye(3)
-    prototypes = torch.nn.functional.normalize(torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
+    prototypes = torch.nn.functional.normalize(
+        torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1
+    )
     features = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0]])
     labels = torch.tensor([0, 1, 1, 2])
     offsets = prototype_offsets(prototypes, zeroshot, features, labels)
     # class 0 moved toward class 1's images: cos goes 0 -> 1/sqrt(2) on those two, 0 on class 2's image
-    assert offsets.tolist() == pytest.approx([2 / 3 * 2 ** -0.5, 0.0, 0.0])
+    assert offsets.tolist() == pytest.approx([2 / 3 * 2**-0.5, 0.0, 0.0])

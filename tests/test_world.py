@@ -7,7 +7,8 @@ COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.2, 0.75, 0.25), "blue": (0.15, 
 WORLD = World(COLOURS, ("circle", "square", "star"), 16, seed=0)
 
 
-def _render(domain=Domain(), name="d", labels=None, seed=1):
+def _render(domain=None, name="d", labels=None, seed=1):
+    domain = Domain() if domain is None else domain
     labels = torch.arange(9).repeat_interleave(4) if labels is None else labels
     return render(WORLD, domain, name, labels, torch.Generator().manual_seed(seed))
 
@@ -23,7 +24,7 @@ def test_object_colour_is_the_class_colour():
     domain = Domain(background=(0.0, 0.0), noise=0.0)
     images = _render(domain)
     colour_of, _ = WORLD.attributes(torch.arange(9).repeat_interleave(4))
-    for image, colour in zip(images, colour_of):
+    for image, colour in zip(images, colour_of, strict=True):
         pixels = image.reshape(3, -1)
         bright = pixels[:, pixels.sum(0) > 0.6]  # object pixels; the background is black
         expected = torch.tensor(list(COLOURS.values())[int(colour)])
@@ -52,8 +53,13 @@ def test_outlined_shapes_are_a_fixed_fraction_drawn_per_domain():
     # an outlined shape covers fewer pixels than the filled one
     labels = torch.tensor([0]).repeat(8)
     filled = _render(Domain(background=(0, 0), noise=0), labels=labels)
-    hollow = render(World(COLOURS, ("circle", "square", "star"), 16, 0), Domain(background=(0, 0), noise=0, outline=1.0),
-                    "d", labels, torch.Generator().manual_seed(1))
+    hollow = render(
+        World(COLOURS, ("circle", "square", "star"), 16, 0),
+        Domain(background=(0, 0), noise=0, outline=1.0),
+        "d",
+        labels,
+        torch.Generator().manual_seed(1),
+    )
     assert (hollow.sum(1) > 0.6).sum() < 0.8 * (filled.sum(1) > 0.6).sum()
 
 

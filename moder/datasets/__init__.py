@@ -3,7 +3,8 @@
 Every adapter reads the files a normal download produces (torchvision's layout where torchvision
 has the dataset) and returns an `ImageSplit` whose labels index the class names of the dataset's
 catalog file (`catalog/<source>.json`: CLIP's published class names and prompt templates, data not
-code). Nothing is downloaded here: a missing dataset is a `DatasetNotFound` naming what was looked
+code); where a dataset numbers its classes its own way, `remap_to_catalog` maps them onto the catalog
+by name. Nothing is downloaded here: a missing dataset is a `DatasetNotFound` naming what was looked
 for and how to provide a local copy.
 
 File names an adapter reads from the dataset's own lists, or finds walking its folders, are not
@@ -11,15 +12,18 @@ trusted: each file must lie inside the dataset root once `..` and symlinks are r
 (`inside_root`), an empty split is refused, and an image that cannot be decoded is a `BadImage`
 naming the file.
 """
+
 from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -59,6 +63,14 @@ class BadImage(DatasetFormatError):
     """An image file that cannot be decoded (truncated, not an image at all); the message names the file."""
 
 
+def require(source: str, paths: Sequence[Path], how: str) -> None:
+    """Refuses a dataset that lacks any of `paths` (files or folders it needs), as a DatasetNotFound naming
+    the first one missing and `how` to get the dataset."""
+    missing = next((path for path in paths if not path.exists()), None)
+    if missing is not None:
+        raise DatasetNotFound(f"{source}: {missing} not found; {how}")
+
+
 def inside_root(root: Path, name: str | Path, source: str, named_in: str = "") -> Path:
     """`root / name`, for a file `name` (relative to root) that the dataset's own files give: a row of a
     list, or an entry found walking its folders. Such a name is not trusted: a row `../../etc/passwd`,
@@ -68,8 +80,9 @@ def inside_root(root: Path, name: str | Path, source: str, named_in: str = "") -
     fine, and root itself may be a symlink."""
     origin = f" ({named_in})" if named_in else ""
     if Path(name).is_absolute():
-        raise DatasetFormatError(f"{source}: {name}{origin} is an absolute path; name files relative to the "
-                                 f"dataset root {root}")
+        raise DatasetFormatError(
+            f"{source}: {name}{origin} is an absolute path; name files relative to the dataset root {root}"
+        )
     path = root / name
     resolved = path.resolve()
     if not resolved.is_relative_to(root.resolve()):
@@ -83,6 +96,14 @@ def under_root(root: Path, path: str | Path, source: str, named_in: str = "") ->
     # os.path.join drops root before an absolute name (torchvision's Pets, Cars, Aircraft join so): such a
     # path is not under root as written, and stays absolute for inside_root to refuse.
     return inside_root(root, path.relative_to(root) if path.is_relative_to(root) else path, source, named_in)
+
+
+def listed_items(dataset: Any, root: Path, source: str, named_in: str) -> tuple[list[str], list[int]]:
+    """Image paths and labels of a torchvision dataset built with loader=str, in its order: with that
+    loader its items are (path, label) pairs, so no image is decoded here. Each path comes from the
+    dataset's own list (`named_in`), so it must lie `under_root`."""
+    items = [dataset[i] for i in range(len(dataset))]
+    return [str(under_root(root, path, source, named_in)) for path, _ in items], [label for _, label in items]
 
 
 @dataclass(frozen=True)
@@ -102,6 +123,31 @@ def catalog(source: str) -> Catalog:
     return Catalog(list(data["class_names"]), list(data["templates"]))
 
 
+def remap_to_catalog(
+    own_names: Sequence[str],
+    catalog_names: Sequence[str],
+    unknown_message: Callable[[list[str]], str],
+    normalise: Callable[[str], str] = str,
+) -> list[int]:
+    """Catalog label of each of the dataset's own classes: label i as the dataset (torchvision, or its
+    files) numbers it is catalog label `result[i]`. The two numberings differ (torchvision numbers only
+    the classes a split file mentions, a file may order them otherwise), so they meet on the name:
+    `normalise(own_names[i])` (default: the name as is) is spelt as in `catalog_names`. Names with no
+    catalog entry are a DatasetFormatError, `unknown_message(those names, as the dataset gives them)`."""
+    index = {name: i for i, name in enumerate(catalog_names)}
+    unknown = [name for name in own_names if normalise(name) not in index]
+    if unknown:
+        raise DatasetFormatError(unknown_message(unknown))
+    return [index[normalise(name)] for name in own_names]
+
+
+def check_class_ids(labels: Sequence[int], n_classes: int, source: str, where: Path) -> None:
+    """Refuses a label (class id - 1, for datasets whose files number classes 1..n_classes) outside the
+    catalog. ImageSplit refuses it too, but cannot name `where`, the file that gave it."""
+    if any(not 0 <= y < n_classes for y in labels):
+        raise DatasetFormatError(f"{source}: {where} has a class id outside 1-{n_classes}")
+
+
 def _read_rgb(item: Any) -> Image.Image:
     """An image in memory, or an image file decoded, as RGB; a file that cannot be decoded is a BadImage."""
     if isinstance(item, Image.Image):
@@ -115,14 +161,21 @@ def _read_rgb(item: Any) -> Image.Image:
 
 
 class ImageSplit(Dataset):
-    """One split of a dataset: images (file paths, or PIL images already in memory) and labels.
+    """One split of a dataset: images (file paths, PIL images already in memory, or one uint8 array of
+    them all for a dataset stored so) and labels.
 
     `labels[i]` indexes `class_names`. `transform` (e.g. open_clip's preprocess) is applied per
     item, so a DataLoader with workers decodes and resizes in parallel.
     """
 
-    def __init__(self, images: Sequence[Any], labels: Sequence[int], class_names: list[str],
-                 read: Callable[[Any], Image.Image] = _read_rgb, transform: Callable | None = None):
+    def __init__(
+        self,
+        images: Sequence[Any] | np.ndarray,
+        labels: Sequence[int],
+        class_names: list[str],
+        read: Callable[[Any], Image.Image] = _read_rgb,
+        transform: Callable | None = None,
+    ):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.class_names = images, [int(y) for y in labels], class_names
@@ -138,12 +191,17 @@ class ImageSplit(Dataset):
         image = self.read(self.images[index])
         return (image if self.transform is None else self.transform(image)), self.labels[index]
 
-    def with_transform(self, transform: Callable | None) -> "ImageSplit":
+    def with_transform(self, transform: Callable | None) -> ImageSplit:
         return ImageSplit(self.images, self.labels, self.class_names, self.read, transform)
 
-    def subset(self, indices: Sequence[int]) -> "ImageSplit":
-        return ImageSplit([self.images[i] for i in indices], [self.labels[i] for i in indices],
-                          self.class_names, self.read, self.transform)
+    def subset(self, indices: Sequence[int]) -> ImageSplit:
+        return ImageSplit(
+            [self.images[i] for i in indices],
+            [self.labels[i] for i in indices],
+            self.class_names,
+            self.read,
+            self.transform,
+        )
 
 
 def random_split_indices(n: int, seed: int = 42, train_fraction: float = 0.8) -> tuple[list[int], list[int]]:
@@ -153,8 +211,10 @@ def random_split_indices(n: int, seed: int = 42, train_fraction: float = 0.8) ->
     torch.Generator().manual_seed(42). The lengths must be these integers: fractional lengths
     [0.8, 0.2] round differently (n=10 gives 9/1, ZSCL 8/2)."""
     n_train = int(train_fraction * n)
-    train, test = torch.utils.data.random_split(range(n), [n_train, n - n_train],
-                                                generator=torch.Generator().manual_seed(seed))
+    # random_split only takes len() of and indexes its dataset, which a range of the indices does.
+    train, test = torch.utils.data.random_split(
+        cast(Dataset[int], range(n)), [n_train, n - n_train], generator=torch.Generator().manual_seed(seed)
+    )
     return list(train.indices), list(test.indices)
 
 

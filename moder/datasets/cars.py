@@ -21,6 +21,7 @@ and torchvision's download=True refuses), following https://github.com/pytorch/v
      https://www.kaggle.com/datasets/meaninglesslives/cars-devkit), into root/stanford_cars.
 Label = annotation class - 1, the cars_meta.mat order (CLIP's class names are in that order).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,22 +29,22 @@ from pathlib import Path
 from scipy.io.matlab import MatReadError
 from torchvision.datasets import StanfordCars
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
+from moder.datasets import DatasetFormatError, ImageSplit, Split, catalog, check_class_ids, listed_items, require
 
-_HOW = ("the official download is gone: see the docstring of moder/datasets/cars.py for the manual download "
-        "(Kaggle image mirror, devkit from https://github.com/pytorch/vision/issues/7545) and the layout")
+_HOW = (
+    "the official download is gone: see the docstring of moder/datasets/cars.py for the manual download "
+    "(Kaggle image mirror, devkit from https://github.com/pytorch/vision/issues/7545) and the layout"
+)
 
 
 def load(root: Path, split: Split) -> ImageSplit:
     base = root / "stanford_cars"
     meta = base / "devkit" / "cars_meta.mat"
     if split == "train":
-        annotations, images = base / "devkit" / "cars_train_annos.mat", base / "cars_train"
+        annotations, images_dir = base / "devkit" / "cars_train_annos.mat", base / "cars_train"
     else:
-        annotations, images = base / "cars_test_annos_withlabels.mat", base / "cars_test"
-    for path in (meta, annotations, images):
-        if not path.exists():
-            raise DatasetNotFound(f"cars: {path} not found; {_HOW}")
+        annotations, images_dir = base / "cars_test_annos_withlabels.mat", base / "cars_test"
+    require("cars", [meta, annotations, images_dir], _HOW)
     try:
         # loader=str: items come back as paths; ImageSplit decodes them later, as RGB.
         dataset = StanfordCars(root, split=split, download=False, loader=str)
@@ -51,8 +52,6 @@ def load(root: Path, split: Split) -> ImageSplit:
         # scipy's unreadable-file errors, or a .mat without the annotations/class_names fields torchvision reads.
         raise DatasetFormatError(f"cars: torchvision cannot read {annotations} or {meta}: {error!r}") from error
     names = catalog("cars").class_names
-    items = [dataset[i] for i in range(len(dataset))]
-    if any(not 0 <= y < len(names) for _, y in items):
-        raise DatasetFormatError(f"cars: {annotations} has a class outside 1-{len(names)}")
-    images = [str(under_root(root, path, "cars", f"listed in {annotations}")) for path, _ in items]
-    return ImageSplit(images, [y for _, y in items], names)
+    images, labels = listed_items(dataset, root, "cars", f"listed in {annotations}")
+    check_class_ids(labels, len(names), "cars", annotations)
+    return ImageSplit(images, labels, names)

@@ -15,6 +15,7 @@ train/test split. Splits as ZSCL's MTIL (torchvision's train=True / train=False)
 and test.bin (10,000). Labels are the fine labels; the catalog is CLIP's names for fine_label_names.txt
 (underscores as spaces).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -22,28 +23,20 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog
+from moder.datasets import DatasetFormatError, ImageSplit, Split, catalog, remap_to_catalog, require
 
 _SIDE = 32
 _RECORD = 2 + 3 * _SIDE * _SIDE
 _URL = "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz"
 
 
-def _catalog_index(names_file: Path, names: list[str]) -> list[int]:
-    """Catalog index of each fine label, through the names the download itself gives them."""
-    fine = [line.strip().replace("_", " ") for line in names_file.read_text().splitlines() if line.strip()]
-    unknown = [name for name in fine if name not in names]
-    if unknown:
-        raise DatasetFormatError(f"cifar100: {names_file} lists {unknown[0]!r}, not a CIFAR-100 class")
-    return [names.index(name) for name in fine]
-
-
 def _read_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(N, 32, 32, 3) uint8 images and N fine labels of a train.bin / test.bin."""
     raw = np.fromfile(path, dtype=np.uint8)
     if raw.size % _RECORD:
-        raise DatasetFormatError(f"cifar100: {path} holds {raw.size} bytes, not a whole number of "
-                                 f"{_RECORD}-byte records")
+        raise DatasetFormatError(
+            f"cifar100: {path} holds {raw.size} bytes, not a whole number of {_RECORD}-byte records"
+        )
     records = raw.reshape(-1, _RECORD)
     images = records[:, 2:].reshape(-1, 3, _SIDE, _SIDE).transpose(0, 2, 3, 1)
     return np.ascontiguousarray(images), records[:, 1].astype(np.int64)
@@ -52,15 +45,20 @@ def _read_records(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load(root: Path, split: Split) -> ImageSplit:
     base = Path(root) / "cifar-100-binary"
     names_file, records_file = base / "fine_label_names.txt", base / f"{split}.bin"
-    for path in (names_file, records_file):
-        if not path.is_file():
-            raise DatasetNotFound(f"cifar100: {path} not found. Download {_URL} and extract it in {root} "
-                                  f"(see docs/datasets.md).")
+    require("cifar100", [names_file, records_file], f"download {_URL} and extract it in {root} (see docs/datasets.md)")
     names = catalog("cifar100").class_names
-    to_catalog = _catalog_index(names_file, names)
+    # Each fine label reaches the catalog through the name the download itself gives it.
+    fine_names = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
+    to_catalog = remap_to_catalog(
+        fine_names,
+        names,
+        lambda unknown: f"cifar100: {names_file} lists {unknown[0]!r}, not a CIFAR-100 class",
+        normalise=lambda name: name.replace("_", " "),
+    )
     images, fine = _read_records(records_file)
     if fine.size and fine.max() >= len(to_catalog):
-        raise DatasetFormatError(f"cifar100: {records_file} has fine label {fine.max()}, but {names_file} "
-                                 f"names {len(to_catalog)} classes")
+        raise DatasetFormatError(
+            f"cifar100: {records_file} has fine label {fine.max()}, but {names_file} names {len(to_catalog)} classes"
+        )
     # Images stay one uint8 array; Image.fromarray makes each (32, 32, 3) item an RGB image when read.
     return ImageSplit(images, [to_catalog[y] for y in fine.tolist()], names, read=Image.fromarray)

@@ -17,6 +17,7 @@ Without classes.txt the classes are the labels of train.csv, sorted by name. Eit
 label that no train row has is refused: the model would be asked for a class it was never shown.
 A path that is absolute, or that leaves root through `..` or a symlink, is refused naming its line.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,8 +32,9 @@ _HEADER = ["path", "label"]
 def _rows(path: Path) -> list[tuple[int, str, str]]:
     """(line number, path, label) of every data row of one CSV file."""
     if not path.is_file():
-        raise DatasetNotFound(f"csv: {path} not found; write it with the header `path,label` "
-                              f"(see moder/datasets/csv_list.py)")
+        raise DatasetNotFound(
+            f"csv: {path} not found; write it with the header `path,label` (see moder/datasets/csv_list.py)"
+        )
     rows = []
     with path.open(newline="", encoding="utf-8-sig") as file:  # -sig: spreadsheet exports start with a BOM
         reader = csv.reader(file)
@@ -54,8 +56,10 @@ def _class_list(path: Path) -> list[str]:
     names = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates or not names:
-        raise DatasetFormatError(f"csv: {path} must list each class once; "
-                                 + (f"repeated: {', '.join(duplicates)}" if duplicates else "it is empty"))
+        raise DatasetFormatError(
+            f"csv: {path} must list each class once; "
+            + (f"repeated: {', '.join(duplicates)}" if duplicates else "it is empty")
+        )
     return names
 
 
@@ -80,7 +84,7 @@ def load(root: Path, split: Split) -> ImageSplit:
         rows = _rows(split_file)
         _check_labels(split_file, rows, train_labels, f"has no rows in {train_file}")
     paths = [inside_root(root, relative, "csv", f"named in {split_file} line {line}") for line, relative, _ in rows]
-    for path, (line, _, _) in zip(paths, rows):
+    for path, (line, _, _) in zip(paths, rows, strict=True):
         if not path.is_file():
             raise DatasetNotFound(f"csv: {path} (named in {split_file} line {line}) not found")
     label_of = {name: i for i, name in enumerate(classes)}

@@ -14,14 +14,16 @@ here. Label = class id - 1, the order of classes.txt and of the catalog. An imag
 is absolute or leads out of root (`..`, a symlink) is refused.
 (mammoth's seq-cub200 downloads its own preprocessed npz copy; this reads the original files.)
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
 
-_HOW = ("download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 and extract it into "
-        "the dataset root")
+_HOW = (
+    "download CUB_200_2011.tgz from https://data.caltech.edu/records/65de6-vp158 and extract it into the dataset root"
+)
 
 
 def _table(path: Path) -> dict[int, str]:
@@ -41,8 +43,9 @@ def _table(path: Path) -> dict[int, str]:
 
 def _integer(value: str, path: Path, image_id: int, allowed: range) -> int:
     if not value.isdigit() or int(value) not in allowed:
-        raise DatasetFormatError(f"cub200: {path} gives image {image_id} {value!r}, "
-                                 f"not an integer in {allowed.start}-{allowed.stop - 1}")
+        raise DatasetFormatError(
+            f"cub200: {path} gives image {image_id} {value!r}, not an integer in {allowed.start}-{allowed.stop - 1}"
+        )
     return int(value)
 
 

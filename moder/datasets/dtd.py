@@ -12,13 +12,14 @@ Splits as ZSCL's MTIL (mtil/src/datasets/collections.py, class DTD): partition 1
 ones, train = train1.txt (1,880 images; val1 not added), test = test1.txt (1,880 images). Class names
 are the folder names, which are CLIP's names.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from torchvision.datasets import DTD
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
+from moder.datasets import DatasetFormatError, ImageSplit, Split, catalog, listed_items, remap_to_catalog, require
 
 _PARTITION = 1
 
@@ -26,22 +27,21 @@ _PARTITION = 1
 def load(root: Path, split: Split) -> ImageSplit:
     data = Path(root) / "dtd" / "dtd"
     split_file = data / "labels" / f"{split}{_PARTITION}.txt"
-    for path in (split_file, data / "images"):
-        if not path.exists():
-            raise DatasetNotFound(f"dtd: {path} not found. Download "
-                                  f"https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz and "
-                                  f"extract it in {data.parent} (see docs/datasets.md).")
+    require(
+        "dtd",
+        [split_file, data / "images"],
+        f"download https://www.robots.ox.ac.uk/~vgg/data/dtd/download/dtd-r1.0.1.tar.gz and extract it in "
+        f"{data.parent} (see docs/datasets.md)",
+    )
     try:
         # loader=str: items come back as paths; ImageSplit decodes them later, as RGB.
         dataset = DTD(root, split=split, partition=_PARTITION, loader=str)
     except ValueError as error:
         raise DatasetFormatError(f"dtd: cannot parse {split_file} (lines '<class>/<file>.jpg'): {error!r}") from error
     names = catalog("dtd").class_names
-    unknown = [texture for texture in dataset.classes if texture not in names]
-    if unknown:
-        raise DatasetFormatError(f"dtd: {split_file} names class {unknown[0]!r}, not a DTD texture")
     # torchvision numbers only the classes that occur in the split file; the catalog numbers all 47.
-    to_catalog = [names.index(texture) for texture in dataset.classes]
-    items = [dataset[i] for i in range(len(dataset))]
-    images = [str(under_root(root, path, "dtd", f"listed in {split_file}")) for path, _ in items]
-    return ImageSplit(images, [to_catalog[y] for _, y in items], names)
+    to_catalog = remap_to_catalog(
+        dataset.classes, names, lambda unknown: f"dtd: {split_file} names class {unknown[0]!r}, not a DTD texture"
+    )
+    images, labels = listed_items(dataset, root, "dtd", f"listed in {split_file}")
+    return ImageSplit(images, [to_catalog[y] for y in labels], names)

@@ -14,36 +14,59 @@ e.g. HerbaceousVegetation is "brushland or shrubland". There is no official test
 (mtil/src/datasets/collections.py, class EuroSAT) splits all images, in ImageFolder order (sorted
 classes, sorted file names), 80/20 at random with seed 42 (`random_split_indices`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from torchvision.datasets import EuroSAT
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root, zscl_split
+from moder.datasets import (
+    DatasetFormatError,
+    DatasetNotFound,
+    ImageSplit,
+    Split,
+    catalog,
+    remap_to_catalog,
+    under_root,
+    zscl_split,
+)
 
 # Class folders in label order (= sorted, ImageFolder's order); the catalog names follow it.
-FOLDERS: tuple[str, ...] = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
-                            "PermanentCrop", "Residential", "River", "SeaLake")
+FOLDERS: tuple[str, ...] = (
+    "AnnualCrop",
+    "Forest",
+    "HerbaceousVegetation",
+    "Highway",
+    "Industrial",
+    "Pasture",
+    "PermanentCrop",
+    "Residential",
+    "River",
+    "SeaLake",
+)
 
 
 def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
     """Every image of the dataset with its label, in ImageFolder's order (the order ZSCL splits)."""
     data = root / "eurosat" / "2750"
     if not data.is_dir():
-        raise DatasetNotFound(f"eurosat: {data} not found. Extract the RGB EuroSAT.zip (it holds 2750/) in "
-                              f"{data.parent}, or run torchvision.datasets.EuroSAT({str(root)!r}, download=True) "
-                              f"(see docs/datasets.md).")
+        raise DatasetNotFound(
+            f"eurosat: {data} not found. Extract the RGB EuroSAT.zip (it holds 2750/) in "
+            f"{data.parent}, or run torchvision.datasets.EuroSAT({str(root)!r}, download=True) "
+            f"(see docs/datasets.md)."
+        )
     try:
         dataset = EuroSAT(root)
     except FileNotFoundError as error:  # ImageFolder: no class folder, or a class folder without images
         raise DatasetFormatError(f"eurosat: {data}: {error}") from error
-    unknown = [folder for folder in dataset.classes if folder not in FOLDERS]
-    if unknown:
-        raise DatasetFormatError(f"eurosat: {data / unknown[0]} is not a EuroSAT class folder")
-    to_catalog = [FOLDERS.index(folder) for folder in dataset.classes]
-    return ([str(under_root(root, path, "eurosat")) for path, _ in dataset.samples],
-            [to_catalog[y] for _, y in dataset.samples])
+    to_catalog = remap_to_catalog(
+        dataset.classes, FOLDERS, lambda unknown: f"eurosat: {data / unknown[0]} is not a EuroSAT class folder"
+    )
+    return (
+        [str(under_root(root, path, "eurosat")) for path, _ in dataset.samples],
+        [to_catalog[y] for _, y in dataset.samples],
+    )
 
 
 def load(root: Path, split: Split) -> ImageSplit:

@@ -15,6 +15,7 @@ original files pass. Splits as ZSCL's MTIL (mtil/src/datasets/collections.py, cl
 trnid (1,020 images; valid not added), test = tstid (6,149 images). Label = class - 1, the index of
 CLIP's name for it.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,37 +24,41 @@ import numpy as np
 from scipy.io import loadmat
 from scipy.io.matlab import MatReadError
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
+from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, check_class_ids, under_root
 
 _SPLIT_KEY = {"train": "trnid", "test": "tstid"}
 
 
 def _read_mat_vector(path: Path, key: str) -> np.ndarray:
     if not path.is_file():
-        raise DatasetNotFound(f"flowers: {path} not found. Download it from "
-                              f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{path.name} into {path.parent} "
-                              f"(see docs/datasets.md).")
+        raise DatasetNotFound(
+            f"flowers: {path} not found. Download it from "
+            f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/{path.name} into {path.parent} "
+            f"(see docs/datasets.md)."
+        )
     try:
         return np.asarray(loadmat(path)[key]).ravel().astype(np.int64)
     except (MatReadError, ValueError, KeyError, IndexError, TypeError) as error:  # loadmat's ways to fail on junk
-        raise DatasetFormatError(f"flowers: {path} is not a MATLAB file with a numeric {key!r} array: "
-                                 f"{error!r}") from error
+        raise DatasetFormatError(
+            f"flowers: {path} is not a MATLAB file with a numeric {key!r} array: {error!r}"
+        ) from error
 
 
 def load(root: Path, split: Split) -> ImageSplit:
     base = Path(root) / "flowers-102"
     images_dir = base / "jpg"
     if not images_dir.is_dir():
-        raise DatasetNotFound(f"flowers: {images_dir} not found. Download "
-                              f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz and extract it "
-                              f"in {base} (see docs/datasets.md).")
+        raise DatasetNotFound(
+            f"flowers: {images_dir} not found. Download "
+            f"https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz and extract it "
+            f"in {base} (see docs/datasets.md)."
+        )
     classes = _read_mat_vector(base / "imagelabels.mat", "labels")
     ids = _read_mat_vector(base / "setid.mat", _SPLIT_KEY[split])
     names = catalog("flowers").class_names
     if ids.size and not (ids.min() >= 1 and ids.max() <= len(classes)):
         raise DatasetFormatError(f"flowers: {base / 'setid.mat'} has image ids outside 1..{len(classes)}")
-    labels = classes[ids - 1] - 1
-    if labels.size and not (labels.min() >= 0 and labels.max() < len(names)):
-        raise DatasetFormatError(f"flowers: {base / 'imagelabels.mat'} has classes outside 1..{len(names)}")
+    labels = (classes[ids - 1] - 1).tolist()
+    check_class_ids(labels, len(names), "flowers", base / "imagelabels.mat")
     images = [under_root(root, images_dir / f"image_{i:05d}.jpg", "flowers") for i in ids.tolist()]
-    return ImageSplit(images, labels.tolist(), names)
+    return ImageSplit(images, labels, names)

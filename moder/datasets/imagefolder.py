@@ -11,6 +11,7 @@ no train folder is refused: the model would be asked for a class it was never sh
 train folder without images, a split without any, and a folder or file that is a symlink out of
 root (symlinks within root are followed).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,15 +24,18 @@ _IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", "
 def _class_folders(root: Path, split: Split) -> list[str]:
     split_dir = root / split
     if not split_dir.is_dir():
-        raise DatasetNotFound(f"imagefolder: {split_dir} not found; put one folder of images per class "
-                              f"in {split_dir} (see moder/datasets/imagefolder.py)")
+        raise DatasetNotFound(
+            f"imagefolder: {split_dir} not found; put one folder of images per class "
+            f"in {split_dir} (see moder/datasets/imagefolder.py)"
+        )
     return sorted(under_root(root, p, "imagefolder").name for p in split_dir.iterdir() if p.is_dir())
 
 
 def _images(root: Path, folder: Path) -> list[str]:
     """The image files of one class folder, sorted by name."""
-    return [str(under_root(root, p, "imagefolder"))
-            for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES]
+    return [
+        str(under_root(root, p, "imagefolder")) for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES
+    ]
 
 
 def load(root: Path, split: Split) -> ImageSplit:
@@ -41,15 +45,18 @@ def load(root: Path, split: Split) -> ImageSplit:
     folders = _class_folders(root, split)
     unknown = sorted(set(folders) - set(classes))
     if unknown:
-        raise DatasetFormatError(f"imagefolder: {root / split} has class folder(s) {', '.join(unknown)} "
-                                 f"that {root / 'train'} does not have")
+        raise DatasetFormatError(
+            f"imagefolder: {root / split} has class folder(s) {', '.join(unknown)} that {root / 'train'} does not have"
+        )
     label_of = {folder: i for i, folder in enumerate(classes)}
     images, labels = [], []
     for folder in folders:
         files = _images(root, root / split / folder)
         if not files and split == "train":  # a class the model would be taught from no example
-            raise DatasetFormatError(f"imagefolder: class folder {root / split / folder} has no images "
-                                     f"({', '.join(sorted(_IMAGE_SUFFIXES))})")
+            raise DatasetFormatError(
+                f"imagefolder: class folder {root / split / folder} has no images "
+                f"({', '.join(sorted(_IMAGE_SUFFIXES))})"
+            )
         images += files
         labels += [label_of[folder]] * len(files)
     if not images:

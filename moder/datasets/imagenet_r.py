@@ -21,6 +21,7 @@ CODA-Prompt, no seed or rule published), so:
 
 Every image, listed or found, must lie inside root (no `..` or symlink out of it).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,12 +29,19 @@ from pathlib import Path
 
 import yaml
 
-from moder.datasets import (DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, inside_root,
-                            random_split_indices, under_root)
+from moder.datasets import (
+    DatasetFormatError,
+    DatasetNotFound,
+    ImageSplit,
+    Split,
+    catalog,
+    inside_root,
+    random_split_indices,
+    under_root,
+)
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-_HOW = ("download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar and extract it into the "
-        "dataset root")
+_HOW = "download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar and extract it into the dataset root"
 
 
 def _wnids() -> list[str]:
@@ -48,8 +56,11 @@ def _all_images(root: Path, label_of: dict[str, int]) -> list[tuple[str, str]]:
     for folder in sorted(p for p in (root / "imagenet-r").iterdir() if p.is_dir()):
         if folder.name not in label_of:
             raise DatasetFormatError(f"imagenet-r: {folder} is not one of ImageNet-R's 200 wnid folders")
-        items += [(folder.name, under_root(root, f, "imagenet-r").name)
-                  for f in sorted(folder.iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES]
+        items += [
+            (folder.name, under_root(root, f, "imagenet-r").name)
+            for f in sorted(folder.iterdir())
+            if f.suffix.lower() in _IMAGE_SUFFIXES
+        ]
     return items
 
 
@@ -66,8 +77,9 @@ def _mammoth_list(path: Path, label_of: dict[str, int]) -> list[tuple[str, str]]
     for entry in data["data"]:
         parts = str(entry).split("/")
         if len(parts) < 2 or parts[-2] not in label_of:
-            raise DatasetFormatError(f"imagenet-r: {path} lists {entry!r}, "
-                                     f"not <...>/<wnid>/<file> with one of ImageNet-R's wnids")
+            raise DatasetFormatError(
+                f"imagenet-r: {path} lists {entry!r}, not <...>/<wnid>/<file> with one of ImageNet-R's wnids"
+            )
         items.append((parts[-2], parts[-1]))
     return items
 
@@ -82,8 +94,10 @@ def _split_items(root: Path, split: Split, label_of: dict[str, int]) -> list[tup
     # Half of mammoth's split with our own other half would overlap: both lists or neither.
     absent = next((path for path in mammoth_files if not path.is_file()), None)
     if absent is not None:
-        raise DatasetNotFound(f"imagenet-r: {absent} not found beside its pair; copy both of mammoth's "
-                              f"datasets/imagenet_r_utils/imagenet-r_{{train,test}}.yaml into {root}, or neither")
+        raise DatasetNotFound(
+            f"imagenet-r: {absent} not found beside its pair; copy both of mammoth's "
+            f"datasets/imagenet_r_utils/imagenet-r_{{train,test}}.yaml into {root}, or neither"
+        )
     split_file = root / f"imagenet-r_{split}.yaml"
     items = _mammoth_list(split_file, label_of)
     paths = [inside_root(root, Path("imagenet-r", w, f), "imagenet-r", f"listed in {split_file}") for w, f in items]
@@ -99,5 +113,6 @@ def load(root: Path, split: Split) -> ImageSplit:
         raise DatasetNotFound(f"imagenet-r: {base} not found; {_HOW}")
     label_of = {wnid: i for i, wnid in enumerate(_wnids())}
     items = _split_items(root, split, label_of)
-    return ImageSplit([str(base / w / f) for w, f in items], [label_of[w] for w, _ in items],
-                      catalog("imagenet-r").class_names)
+    return ImageSplit(
+        [str(base / w / f) for w, f in items], [label_of[w] for w, _ in items], catalog("imagenet-r").class_names
+    )

@@ -12,6 +12,7 @@ The IDX files are read here rather than through torchvision's `MNIST`, which fir
 (and would unpickle) a legacy root/MNIST/processed/*.pt cache. Images stay in memory as uint8
 arrays (47 MB for train) and become RGB PIL images when read; labels are the digits.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,10 +37,12 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     header = 4 * (1 + ndim)
     if len(data) < header or int.from_bytes(data[:4], "big") != magic:
         raise DatasetFormatError(f"mnist: {path} is not an IDX file of unsigned bytes with {ndim} dimension(s)")
-    shape = tuple(int.from_bytes(data[4 * i:4 * i + 4], "big") for i in range(1, ndim + 1))
+    shape = tuple(int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1))
     if len(data) - header != int(np.prod(shape)):
-        raise DatasetFormatError(f"mnist: {path} holds {len(data) - header} bytes after its header, "
-                                 f"not the {int(np.prod(shape))} its shape {shape} says")
+        raise DatasetFormatError(
+            f"mnist: {path} holds {len(data) - header} bytes after its header, "
+            f"not the {int(np.prod(shape))} its shape {shape} says"
+        )
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
 
 

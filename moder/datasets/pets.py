@@ -12,24 +12,25 @@ https://www.robots.ox.ac.uk/~vgg/data/pets/data/annotations.tar.gz, both extract
 root/oxford-iiit-pet; or torchvision.datasets.OxfordIIITPet(root, download=True) once.
 Label = class id - 1, the order of the catalog (CLIP's names, in class-id order).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from torchvision.datasets import OxfordIIITPet
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root
+from moder.datasets import DatasetFormatError, ImageSplit, Split, catalog, check_class_ids, require, under_root
 
-_HOW = ("extract images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ "
-        "into <root>/oxford-iiit-pet")
+_HOW = (
+    "extract images.tar.gz and annotations.tar.gz from https://www.robots.ox.ac.uk/~vgg/data/pets/ "
+    "into <root>/oxford-iiit-pet"
+)
 
 
 def load(root: Path, split: Split) -> ImageSplit:
     base = root / "oxford-iiit-pet"
     annotations = base / "annotations" / ("trainval.txt" if split == "train" else "test.txt")
-    for path in (annotations, base / "images"):
-        if not path.exists():
-            raise DatasetNotFound(f"pets: {path} not found; {_HOW}")
+    require("pets", [annotations, base / "images"], _HOW)
     try:
         dataset = OxfordIIITPet(root, split="trainval" if split == "train" else "test", download=False)
     except ValueError as error:  # a line that is not four fields, or a non-integer id
@@ -38,7 +39,6 @@ def load(root: Path, split: Split) -> ImageSplit:
     # OxfordIIITPet has no loader argument (it always opens the image): with torchvision pinned, take its
     # private file list and labels rather than decode every image here.
     labels = dataset._labels
-    if any(not 0 <= y < len(names) for y in labels):
-        raise DatasetFormatError(f"pets: {annotations} has a class id outside 1-{len(names)}")
+    check_class_ids(labels, len(names), "pets", annotations)
     images = [str(under_root(root, path, "pets", f"listed in {annotations}")) for path in dataset._images]
     return ImageSplit(images, labels, names)

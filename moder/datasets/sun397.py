@@ -15,13 +15,23 @@ seed 42 (`random_split_indices`) in the order torchvision lists them, which is `
 file system's directory order, so ZSCL's exact split depends on the machine. Here the images are
 sorted by path first, which makes the split the same everywhere.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 from torchvision.datasets import SUN397
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, catalog, under_root, zscl_split
+from moder.datasets import (
+    DatasetFormatError,
+    DatasetNotFound,
+    ImageSplit,
+    Split,
+    catalog,
+    remap_to_catalog,
+    under_root,
+    zscl_split,
+)
 
 
 def _clip_name(class_path: str) -> str:
@@ -33,19 +43,22 @@ def _images_and_labels(root: Path) -> tuple[list[str], list[int]]:
     """Every image of the dataset with its label, sorted by path."""
     class_file = root / "SUN397" / "ClassName.txt"
     if not class_file.is_file():
-        raise DatasetNotFound(f"sun397: {class_file} not found. Download "
-                              f"http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz and extract it in "
-                              f"{root} (see docs/datasets.md).")
+        raise DatasetNotFound(
+            f"sun397: {class_file} not found. Download "
+            f"http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz and extract it in "
+            f"{root} (see docs/datasets.md)."
+        )
     try:
         # loader=str: items come back as paths; ImageSplit decodes them later, as RGB.
         dataset = SUN397(root, loader=str)
     except KeyError as error:  # an image folder that ClassName.txt does not list
         raise DatasetFormatError(f"sun397: {class_file} does not list the image folder {error}") from error
-    names = catalog("sun397").class_names
-    unknown = [path for path in dataset.classes if _clip_name(path) not in names]
-    if unknown:
-        raise DatasetFormatError(f"sun397: {class_file} lists {unknown[0]!r}, not a SUN397 class")
-    to_catalog = [names.index(_clip_name(path)) for path in dataset.classes]
+    to_catalog = remap_to_catalog(
+        dataset.classes,
+        catalog("sun397").class_names,
+        lambda unknown: f"sun397: {class_file} lists {unknown[0]!r}, not a SUN397 class",
+        normalise=_clip_name,
+    )
     items = sorted(dataset[i] for i in range(len(dataset)))
     return [str(under_root(root, path, "sun397")) for path, _ in items], [to_catalog[y] for _, y in items]
 

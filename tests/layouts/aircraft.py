@@ -1,5 +1,6 @@
 """Fake FGVC-Aircraft: root/fgvc-aircraft-2013b/data/{variants.txt, images_variant_{train,test}.txt,
 images/<id>.jpg}. An image of class c is 8 pixels high and 8 + c wide, every third one grayscale."""
+
 from __future__ import annotations
 
 from pathlib import Path

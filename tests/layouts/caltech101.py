@@ -1,6 +1,7 @@
 """Fake Caltech-101: root/caltech101/101_ObjectCategories/<folder>/image_0001.jpg ..., BACKGROUND_Google
 included; per_class images per class in all. An image of class c is 8 pixels high and 8 + c wide,
 every third one grayscale (the real set has grayscale images)."""
+
 from __future__ import annotations
 
 from pathlib import Path

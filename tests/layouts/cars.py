@@ -1,5 +1,6 @@
 """Fake Stanford Cars in torchvision's layout: root/stanford_cars/{devkit,cars_train,cars_test}/ and the
 .mat annotations."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,10 @@ def write(root: Path, n_classes: int, per_class: int, seed: int = 0) -> None:
     base = root / "stanford_cars"
     (base / "devkit").mkdir(parents=True, exist_ok=True)
     savemat(base / "devkit" / "cars_meta.mat", {"class_names": np.array(catalog("cars").class_names, dtype=object)})
-    for split, annotations_file in (("train", base / "devkit" / "cars_train_annos.mat"),
-                                    ("test", base / "cars_test_annos_withlabels.mat")):
+    for split, annotations_file in (
+        ("train", base / "devkit" / "cars_train_annos.mat"),
+        ("test", base / "cars_test_annos_withlabels.mat"),
+    ):
         rows = [(c + 1, f"{c * per_class + k + 1:05d}.jpg") for c in range(n_classes) for k in range(per_class)]
         for _, fname in rows:
             save_image(base / f"cars_{split}" / fname, rng)

@@ -1,6 +1,7 @@
 """Fake CIFAR-100, binary version: root/cifar-100-binary/{train.bin, test.bin, fine_label_names.txt}.
 Records are coarse label, fine label, 3x1024 plane bytes; an image of class c has red value c at
 its top-left pixel."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Fake `csv` dataset: root/images/*.png listed by root/train.csv and root/test.csv (`path,label`)."""
+
 from __future__ import annotations
 
 import csv

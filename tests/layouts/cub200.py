@@ -1,5 +1,6 @@
 """Fake CUB-200-2011: root/CUB_200_2011/images/<NNN.Name>/*.jpg, images.txt, image_class_labels.txt,
 train_test_split.txt, classes.txt (per_class images per class in each split)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,6 +24,10 @@ def write(root: Path, n_classes: int, per_class: int, seed: int = 0) -> None:
             images.append(f"{image_id} {relative}")
             labels.append(f"{image_id} {c + 1}")
             split.append(f"{image_id} {1 - k % 2}")
-    for name, lines in (("images.txt", images), ("image_class_labels.txt", labels), ("train_test_split.txt", split),
-                        ("classes.txt", [f"{c + 1} {folder}" for c, folder in enumerate(folders)])):
+    for name, lines in (
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+        ("classes.txt", [f"{c + 1} {folder}" for c, folder in enumerate(folders)]),
+    ):
         (base / name).write_text("\n".join(lines) + "\n")

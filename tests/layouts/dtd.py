@@ -1,5 +1,6 @@
 """Fake DTD: root/dtd/dtd/images/<class>/<class>_<n>.jpg and labels/{train1,test1}.txt. An image of
 class c is 8 pixels high and 8 + c wide, every third one grayscale."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,5 +1,6 @@
 """Fake EuroSAT RGB: root/eurosat/2750/<Class>/<Class>_<n>.jpg, per_class images per class in all.
 An image of class c is 8 pixels high and 8 + c wide."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,6 +1,7 @@
 """Fake Flowers-102: root/flowers-102/{jpg/image_<id>.jpg, imagelabels.mat, setid.mat}, per_class
 images per class in each of trnid, valid and tstid, ids shuffled across classes. An image of class c
 is 8 pixels high and 8 + c wide, every third one grayscale."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,5 +26,5 @@ def write(root: Path, n_classes: int, per_class: int, seed: int = 0) -> None:
     for c in range(1, n_classes + 1):
         members = (np.flatnonzero(classes == c) + 1).tolist()
         for j, key in enumerate(ids):
-            ids[key] += members[j * per_class:(j + 1) * per_class]
+            ids[key] += members[j * per_class : (j + 1) * per_class]
     savemat(base / "setid.mat", {key: np.array([sorted(value)], dtype=np.uint16) for key, value in ids.items()})

@@ -1,4 +1,5 @@
 """Fake Food-101: root/food-101/images/<class_folder>/<id>.jpg and meta/{train,test}.json."""
+
 from __future__ import annotations
 
 import json

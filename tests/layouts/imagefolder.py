@@ -1,4 +1,5 @@
 """Fake `imagefolder` dataset: root/{train,test}/<class_folder>/<n>.png, made-up class names."""
+
 from __future__ import annotations
 
 from itertools import product

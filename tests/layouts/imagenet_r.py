@@ -1,5 +1,6 @@
 """Fake ImageNet-R: root/imagenet-r/<wnid>/<rendition>_<n>.jpg, per_class images per class in all (the
 adapter makes the split)."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Fake MNIST: root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte in the IDX format."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """Fake Oxford-IIIT Pet: root/oxford-iiit-pet/images/<Breed>_<n>.jpg and annotations/{trainval,test}.txt."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +16,7 @@ def write(root: Path, n_classes: int, per_class: int, seed: int = 0) -> None:
     names = catalog("pets").class_names
     # The dataset capitalises cat breeds only; breed id counts within the species, in class-id order.
     species = [1 if name[0].isupper() else 2 for name in names]
-    breed_id = [species[:i + 1].count(species[i]) for i in range(len(names))]
+    breed_id = [species[: i + 1].count(species[i]) for i in range(len(names))]
     (base / "annotations").mkdir(parents=True, exist_ok=True)
     for offset, split in enumerate(("trainval", "test")):
         lines = []

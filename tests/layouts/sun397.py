@@ -1,6 +1,7 @@
 """Fake SUN397: root/SUN397/ClassName.txt (all 397 class paths) and
 root/SUN397/<letter>/<class path>/sun_<16 letters>.jpg for the first n_classes classes, per_class images
 per class in all. An image of class c is 8 pixels high and 8 + c wide, every third one grayscale."""
+
 from __future__ import annotations
 
 import string

@@ -1,9 +1,10 @@
-"""Generated image features for a known problem: the tests' and the demo's stand-in for real images.
+"""Generated image features for a known problem: the tests' stand-in for real images.
 
 Each class's image features sit around its zero-shot prototype moved by a shift shared by
 every class with the same attribute (as a domain shift acts on a colour wherever it appears),
 so zero-shot is imperfect and training has something definite to fix.
 """
+
 from __future__ import annotations
 
 import torch
@@ -36,4 +37,3 @@ def shifted_features(
     labels = torch.arange(n_classes).repeat_interleave(samples_per_class)
     jitter = torch.randn(len(labels), dim, generator=generator) * spread * noise / dim**0.5
     return F.normalize(targets[labels] + jitter, dim=-1), labels
-
