@@ -43,6 +43,7 @@ from stages.common import USER_ERRORS
 from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.finetune import finetune
+from stages.hub import hub
 from stages.report import report
 from stages.train import train
 
@@ -80,9 +81,10 @@ STAGE_RUNS: dict[str, StageRun] = {
     "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
     "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",)),
     "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
+    "hub": StageRun(hub, (_MODEL, "features", "experts", "hub/{key}.parquet"), ("hub/{key}.parquet",), gpu=False),
     "evaluate": StageRun(
         evaluate,
-        (_MODEL, "features", "experts", "eval/{key}.parquet", "unseen/{key}.parquet"),
+        (_MODEL, "features", "experts", "hub/{key}.parquet", "eval/{key}.parquet", "unseen/{key}.parquet"),
         ("eval/{key}.parquet", "unseen/{key}.parquet"),
     ),
     "report": StageRun(
@@ -186,7 +188,7 @@ def moder_pipeline(
     store: str = DEFAULT_STORE,
 ) -> dict:
     """backbone -> extract per dataset -> train per dataset (in parallel) and the finetune baseline
-    -> evaluate per step -> report.
+    -> hub per step -> evaluate per step -> report.
 
     Stage outputs and the cache live in `store` (a local path or any fsspec URL; every task runner
     worker must reach it). Writes metrics.json and reports/ under `out_dir` and returns the metrics.
@@ -210,14 +212,20 @@ def moder_pipeline(
     experts = {d: submit(f"train@{d}", {"backbone": model, f"extract@{d}": f}) for d, f in features.items()}
     all_features = {f"extract@{d}": f for d, f in features.items()}
     baseline = submit("finetune", {"backbone": model, **all_features})
+    # the hub after a step reads the experts (and keys) of the datasets trained by then
+    hubs, seen = {}, {}
+    for name, step in params.tasks.items():
+        seen |= {f"extract@{step.dataset}": features[step.dataset], f"train@{step.dataset}": experts[step.dataset]}
+        hubs[name] = submit(f"hub@{name}", {"backbone": model, **seen})
     # every step reads every task's experts: the oracle scores tasks not yet trained with their own
     trained = {f"train@{d}": e for d, e in experts.items()}
     evaluations = {
-        name: submit(f"evaluate@{name}", {"backbone": model, **all_features, **trained}) for name in params.tasks
+        name: submit(f"evaluate@{name}", {"backbone": model, **all_features, **trained, f"hub@{name}": hubs[name]})
+        for name in params.tasks
     }
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
-    for future in [model, *features.values(), *experts.values(), baseline, *evaluations.values()]:
+    for future in [model, *features.values(), *experts.values(), baseline, *hubs.values(), *evaluations.values()]:
         future.result()
     reported = submit("report", {"finetune": baseline, **{f"evaluate@{t}": e for t, e in evaluations.items()}}).result()
 

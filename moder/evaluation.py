@@ -86,10 +86,10 @@ class _Prototypes:
 @torch.no_grad()
 def evaluate_step(
     factory: ExpertFactory,
-    identity: str,
     sequence: list[TaskData],
     trained: list[TrainedTask],
     *,
+    hub: ExpertHub,
     step: int,
     settings: EvaluationSettings,
 ) -> StepEvaluation:
@@ -97,14 +97,16 @@ def evaluate_step(
 
     - `zeroshot`: every class's zero-shot prototype;
     - `moder`: tasks 0..step use their own experts (seen classes); the classes of later tasks
-      get prototypes composed from the hub of experts 0..step, retrieved by zero-shot prototype;
+      get prototypes composed from `hub` (the experts of tasks 0..step), retrieved by zero-shot prototype;
     - `oracle`: every class uses its own task's experts, trained or not yet (the upper bound
       composition could reach), which is why `trained` holds every task of the sequence.
     Each class of a later task also gets an `UnseenClassRow`.
     """
     if len(trained) != len(sequence) or not 0 <= step < len(sequence):
         raise ValueError(f"step {step} with experts of {len(trained)} tasks for a sequence of {len(sequence)}")
-    prototypes = _build_prototypes(factory, identity, sequence, trained, step, settings)
+    if sorted(set(hub.steps)) != [data.task.step for data in sequence[: step + 1]]:
+        raise ValueError(f"the hub holds steps {sorted(set(hub.steps))}, not those of tasks 1..{step + 1}")
+    prototypes = _build_prototypes(factory, sequence, trained, hub, step, settings)
     rows = [
         *accuracy_rows(sequence, step, settings.protocol, "zeroshot", prototypes.zeroshot),
         *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle),
@@ -115,30 +117,25 @@ def evaluate_step(
 
 def _build_prototypes(
     factory: ExpertFactory,
-    identity: str,
     sequence: list[TaskData],
     trained: list[TrainedTask],
+    hub: ExpertHub,
     step: int,
     settings: EvaluationSettings,
 ) -> _Prototypes:
     prompts = [factory.prompts(data.class_names, list(data.templates)) for data in sequence]
-    hub = ExpertHub(identity)
     oracle: dict[ClassKey, Tensor] = {}
     for data, task, task_prompts in zip(sequence, trained, prompts, strict=True):
         own = seen_prototypes(factory.tower, task_prompts, task.experts, data.zeroshot, settings.alpha)
         oracle.update(zip(_keys(data), own, strict=True))
-        if data.task.step <= step + 1:
-            hub.append(data.task.step, data.class_names, data.zeroshot, task.experts)
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
     composed = {key: oracle[key] for key in seen}
     retrieved: dict[ClassKey, str] = {}
-    task_names = {data.task.step: data.task.name for data in sequence}
     for data, task_prompts in zip(sequence[step + 1 :], prompts[step + 1 :], strict=True):
         retrieval = hub.query(data.zeroshot, settings.k, settings.temperature, settings.null_score)
-        retrieved.update(zip(_keys(data), _describe(retrieval, hub, task_names), strict=True))
+        retrieved.update(zip(_keys(data), _describe(retrieval, hub), strict=True))
         composed.update(zip(_keys(data), _compose(factory, task_prompts, hub, retrieval, settings.space), strict=True))
-    # One offset for every trained prototype: where only trained classes compete it changes nothing.
-    offset = torch.cat([task.offsets for task in trained[: step + 1]]).mean().item() if settings.calibrate else 0.0
+    offset = calibration_offset(hub) if settings.calibrate else 0.0
     zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
     return _Prototypes(zeroshot, oracle, composed, retrieved, dict.fromkeys(seen, offset))
 
@@ -153,11 +150,17 @@ def _compose(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, retriev
     )
 
 
-def _describe(retrieval: Retrieval, hub: ExpertHub, task_names: dict[int, str]) -> list[str]:
+def calibration_offset(hub: ExpertHub) -> float:
+    """One offset for every trained prototype, the mean over the hub's classes (their offsets in
+    float32, as training stored them): where only trained classes compete it changes nothing."""
+    return torch.tensor(hub.offsets, dtype=torch.float32).mean().item()
+
+
+def _describe(retrieval: Retrieval, hub: ExpertHub) -> list[str]:
     """Per query: "hub class [its task] weight; ..." in retrieval order ("null" for the frozen model)."""
     return [
         "; ".join(
-            f"null {w:.3f}" if r == NULL_EXPERT else f"{hub.class_names[r]} [{task_names[hub.steps[r]]}] {w:.3f}"
+            f"null {w:.3f}" if r == NULL_EXPERT else f"{hub.class_names[r]} [{hub.tasks[r]}] {w:.3f}"
             for r, w in zip(rows, weights, strict=True)
         )
         for rows, weights in zip(retrieval.indices.tolist(), retrieval.weights.tolist(), strict=True)

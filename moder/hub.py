@@ -1,9 +1,17 @@
-"""The foundational hub: every trained expert, keyed by its class's zero-shot prototype."""
+"""The foundational hub: every trained expert, keyed by its class's zero-shot prototype.
+
+On disk a hub is an index, one Parquet file per step: a row per hub class (step, task, dataset,
+class name, key, prototype offset) saying which experts file holds its expert and at which row.
+The index never copies expert tensors (at MTIL scale they are large): each step's hub points at the
+experts files of steps 1..t, and records each file's SHA-256 so a retrained file is never mixed in.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,10 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moder.experts import Experts, concat_experts, experts_from_tensors
-from moder.io import atomic_path, load_tensors, save_tensors
+from moder.experts import ExpertFileError, Experts, concat_experts, load_experts
+from moder.io import atomic_path
 
 NULL_EXPERT = -1
+_IDENTITY, _FILES, _EXPERTS, _SETTINGS = b"moder.identity", b"moder.experts_files", b"moder.experts", b"moder.settings"
+
+
+class HubFileError(ValueError):
+    """A hub index is missing, malformed, stale or made on another backbone; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -22,6 +35,17 @@ class Retrieval:
     indices: Tensor  # [Q, k] hub rows, NULL_EXPERT for the frozen model
     weights: Tensor  # [Q, k] softmax weights, rows sum to 1
     scores: Tensor  # [Q, k] cosine similarities (null_score for the null expert)
+
+
+@dataclass(frozen=True)
+class HubEntry:
+    """Where one class of a hub step comes from."""
+
+    step: int  # 1-based position of its task in the sequence
+    task: str
+    dataset: str
+    experts_file: str  # relative POSIX path under the experts root
+    offsets: tuple[float, ...] = field(default=())  # per class (moder.train.prototype_offsets)
 
 
 class ExpertHub:
@@ -32,23 +56,37 @@ class ExpertHub:
         self.keys: Tensor | None = None
         self.class_names: list[str] = []
         self.steps: list[int] = []
+        self.tasks: list[str] = []
+        self.datasets: list[str] = []
+        self.offsets: list[float] = []
         self.experts: Experts | None = None
+        self._sources: list[tuple[str, int]] = []  # (experts file, row) per hub row, for the index
 
     def __len__(self) -> int:
         return len(self.class_names)
 
-    def append(self, step: int, class_names: list[str], keys: Tensor, experts: Experts) -> None:
+    def append(
+        self, step: int, class_names: list[str], keys: Tensor, experts: Experts, entry: HubEntry | None = None
+    ) -> None:
+        """Add one step's classes; `entry` says where their experts are stored (for `save_index`)."""
         if not len(class_names) == keys.shape[0] == len(experts):
             raise ValueError(
                 f"{len(class_names)} classes, {keys.shape[0]} keys and {len(experts)} experts do not match"
             )
         if step in self.steps:
             raise ValueError(f"step {step} is already in the hub")
+        offsets = entry.offsets if entry is not None and entry.offsets else (0.0,) * len(class_names)
+        if len(offsets) != len(class_names):
+            raise ValueError(f"{len(offsets)} offsets for {len(class_names)} classes")
         keys = F.normalize(keys.detach().float(), dim=-1)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
         self.experts = experts if self.experts is None else concat_experts([self.experts, experts])
         self.class_names += list(class_names)
         self.steps += [step] * len(class_names)
+        self.tasks += [entry.task if entry else str(step)] * len(class_names)
+        self.datasets += [entry.dataset if entry else ""] * len(class_names)
+        self.offsets += [float(v) for v in offsets]
+        self._sources += [(entry.experts_file if entry else "", row) for row in range(len(class_names))]
 
     def query(self, queries: Tensor, k: int, temperature: float, null_score: float | None = None) -> Retrieval:
         """Top-k hub rows by cosine similarity, weights softmax(similarity / temperature).
@@ -68,35 +106,104 @@ class ExpertHub:
         rows = torch.where(rows == len(self), NULL_EXPERT, rows)
         return Retrieval(rows, torch.softmax(top / temperature, dim=1), top)
 
-    def save(self, tensors_path: Path | str, manifest_path: Path | str) -> None:
-        """Keys and experts as safetensors, one manifest row per expert as Parquet; both atomic."""
+    def save_index(self, path: Path | str, experts_root: Path, settings: dict) -> None:
+        """The hub as an index over its experts files (atomic): every file's digest is recorded, and
+        `settings` (JSON: how prototypes are composed with this hub) are kept beside it."""
         if self.experts is None or self.keys is None:
             raise ValueError("cannot save an empty hub")
-        save_tensors(
-            tensors_path,
-            {"keys": self.keys, **self.experts.tensors()},
-            {"backbone": self.identity, "experts": self.experts.describe()},
+        files = sorted({name for name, _ in self._sources})
+        if "" in files:
+            raise ValueError("every step must say where its experts are stored (append with an entry)")
+        digests = {name: _file_digest(experts_root / name) for name in files}
+        keys = self.keys.numpy()
+        table = pa.table(
+            {
+                "step": pa.array(self.steps, pa.int32()),
+                "task": self.tasks,
+                "dataset": self.datasets,
+                "class_name": self.class_names,
+                "key": pa.FixedSizeListArray.from_arrays(pa.array(keys.reshape(-1), pa.float32()), keys.shape[1]),
+                "offset": pa.array(self.offsets, pa.float64()),
+                "experts_file": [name for name, _ in self._sources],
+                "row": pa.array([row for _, row in self._sources], pa.int32()),
+            }
+        ).replace_schema_metadata(
+            {
+                _IDENTITY: self.identity.encode(),
+                _FILES: json.dumps(digests, sort_keys=True).encode(),
+                _EXPERTS: json.dumps(self.experts.describe(), sort_keys=True).encode(),
+                _SETTINGS: json.dumps(settings, sort_keys=True).encode(),
+            }
         )
-        table = pa.table({"row": list(range(len(self))), "class_name": self.class_names, "step": self.steps})
-        table = table.replace_schema_metadata({b"backbone": self.identity.encode()})
-        with atomic_path(manifest_path) as temporary:
+        with atomic_path(path) as temporary:
             pq.write_table(table, temporary)
 
+    @staticmethod
+    def read_index_metadata(path: Path | str) -> tuple[str, dict]:
+        """The identity of the backbone a hub index was built on, and its settings."""
+        try:
+            metadata = pq.read_schema(path).metadata or {}
+            return metadata[_IDENTITY].decode(), json.loads(metadata[_SETTINGS])
+        except FileNotFoundError:
+            raise HubFileError(f"hub index not found: {path}") from None
+        except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
+            raise HubFileError(f"{path}: not a MoDER hub index ({error})") from None
+
     @classmethod
-    def load(cls, tensors_path: Path | str, manifest_path: Path | str, identity: str | None = None) -> ExpertHub:
-        tensors, metadata = load_tensors(tensors_path)
-        metadata = metadata or {}
-        if "backbone" not in metadata or "experts" not in metadata:
-            raise ValueError(f"{tensors_path}: not a hub file (metadata lacks backbone/experts)")
-        if identity is not None and metadata["backbone"] != identity:
-            raise ValueError(f"{tensors_path}: hub was built on backbone {metadata['backbone']}, not {identity}")
-        manifest = pq.read_table(manifest_path).to_pydict()
-        if manifest["row"] != list(range(tensors["keys"].shape[0])):
-            raise ValueError(
-                f"{manifest_path}: manifest rows do not match the {tensors['keys'].shape[0]} keys in {tensors_path}"
+    def load_index(cls, path: Path | str, experts_root: Path, identity: str | None = None) -> ExpertHub:
+        """A hub saved by `save_index`, its experts read from the files it points at (each checked
+        against the digest the index recorded, and against `identity`)."""
+        path = Path(path)
+        if not path.is_file():
+            raise HubFileError(f"hub index not found: {path}")
+        try:
+            table = pq.read_table(path)
+            metadata = table.schema.metadata or {}
+            stored_identity, digests = metadata[_IDENTITY].decode(), json.loads(metadata[_FILES])
+            rows = table.drop_columns(["key"]).to_pylist()
+            keys = torch.from_numpy(table.column("key").combine_chunks().values.to_numpy().copy())
+        except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
+            raise HubFileError(f"{path}: not a MoDER hub index ({error})") from None
+        if identity is not None and stored_identity != identity:
+            raise HubFileError(f"{path}: hub was built on backbone {stored_identity}, not {identity}")
+        hub = cls(stored_identity)
+        keys = keys.view(len(rows), -1) if rows else keys
+        for step in sorted({row["step"] for row in rows}):
+            members = [i for i, row in enumerate(rows) if row["step"] == step]
+            first = rows[members[0]]
+            name = first["experts_file"]
+            experts = _read_step_experts(path, experts_root, name, digests.get(name), stored_identity)
+            experts = experts.select(torch.tensor([rows[i]["row"] for i in members]))
+            hub.append(
+                step,
+                [rows[i]["class_name"] for i in members],
+                keys[members],
+                experts,
+                HubEntry(step, first["task"], first["dataset"], name, tuple(rows[i]["offset"] for i in members)),
             )
-        hub = cls(metadata["backbone"])
-        hub.keys = tensors.pop("keys")
-        hub.experts = experts_from_tensors(tensors, metadata["experts"])
-        hub.class_names, hub.steps = manifest["class_name"], manifest["step"]
+        hub.keys = keys if rows else None  # stored normalised: normalising again could move the last bits
         return hub
+
+
+def _file_digest(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str | None, identity: str) -> Experts:
+    """One experts file the index points at: inside the experts root, unchanged since the index was made."""
+    relative = PurePosixPath(name)
+    if relative.is_absolute() or ".." in relative.parts or digest is None:
+        raise HubFileError(f"{index}: experts file {name!r} is not a plain path under the experts root")
+    file = experts_root / relative
+    if not file.is_file():
+        raise HubFileError(f"{index} points at {file}, which does not exist (re-run the train stage)")
+    if _file_digest(file) != digest:
+        raise HubFileError(
+            f"{index} points at {file}, which has changed since the hub was built (re-run the hub stage)"
+        )
+    try:
+        experts, _, _ = load_experts(file, identity)
+    except ExpertFileError as error:
+        raise HubFileError(f"{index}: {error}") from None
+    return experts

@@ -10,8 +10,10 @@ a wrong `--out` can never delete a user's data.
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
+import io
 import json
 import os
 import re
@@ -173,6 +175,13 @@ def atomic_directory(path: Path | str, owner: str) -> Iterator[Path]:
     finally:
         if temporary.exists():
             shutil.rmtree(temporary)
+
+
+def csv_text(rows: list[list]) -> str:
+    """CSV by the csv module, so names with commas, quotes or newlines stay one field."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(rows)
+    return buffer.getvalue()
 
 
 _METADATA_KEY = "moder"

@@ -79,9 +79,14 @@ def label_space(protocol: Protocol, task_classes: list[list[str]], step: int, ta
     raise ValueError(f"unknown protocol {protocol!r}; allowed: mtil, classil")
 
 
+def cosine_scores(features: Tensor, prototypes: Tensor) -> Tensor:
+    """[N, C] cosine similarity of every feature with every prototype."""
+    return F.normalize(features.float(), dim=-1) @ F.normalize(prototypes.float(), dim=-1).T
+
+
 def predict(features: Tensor, prototypes: Tensor, offsets: Tensor | None = None) -> Tensor:
     """The index of each feature's best prototype: cosine similarity, minus `offsets[c]` if given."""
-    scores = F.normalize(features, dim=-1) @ F.normalize(prototypes, dim=-1).T
+    scores = cosine_scores(features, prototypes)
     return (scores if offsets is None else scores - offsets).argmax(dim=1)
 
 

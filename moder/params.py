@@ -329,15 +329,7 @@ class Params(_Section):
         return _with_slot(templates)
 
     def evaluation_settings(self) -> EvaluationSettings:
-        return EvaluationSettings(
-            protocol=self.benchmark.protocol,
-            k=self.retrieval.k,
-            temperature=self.retrieval.temperature,
-            null_score=self.retrieval.null_score,
-            space=self.composition.space,
-            alpha=self.composition.alpha,
-            calibrate=self.composition.calibrate,
-        )
+        return evaluation_settings(self.retrieval, self.composition, self.benchmark.protocol)
 
     @field_validator("datasets", "tasks")
     @classmethod
@@ -376,6 +368,21 @@ class Params(_Section):
         if self.benchmark.protocol == "mtil" and len(used) != len(self.tasks):
             raise ValueError("benchmark.protocol mtil gives each task its own dataset; two tasks share one")
         return self
+
+
+def evaluation_settings(
+    retrieval: RetrievalParams, composition: CompositionParams, protocol: Literal["mtil", "classil"]
+) -> EvaluationSettings:
+    """How prototypes are composed and scored: from params.yaml, or from a hub index's settings."""
+    return EvaluationSettings(
+        protocol=protocol,
+        k=retrieval.k,
+        temperature=retrieval.temperature,
+        null_score=retrieval.null_score,
+        space=composition.space,
+        alpha=composition.alpha,
+        calibrate=composition.calibrate,
+    )
 
 
 def _allowed(model: type[BaseModel] | None, location: tuple) -> str:

@@ -41,10 +41,12 @@ def _task(params: Params, name: str, step: int, dataset: str, split: int, n_clas
 
 
 def benchmark_tasks(params: Params, n_classes: dict[str, int]) -> list[Task]:
-    """The benchmark's tasks in sequence order; `n_classes` gives each dataset's number of classes."""
+    """The benchmark's tasks in sequence order, of the datasets `n_classes` names (with their number
+    of classes); steps keep their place in the whole sequence."""
     return [
         _task(params, name, step, task.dataset, task.split, n_classes[task.dataset])
         for step, (name, task) in enumerate(params.tasks.items(), start=1)
+        if task.dataset in n_classes
     ]
 
 

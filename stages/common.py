@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 from moder.clip import LoadedClip, ModelLoadError, load_clip
 from moder.datasets import DatasetFormatError, DatasetNotFound
-from moder.experts import ExpertFileError
+from moder.evaluation import TrainedTask
+from moder.experts import ExpertFileError, load_experts
 from moder.features import FeatureFileError, FeatureTable, read_features, read_prototypes
+from moder.hub import HubFileError
 from moder.io import OutputError, atomic_path
 from moder.names import PromptError
 from moder.params import Params, ParamsError, load_params
@@ -36,6 +40,7 @@ USER_ERRORS = (
     MissingInput,
     DatasetNotFound,
     DatasetFormatError,
+    HubFileError,
     OutputError,
     PromptError,
     TrainingDiverged,
@@ -91,6 +96,21 @@ def run_cli(main: Callable[[argparse.Namespace, Params], object], args: argparse
 def expert_file(dataset_experts: Path, split: int) -> Path:
     """Where train@<dataset> writes the experts of one split (task) of its dataset."""
     return dataset_experts / f"split-{split}.safetensors"
+
+
+def read_task_experts(path: Path, class_names: list[str], task: str, identity: str) -> TrainedTask:
+    """A task's experts and prototype offsets, checked against the task's classes."""
+    experts, names, extra = load_experts(path, identity)
+    if names != class_names:
+        raise ExpertFileError(f"{path} holds experts for other classes than task {task}")
+    offsets = extra.get("offsets")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != len(names)
+        or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in offsets)
+    ):
+        raise ExpertFileError(f"{path}: its prototype offsets are not {len(names)} finite numbers")
+    return TrainedTask(experts, torch.tensor(offsets, dtype=torch.float32))
 
 
 @contextmanager

@@ -8,18 +8,14 @@ file that cannot be decoded fails the stage naming it, or with `extract.skip_bad
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
 
 from moder.clip import LoadedClip
-from moder.datasets import BadImage, DatasetFormatError, ImageSplit, Split, catalog, load_split
-from moder.features import FeatureTable, encode_images, write_features
+from moder.datasets import ImageSplit, Split, catalog, load_split
+from moder.features import FeatureTable, encode_image_split, encode_images, write_features
 from moder.io import atomic_directory
 from moder.params import DatasetParams, Params, ParamsError
 from moder.pretrain import normalize_images
@@ -50,69 +46,20 @@ def rendered_splits(
     return [world.class_names[i] for i in classes], splits
 
 
-@dataclass(frozen=True)
-class Unreadable:
-    """Stands in for an image that cannot be decoded. A BadImage raised in a DataLoader worker would reach
-    the stage as a multi-line traceback and end the whole loader; as an item it travels like any other,
-    and the stage decides whether to fail or skip it."""
-
-    image: str
-    message: str
-
-
-class Decoded(Dataset):
-    """An ImageSplit whose undecodable images come back as (Unreadable, label) instead of raising."""
-
-    def __init__(self, data: ImageSplit):
-        self.data = data
-
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getitem__(self, index: int) -> tuple[Any, int]:
-        try:
-            return self.data[index]
-        except BadImage as error:
-            return Unreadable(str(self.data.images[index]), str(error)), self.data.labels[index]
-
-
-def collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | None, Tensor, list[Unreadable]]:
-    """(images, labels) of a batch's decodable items, so each label stays with its image, and its
-    undecodable ones; images is None when no item of the batch could be decoded."""
-    good = [(image, label) for image, label in items if not isinstance(image, Unreadable)]
-    bad = [image for image, _ in items if isinstance(image, Unreadable)]
-    if not good:
-        return None, torch.empty(0, dtype=torch.long), bad
-    images, labels = default_collate(good)
-    return images, labels, bad
-
-
 def encode_split(params: Params, clip: LoadedClip, data: ImageSplit, where: str) -> tuple[Tensor, Tensor, list[str]]:
-    """Features and labels of the decodable images of `data` (`where` names it), and the undecodable
-    images skipped: none, unless params.extract.skip_bad_images, else the first one fails naming it."""
-    loader = DataLoader(
-        Decoded(data),
+    """Features and labels of the decodable images of `data`, and the undecodable ones skipped (none
+    unless params.extract.skip_bad_images; otherwise the first fails naming it)."""
+    return encode_image_split(
+        clip.model,
+        data,
         batch_size=params.extract.batch_size,
-        num_workers=params.extract.workers,
-        pin_memory=params.model.device.startswith("cuda"),
-        collate_fn=collate_readable,
+        workers=params.extract.workers,
+        device=params.model.device,
+        precision=params.extract.precision,
+        skip_bad_images=params.extract.skip_bad_images,
+        where=where,
+        skip_hint="extract.skip_bad_images: true in params.yaml skips such images",
     )
-    labels: list[Tensor] = []
-    skipped: list[str] = []
-
-    def batches() -> Iterator[Tensor]:
-        for images, batch_labels, bad in loader:
-            if bad and not params.extract.skip_bad_images:
-                raise BadImage(f"{bad[0].message}; extract.skip_bad_images: true in params.yaml skips such images")
-            skipped.extend(unreadable.image for unreadable in bad)
-            if images is not None:
-                labels.append(batch_labels)
-                yield images
-        if not labels:
-            raise DatasetFormatError(f"none of the {len(data)} images of {where} can be decoded, e.g. {skipped[0]}")
-
-    features = encode_images(clip.model, batches(), params.model.device, params.extract.precision)
-    return features, torch.cat(labels), skipped
 
 
 def report_skipped(where: str, skipped: list[str]) -> None:

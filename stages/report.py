@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moder.evaluation import AccuracyRow
-from moder.io import atomic_files
+from moder.io import atomic_files, csv_text
 from moder.metrics import summarize
 from moder.params import Params
 from stages.common import MissingInput, parser, path_with_suffix, run_cli
@@ -45,13 +43,6 @@ def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dic
     return {
         m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()
     }
-
-
-def _csv(rows: list[list]) -> str:
-    """CSV text by the csv module, so names with commas, quotes or newlines stay one field."""
-    buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerows(rows)
-    return buffer.getvalue()
 
 
 def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
@@ -103,9 +94,9 @@ def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metri
     contents = {
         metrics: json.dumps(figures, indent=2) + "\n",
         reports / "accuracy.json": json.dumps(cells, indent=1) + "\n",
-        reports / "seen.csv": _csv(curves["seen"]),
-        reports / "unseen.csv": _csv(curves["unseen"]),
-        reports / "unseen_classes.csv": _csv(unseen_class_rows(params, unseen)),
+        reports / "seen.csv": csv_text(curves["seen"]),
+        reports / "unseen.csv": csv_text(curves["unseen"]),
+        reports / "unseen_classes.csv": csv_text(unseen_class_rows(params, unseen)),
     }
     with atomic_files(list(contents)) as temporaries:
         for temporary, text in zip(temporaries, contents.values(), strict=True):

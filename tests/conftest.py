@@ -134,12 +134,13 @@ def project(tmp_path_factory):
 
 
 def run_pipeline(data: dict, root: Path) -> dict:
-    """backbone -> extract -> train -> evaluate -> report with every path under `root`."""
+    """backbone -> extract -> train -> hub -> evaluate -> report with every path under `root`."""
     from moder.params import parse_params
     from stages.backbone import backbone
     from stages.evaluate import evaluate
     from stages.extract import extract
     from stages.finetune import finetune
+    from stages.hub import hub
     from stages.report import report
     from stages.train import train
 
@@ -152,12 +153,14 @@ def run_pipeline(data: dict, root: Path) -> dict:
         train(params, dataset, model, root / "features", root / "experts" / dataset)
     finetune(params, model, root / "features", root / "finetune.parquet")
     for step in params.tasks:
+        hub(params, step, model, root / "features", root / "experts", root / "hub" / f"{step}.parquet")
         evaluate(
             params,
             step,
             model,
             root / "features",
             root / "experts",
+            root / "hub" / f"{step}.parquet",
             root / "eval" / f"{step}.parquet",
             root / "unseen" / f"{step}.parquet",
         )

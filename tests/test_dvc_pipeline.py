@@ -30,6 +30,8 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
         "train@a",
         "train@b",
         "finetune",
+        "hub@a",
+        "hub@b",
         "evaluate@a",
         "evaluate@b",
         "report",
@@ -62,7 +64,8 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     """`dvc status` lists the stages a change touches directly; their outputs then carry it downstream."""
     root, _ = project
     evaluation = {"evaluate@a", "evaluate@b", "params"}  # `params` validates the whole file at any change
-    assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation
+    hubs = {"hub@a", "hub@b"}  # they keep the settings they compose with, for `moder classify`
+    assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation | hubs
     assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {
         "train@a",
         "train@b",
@@ -79,7 +82,8 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     }
     # appending a task trains only the new dataset's experts; evaluation, the sequential finetune
     # baseline and report read the task list
-    assert _changed(root, appended) == {"extract@c", "train@c", "finetune", "evaluate@c", "report"} | evaluation
+    new = {"extract@c", "train@c", "finetune", "hub@c", "evaluate@c", "report"}
+    assert _changed(root, appended) == new | evaluation | hubs
     assert _changed(root, FULL) == set()
 
 
@@ -88,7 +92,8 @@ def test_exp_run_with_a_new_k_reruns_only_evaluation_and_report(project):
     result = dvc(root, "exp", "run", "-S", "retrieval.k=2")
     ran = {line.split("'")[1] for line in result.stdout.splitlines() if line.startswith("Running stage")}
     # report re-runs only if an evaluation output changed (with this tiny model it may not)
-    assert {"params", "evaluate@a", "evaluate@b"} <= ran <= {"params", "evaluate@a", "evaluate@b", "report"}
+    expected = {"params", "hub@a", "hub@b", "evaluate@a", "evaluate@b"}
+    assert expected <= ran <= expected | {"report"}
 
 
 def test_a_typo_anywhere_fails_repro_even_when_no_stage_reads_the_section(project):
@@ -105,7 +110,7 @@ def test_a_typo_anywhere_fails_repro_even_when_no_stage_reads_the_section(projec
     assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
 
 
-@pytest.mark.parametrize("stage", ["backbone", "extract@a", "train@b", "finetune", "evaluate@a", "report"])
+@pytest.mark.parametrize("stage", ["backbone", "extract@a", "train@b", "finetune", "hub@b", "evaluate@a", "report"])
 def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results(project, stage):
     """kill -9 of the whole process group a moment into the stage; the next `dvc repro` redoes it,
     the results are byte-identical and DVC sees nothing left over."""
@@ -131,3 +136,27 @@ def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results
     assert (root / "metrics.json").read_bytes() == metrics
     assert "Data and pipelines are up to date." in dvc(root, "status").stdout
     assert not [p for p in root.rglob("*.tmp") if ".git" not in p.parts and ".dvc" not in p.parts]
+
+
+def test_appending_a_task_adds_one_hub_and_leaves_the_earlier_hubs_byte_identical(project):
+    """The earlier hubs re-run (they read the task list) but give the same bytes, so nothing reads them anew."""
+    root, _ = project
+    (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))  # earlier tests may have left others
+    dvc(root, "repro")
+    hubs = root / "data" / "mini-mtil" / "hub"
+    before = {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")}
+    extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}})
+    added = extra.model_dump(mode="json")
+    appended = {
+        **FULL,
+        "datasets": {**FULL["datasets"], **added["datasets"]},
+        "tasks": {**FULL["tasks"], **added["tasks"]},
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(appended, sort_keys=False))
+    try:
+        dvc(root, "repro")
+        assert {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")} == before
+        assert (hubs / "c.parquet").is_file()
+    finally:
+        (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
+        dvc(root, "repro")

@@ -1,5 +1,6 @@
 """The Prefect flow against a real Prefect server on loopback: caching, deployment, Dask, GPU limit."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,8 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
         "train@a",
         "train@b",
         "finetune",
+        "hub@a",
+        "hub@b",
         "evaluate@a",
         "evaluate@b",
         "report",
@@ -111,11 +114,16 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
         }
     )
     _, states = _run(_write(tmp_path / "appended.yaml", appended), tmp_path / "run3", store)
-    assert _executed(states) == {"extract@c", "train@c", "finetune", "evaluate@a", "evaluate@b", "evaluate@c", "report"}
+    # the earlier hubs read the task list, so they run again (giving the same bytes, see test_dvc_pipeline)
+    hubs = {"hub@a", "hub@b", "hub@c"}
+    assert (
+        _executed(states)
+        == {"extract@c", "train@c", "finetune", "evaluate@a", "evaluate@b", "evaluate@c", "report"} | hubs
+    )
 
     other_k = {**appended, "retrieval": {**appended["retrieval"], "k": 2}}
     _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4", store)
-    assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"}
+    assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"} | hubs
 
 
 def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
@@ -172,6 +180,10 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
         assert result.returncode == 0, result.stdout + result.stderr
         assert "Completed" in result.stdout
         assert json.loads((out / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
+        # the flow builds the same hubs, byte for byte: their digests name blobs in its store
+        for step in ("a", "b"):
+            digest = hashlib.sha256((root / "data" / "mini-mtil" / "hub" / f"{step}.parquet").read_bytes()).hexdigest()
+            assert (tmp_path / "store" / "blobs" / digest).is_file()
     finally:
         serving.terminate()
         serving.wait(timeout=30)
@@ -181,7 +193,7 @@ def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, pr
     root, _ = project
     # a new store, so nothing is cached: every task runs on the workers
     metrics, states = _run(root / "params.yaml", tmp_path / "dask", tmp_path / "store", dask_workers=2)
-    assert _executed(states) == set(states) and len(states) == 9
+    assert _executed(states) == set(states) and len(states) == 11  # 9 stages and the two hubs
     assert metrics == json.loads((root / "metrics.json").read_text())
 
 

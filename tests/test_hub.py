@@ -46,30 +46,56 @@ def test_empty_hub_serves_only_the_null_expert():
         hub.query(torch.ones(1, 3), k=3, temperature=0.1)
 
 
-def test_hub_grows_and_round_trips(tmp_path, lora_factory):
-    hub = ExpertHub('{"architecture": "x"}')
+def _saved_step(tmp_path, experts, names, dataset, step, identity):
+    from moder.experts import save_experts
+    from moder.hub import HubEntry
+
+    path = tmp_path / "experts" / dataset / f"split-{step}.safetensors"
+    save_experts(path, experts, names, identity, {"offsets": [0.25] * len(names)})
+    return HubEntry(step, f"task{step}", dataset, f"{dataset}/split-{step}.safetensors", (0.25,) * len(names))
+
+
+def test_hub_grows_and_round_trips_as_an_index_over_the_experts_files(tmp_path, lora_factory):
+    identity = '{"architecture": "x"}'
+    hub = ExpertHub(identity)
     keys = torch.nn.functional.normalize(torch.randn(5, 32, generator=torch.Generator().manual_seed(0)), dim=-1)
-    hub.append(1, ["a", "b", "c"], keys[:3], random_lora(lora_factory, 3, seed=1))
-    hub.append(2, ["d", "e"], keys[3:], random_lora(lora_factory, 2, seed=2))
+    first, second = random_lora(lora_factory, 3, seed=1), random_lora(lora_factory, 2, seed=2)
+    hub.append(1, ["a", "b", "c"], keys[:3], first, _saved_step(tmp_path, first, ["a", "b", "c"], "d1", 1, identity))
+    hub.append(2, ["d", "e"], keys[3:], second, _saved_step(tmp_path, second, ["d", "e"], "d2", 2, identity))
     with pytest.raises(ValueError, match="step 2 is already"):
         hub.append(2, ["f"], keys[:1], random_lora(lora_factory, 1))
-    hub.save(tmp_path / "hub.safetensors", tmp_path / "hub.parquet")
-    loaded = ExpertHub.load(tmp_path / "hub.safetensors", tmp_path / "hub.parquet", identity=hub.identity)
+    hub.save_index(tmp_path / "hub.parquet", tmp_path / "experts", {"k": 3})
+    loaded = ExpertHub.load_index(tmp_path / "hub.parquet", tmp_path / "experts", identity=hub.identity)
     assert loaded.class_names == ["a", "b", "c", "d", "e"] and loaded.steps == [1, 1, 1, 2, 2]
+    assert loaded.datasets == ["d1"] * 3 + ["d2"] * 2 and loaded.offsets == [0.25] * 5
+    assert ExpertHub.read_index_metadata(tmp_path / "hub.parquet") == (identity, {"k": 3})
+    assert torch.equal(loaded.keys, hub.keys)
     for name, tensor in hub.experts.tensors().items():
         assert torch.equal(loaded.experts.tensors()[name], tensor)
     queries = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
     for kwargs in ({"k": 3, "temperature": 0.05}, {"k": 2, "temperature": 1.0, "null_score": 0.1}):
         a, b = hub.query(queries, **kwargs), loaded.query(queries, **kwargs)
         assert torch.equal(a.indices, b.indices) and torch.equal(a.weights, b.weights)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hub.parquet", "hub.safetensors"]  # no temp files left
+    # the index holds no expert tensor: it is far smaller than the experts it points at
+    experts_bytes = sum(p.stat().st_size for p in (tmp_path / "experts").rglob("*.safetensors"))
+    assert (tmp_path / "hub.parquet").stat().st_size < experts_bytes / 5
 
 
-def test_hub_refuses_another_backbone_and_mismatched_sizes(tmp_path):
+def test_hub_index_refuses_another_backbone_a_changed_experts_file_and_a_missing_index(tmp_path):
+    from moder.hub import HubFileError
+
     hub = ExpertHub(json.dumps({"architecture": "one"}))
     with pytest.raises(ValueError, match="2 classes, 3 keys and 3 experts"):
         hub.append(1, ["a", "b"], torch.randn(3, 3), _context(3))
-    hub.append(1, ["a"], torch.randn(1, 3), _context(1))
-    hub.save(tmp_path / "h.safetensors", tmp_path / "h.parquet")
-    with pytest.raises(ValueError, match="built on backbone"):
-        ExpertHub.load(tmp_path / "h.safetensors", tmp_path / "h.parquet", identity="other")
+    experts = _context(1)
+    hub.append(1, ["a"], torch.randn(1, 3), experts, _saved_step(tmp_path, experts, ["a"], "d", 1, hub.identity))
+    hub.save_index(tmp_path / "h.parquet", tmp_path / "experts", {})
+    with pytest.raises(HubFileError, match="built on backbone"):
+        ExpertHub.load_index(tmp_path / "h.parquet", tmp_path / "experts", identity="other")
+    _saved_step(tmp_path, ContextExperts(torch.ones(1, 2, 3)), ["a"], "d", 1, hub.identity)  # retrained
+    with pytest.raises(
+        HubFileError, match=r"points at .*split-1.safetensors, which has changed since the hub was built"
+    ):
+        ExpertHub.load_index(tmp_path / "h.parquet", tmp_path / "experts")
+    with pytest.raises(HubFileError, match="hub index not found"):
+        ExpertHub.load_index(tmp_path / "nowhere.parquet", tmp_path / "experts")

@@ -241,6 +241,7 @@ def test_damaged_experts_are_refused_naming_the_file_and_its_stage(run, damage, 
             run / MODEL,
             run / "features",
             run / "experts",
+            run / "hub" / "a.parquet",
             run / "eval" / "a.parquet",
             run / "unseen" / "a.parquet",
         )

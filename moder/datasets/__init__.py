@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 Split = Literal["train", "test"]
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # files read as images
 _CATALOG_DIR = Path(__file__).with_name("catalog")
 
 # source name -> adapter module (moder.datasets.<module>.load(root, split) -> ImageSplit).

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, ImageSplit, Split, under_root
-
-_IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+from moder.datasets import IMAGE_SUFFIXES, DatasetFormatError, DatasetNotFound, ImageSplit, Split, under_root
 
 
 def _class_folders(root: Path, split: Split) -> list[str]:
@@ -34,7 +32,7 @@ def _class_folders(root: Path, split: Split) -> list[str]:
 def _images(root: Path, folder: Path) -> list[str]:
     """The image files of one class folder, sorted by name."""
     return [
-        str(under_root(root, p, "imagefolder")) for p in sorted(folder.iterdir()) if p.suffix.lower() in _IMAGE_SUFFIXES
+        str(under_root(root, p, "imagefolder")) for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES
     ]
 
 
@@ -54,8 +52,7 @@ def load(root: Path, split: Split) -> ImageSplit:
         files = _images(root, root / split / folder)
         if not files and split == "train":  # a class the model would be taught from no example
             raise DatasetFormatError(
-                f"imagefolder: class folder {root / split / folder} has no images "
-                f"({', '.join(sorted(_IMAGE_SUFFIXES))})"
+                f"imagefolder: class folder {root / split / folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         images += files
         labels += [label_of[folder]] * len(files)
