@@ -173,3 +173,15 @@ def run_pipeline(data: dict, root: Path) -> dict:
 def mtil_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("mtil")
     return root, run_pipeline(MINI, root)
+
+
+def stage_cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m stages.<stage> ARGS` in `cwd` with `params` as its params.yaml, outside the venv's PATH."""
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )

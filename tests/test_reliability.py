@@ -30,7 +30,7 @@ from stages.evaluate import evaluate
 from stages.finetune import finetune
 from stages.report import report
 from stages.train import train
-from tests.conftest import MINI, REPO
+from tests.conftest import MINI, REPO, stage_cli
 
 MODEL = Path("backbone") / "clip.safetensors"
 
@@ -55,14 +55,7 @@ def run(mtil_run, tmp_path):
 
 
 def _cli(stage: str, cwd: Path, *args: str, params: dict = MINI) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    return stage_cli(stage, params, cwd, *args)
 
 
 def _one_line_error(result: subprocess.CompletedProcess, *expected: str) -> None:

@@ -2,15 +2,12 @@
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from moder.clip import file_digest
 from moder.experts import load_experts
@@ -20,7 +17,7 @@ from moder.params import parse_params
 from stages.backbone import backbone
 from stages.report import read_matrices
 from stages.train import train
-from tests.conftest import MINI, run_pipeline
+from tests.conftest import MINI, run_pipeline, stage_cli
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,17 +127,6 @@ def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
         train(parse_params(MINI), "b", root / "backbone" / "clip.safetensors", tmp_path / "empty", tmp_path / "b")
 
 
-def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -156,7 +142,7 @@ def _cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.Complete
     ],
 )
 def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
-    result = _cli(
+    result = stage_cli(
         "train",
         {**copy.deepcopy(MINI), **change},
         tmp_path,
@@ -174,7 +160,7 @@ def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
 
 
 def test_cli_reports_a_missing_pretrained_model(tmp_path):
-    result = _cli(
+    result = stage_cli(
         "extract",
         MINI,
         tmp_path,
@@ -197,12 +183,12 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
         "datasets": {"a": {"classes": 4}, "c": {}},
         "tasks": {"a": {"dataset": "a"}, "c": {"dataset": "c"}},
     }
-    result = _cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    result = stage_cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"))
     assert (
         result.returncode == 1
         and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
     )
-    shown = _cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    shown = stage_cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
     assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
 
 
