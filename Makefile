@@ -36,3 +36,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# The real MTIL Order I and Split ImageNet-R shapes through the stage functions on the CPU: time, memory and
+# sizes per stage (BENCHMARKS.md, "MTIL-scale run"). One epoch, extrapolated to params.yaml's; hours longer without.
+.PHONY: bench-scale
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/mtil_scale.py --sequence mtil-order1 --epochs 1
+	$(BIN)/python benchmarks/mtil_scale.py --sequence classil-imagenet-r --epochs 1

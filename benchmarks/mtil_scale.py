@@ -1,0 +1,318 @@
+"""Real scale: a real benchmark sequence's shapes through the DVC stage functions, on the CPU, with each stage's cost.
+
+`--sequence mtil-order1` (11 datasets, 1,201 classes) or `classil-imagenet-r` (200 classes, 80 templates,
+10 tasks). Real: ViT-B-16 (seeded random weights: time and memory do not depend on their values), every
+dataset's catalog class names and CLIP templates, the preset's tasks, params.yaml's expert, train, retrieval
+and composition settings, and the stage functions dvc.yaml runs (backbone, extract's prototypes, train,
+finetune, hub, evaluate, report), each in a fresh process as under DVC (benchmarks/_stage_runner.py).
+Generated: the image features (a few per class around each class's zero-shot prototype), so the image tower
+never runs.
+
+Per stage: wall and CPU time, peak RSS, prompts the text tower encoded (with / without gradient), training
+steps. Then the experts' trainable parameters and size on disk, and ViT-B-16 expert sizes for each form
+params.yaml allows. A stage that needs more than `--memory-cap-gb` fails fast and is reported; a failed train
+stage is replaced by untrained experts of the real shapes so that the later stages are still measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from _stage_runner import GB, StageResult, StageRunner, group_rows, header, memory_now
+from safetensors import safe_open
+
+from moder.clip import load_clip, save_backbone
+from moder.datasets import catalog
+from moder.experts import save_experts
+from moder.factory import ExpertFactory
+from moder.features import FeatureTable, write_features
+from moder.io import atomic_directory
+from moder.params import ExpertParams, Params, parse_params
+from moder.prompts import zeroshot_prototypes
+from moder.tasks import dataset_tasks
+from moder.text import TextTower
+from moder.world import seed_for
+from stages.common import expert_file, load_frozen_clip, read_classes
+from stages.evaluate import evaluate
+from stages.extract import templates_of
+from stages.finetune import finetune
+from stages.hub import hub
+from stages.report import report
+from stages.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQUENCES = ("mtil-order1", "classil-imagenet-r")
+PRESET_BLOCKS = ("model", "extract", "benchmark", "datasets", "tasks")  # what stages.use_benchmark replaces
+TARGET_RSS_GB = 6.0
+TARGET_MTIL_MINUTES = 20.0
+SHIFT, NOISE = 1.0, 0.5  # generated features: dataset shift and per-image noise, in units of the class spread
+
+
+def build_params(sequence: str, work: Path, checkpoint: Path, epochs: int | None) -> Params:
+    """params.yaml with the preset's blocks, as stages.use_benchmark makes it, on a local ViT-B-16 on the CPU."""
+    data = yaml.safe_load((ROOT / "params.yaml").read_text())
+    preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
+    data.update({block: preset[block] for block in PRESET_BLOCKS})
+    data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": "cpu"}
+    for spec in data["datasets"].values():  # validation wants a root; no image is read, the features are generated
+        spec["root"] = str(work / "no-images")
+    if epochs is not None:
+        data["train"] = {**data["train"], "epochs": epochs}
+    return parse_params(data, f"params.yaml with configs/{sequence}.yaml")
+
+
+def generated_features(
+    prototypes: torch.Tensor, per_class: int, direction: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image features around each class's prototype, moved by the dataset's shift: zero-shot is imperfect,
+    so training has something to fit (the idea of tests/synthetic.py's shifted_features)."""
+    spread = (prototypes - prototypes.mean(dim=0)).norm(dim=-1).mean()
+    labels = torch.arange(prototypes.shape[0]).repeat_interleave(per_class)
+    noise = (
+        torch.randn(len(labels), prototypes.shape[1], generator=generator) * spread * NOISE / prototypes.shape[1] ** 0.5
+    )
+    return F.normalize(prototypes[labels] + spread * SHIFT * direction + noise, dim=-1), labels
+
+
+def write_dataset_features(
+    params: Params, dataset: str, tower: TextTower, identity: str, out: Path, limit: int | None, per_split: dict
+) -> None:
+    """<out>/{train,test,classes}.parquet as stages.extract writes them; the prototypes are real."""
+    spec = params.datasets[dataset]
+    names = catalog(spec.source).class_names[:limit]
+    templates = templates_of(params, spec)
+    prototypes = zeroshot_prototypes(tower, names, templates)
+    generator = torch.Generator().manual_seed(seed_for(params.seed, "scale-features", dataset))
+    # the shift lies in the span of the class differences: a random direction would miss every boundary
+    centred = prototypes - prototypes.mean(dim=0)
+    direction = F.normalize(torch.randn(len(names), generator=generator) @ centred, dim=-1)
+    with atomic_directory(out, owner="extract") as directory:
+        for split, per_class in per_split.items():
+            features, labels = generated_features(prototypes, per_class, direction, generator)
+            write_features(directory / f"{split}.parquet", FeatureTable(features, labels, names, dataset, identity))
+        write_features(
+            directory / "classes.parquet",
+            FeatureTable(prototypes, torch.arange(len(names)), names, dataset, identity, tuple(templates)),
+        )
+
+
+def extract_prototypes(params: Params, model: Path, features: Path, limit: int | None, per_split: dict) -> None:
+    clip = load_frozen_clip(params, model)  # as stages.extract: the identity the later stages check against
+    tower, identity = TextTower(clip.model, clip.tokenizer), clip.identity.to_json()
+    for dataset in params.datasets:
+        write_dataset_features(params, dataset, tower, identity, features / dataset, limit, per_split)
+
+
+def untrained_experts(params: Params, dataset: str, model: Path, features: Path, out: Path) -> None:
+    """Stand-in for a train stage that failed: fresh experts of the real shapes, offsets zero, so evaluation
+    (whose cost does not depend on the experts' values) can still be measured."""
+    clip = load_frozen_clip(params, model)
+    identity = clip.identity.to_json()
+    classes = read_classes(features, dataset, identity)
+    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert.spec(), list(classes.templates))
+    with atomic_directory(out, owner="train") as directory:
+        for task in dataset_tasks(params, dataset, len(classes.class_names)):
+            names = [classes.class_names[i] for i in task.classes]
+            experts = factory.new(len(names), torch.Generator().manual_seed(task.step))
+            extra = {"dataset": dataset, "split": task.step, "offsets": [0.0] * len(names)}
+            save_experts(expert_file(directory, task.step), experts, names, identity, extra)
+
+
+def experts_on_disk(directory: Path) -> tuple[int, int, int]:
+    """(trainable parameters, classes, bytes) of every experts file under `directory`, read from the headers."""
+    parameters = classes = size = 0
+    for path in sorted(directory.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            shapes = [handle.get_slice(key).get_shape() for key in handle.keys()]
+        parameters += sum(torch.Size(shape).numel() for shape in shapes)
+        classes += shapes[0][0]  # every tensor is stacked over the file's classes
+        size += path.stat().st_size
+    return parameters, classes, size
+
+
+def sequence_classes(sequence: str) -> int:
+    preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
+    return sum(len(catalog(spec["source"]).class_names) for spec in preset["datasets"].values())
+
+
+def expert_forms(base: ExpertParams) -> list[tuple[str, ExpertParams]]:
+    """Every expert form worth pricing: LoRA ranks, fewer layers, fewer modules, and context tokens."""
+    lora = base.model_dump()["lora"]
+    forms = [(f"LoRA r{rank}, 12 layers x 4 modules", {"rank": rank}) for rank in (1, 2, 4, 8)]
+    forms += [
+        (f"LoRA r4, last {n} layer(s) x 4 modules", {"rank": 4, "layers": list(range(12 - n, 12))}) for n in (1, 2)
+    ]
+    forms += [
+        (f"LoRA r4, 12 layers x {module}", {"rank": 4, "modules": [module]}) for module in ("attn_out", "mlp_proj")
+    ]
+    priced = [(label, ExpertParams(kind="lora", lora={**lora, **change})) for label, change in forms]
+    return [*priced, (f'context, "{base.context.init}"', ExpertParams(kind="context", context=base.context))]
+
+
+def expert_size_table(tower: TextTower, base: ExpertParams) -> list[str]:
+    totals = {sequence: sequence_classes(sequence) for sequence in SEQUENCES}
+    lines = [
+        f"Expert sizes on the ViT-B-16 text tower (fp32; from the real shapes, no training): {tower.n_layers} layers, "
+        f"width {tower.width}",
+        f"  {'form':<34}{'params/class':>14}{'MB/class':>10}"
+        + "".join(f"{f'{s} ({n:,} cl.)':>30}" for s, n in totals.items()),
+    ]
+    for label, form in expert_forms(base):
+        factory = ExpertFactory(tower, form.spec(), ["a photo of a {}."])
+        per_class = sum(p.numel() for p in factory.new(1, torch.Generator().manual_seed(0)).parameters())
+        cells = "".join(
+            f"{f'{per_class * n / 1e6:,.1f} M = {per_class * n * 4 / GB:.2f} GB':>30}" for n in totals.values()
+        )
+        lines.append(f"  {label:<34}{per_class:>14,}{per_class * 4 / 1e6:>10.2f}{cells}")
+    return lines
+
+
+def write_backbone(params: Params, model: Path) -> list[str]:
+    """What stages.backbone writes for a local checkpoint (the seed fixes the random weights); and, while the
+    model is at hand, the expert sizes of every form on its text tower."""
+    clip = load_clip(params.model.architecture, seed=params.seed)
+    save_backbone(clip, model, f"random:seed={params.seed}")
+    return expert_size_table(TextTower(clip.model, clip.tokenizer), params.expert)
+
+
+def run_sequence(args: argparse.Namespace, work: Path) -> None:
+    runner = StageRunner(args.memory_cap_gb)
+    model, features, experts = work / "backbone.safetensors", work / "features", work / "experts"
+    params = build_params(args.sequence, work, model, args.epochs)
+    per_split = {"train": args.train_per_class, "test": args.test_per_class}
+    print(describe_run(args, params, work))
+    print(header("stage"))
+    run = runner.run
+    sizes = run("backbone", "backbone", write_backbone, params, model, keep_value=True).value or []
+    run("load_frozen_clip (alone)", "load", load_frozen_clip, params, model)
+    run("extract (prototypes)", "extract", extract_prototypes, params, model, features, args.limit_classes, per_split)
+    for dataset in params.datasets:
+        out = experts / dataset
+        if run(f"train@{dataset}", "train", train, params, dataset, model, features, out).failure:
+            run(f"untrained stand-in@{dataset}", "stand-in", untrained_experts, params, dataset, model, features, out)
+    run("finetune", "finetune", finetune, params, model, features, work / "finetune.parquet")
+    for step in params.tasks:
+        index = work / "hub" / f"{step}.parquet"
+        run(f"hub@{step}", "hub", hub, params, step, model, features, experts, index)
+        outputs = (index, work / "eval" / f"{step}.parquet", work / "unseen" / f"{step}.parquet")
+        run(f"evaluate@{step}", "evaluate", evaluate, params, step, model, features, experts, *outputs)
+    if any(r.failure for r in runner.results if r.group in ("finetune", "hub", "evaluate")):
+        print("  report: not run, it needs every evaluate step and finetune")
+    else:
+        inputs = (work / "eval", work / "finetune.parquet", work / "unseen", work / "metrics.json", work / "reports")
+        run("report", "report", report, params, *inputs)
+    target_epochs = build_params(args.sequence, work, model, None).train.epochs
+    print("", *sizes, "", *summary(args, params, runner.results, work, target_epochs), sep="\n")
+
+
+def describe_run(args: argparse.Namespace, params: Params, work: Path) -> str:
+    classes = {d: len(catalog(s.source).class_names[: args.limit_classes]) for d, s in params.datasets.items()}
+    prompts = sum(n * len(templates_of(params, params.datasets[d])) for d, n in classes.items())
+    lora = params.expert.lora
+    form = (
+        f"rank {lora.rank} on {lora.layers or 'all'} layers x {len(lora.modules)} modules"
+        if params.expert.kind == "lora"
+        else f'context "{params.expert.context.init}"'
+    )
+    cap = f"{args.memory_cap_gb:g} GB per stage process" if memory_now() else "none (no /proc)"
+    return "\n".join(
+        [
+            f"Real-scale run: {args.sequence} ({params.benchmark.protocol}), {len(classes)} dataset(s), "
+            f"{sum(classes.values()):,} classes, {prompts:,} prompts (class x template), {len(params.tasks)} tasks"
+            + (f" [--limit-classes {args.limit_classes}]" if args.limit_classes else ""),
+            f"  experts: {params.expert.kind} ({form}); train: {params.train.epochs} epoch(s), batch "
+            f"{params.train.batch_size}, negatives {params.train.negatives}; retrieval k={params.retrieval.k}, "
+            f"{params.composition.space}-space composition",
+            f"  generated features per class: {args.train_per_class} train, {args.test_per_class} test; CPU, "
+            f"{torch.get_num_threads()} torch threads; memory cap {cap}; work dir {work}",
+            "  each stage in a fresh process (as under DVC); RSS: its peak (getrusage), imports included; "
+            "s/step: inside train_experts",
+        ]
+    )
+
+
+def summary(
+    args: argparse.Namespace, params: Params, results: list[StageResult], work: Path, target_epochs: int
+) -> list[str]:
+    parameters, classes, size = experts_on_disk(work / "experts")
+    hub_size = sum(path.stat().st_size for path in (work / "hub").glob("*.parquet"))
+    measured = sum(r.seconds for r in results)
+    training = sum(r.counters.train_seconds for r in results)
+    peak = max(r.peak_rss for r in results)
+    failed = [r.name for r in results if r.failure]
+    lines = [
+        f"Summary: {args.sequence}, measured",
+        *group_rows(results),
+        f"  not in the times above: starting each stage's process and importing torch, moder and stages, median "
+        f"{statistics.median(r.start_seconds for r in results):.1f} s per stage (DVC pays it too)",
+        f"Experts on disk: {parameters:,} trainable parameters for {classes:,} classes = "
+        f"{parameters // max(classes, 1):,} per class; {size / 1e6:,.1f} MB"
+        + (", including untrained stand-ins" if any(r.group == "stand-in" for r in results) else ""),
+        f"Hub indexes on disk: {hub_size / 1e6:,.2f} MB for {len(params.tasks)} steps (they point at the experts "
+        "files; hub and evaluate load every expert of their step into memory)",
+    ]
+    total = measured
+    if params.train.epochs < target_epochs:
+        scale = target_epochs / params.train.epochs
+        total = measured + training * (scale - 1)
+        lines.append(
+            f"EXTRAPOLATED: the training loops (train_experts, in train and finetune) at params.yaml's {target_epochs} "
+            f"epochs ~ {training * scale:,.0f} s (measured {training:,.0f} s at {params.train.epochs} x {scale:g}, "
+            f"linear in epochs); whole run ~ {total / 60:,.1f} min"
+        )
+    scope = f" (this run keeps {args.limit_classes} classes per dataset: the targets are for the full size)"
+    lines += [
+        "Targets" + (scope if args.limit_classes else "") + ":",
+        f"  completes: {'yes' if not failed else f'NO, {len(failed)} stage(s) failed: ' + ', '.join(failed[:6])}"
+        + (", ..." if len(failed) > 6 else ""),
+        f"  peak RSS of the largest stage {peak / GB:.2f} GB, target <= {TARGET_RSS_GB:g} GB: "
+        + ("met" if peak <= TARGET_RSS_GB * GB and not failed else "MISSED"),
+    ]
+    if args.sequence == "mtil-order1":
+        verdict = "met" if total <= TARGET_MTIL_MINUTES * 60 and not failed else "MISSED"
+        lines.append(f"  wall {total / 60:,.1f} min, target <= {TARGET_MTIL_MINUTES:g} min on this machine: {verdict}")
+    return lines
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequence", choices=SEQUENCES, default="mtil-order1")
+    parser.add_argument("--limit-classes", type=int, help="keep only the first N classes of each dataset")
+    parser.add_argument("--epochs", type=int, help="override train.epochs (time is extrapolated to params.yaml's)")
+    parser.add_argument("--train-per-class", type=int, default=8, help="generated training features per class")
+    parser.add_argument("--test-per-class", type=int, default=4, help="generated test features per class")
+    parser.add_argument("--memory-cap-gb", type=float, default=8.0, help="memory cap per stage process (default 8)")
+    parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
+    args = parser.parse_args()
+    splits = max(
+        s.get("splits", 1)
+        for s in yaml.safe_load((ROOT / "configs" / f"{args.sequence}.yaml").read_text())["datasets"].values()
+    )
+    if args.limit_classes is not None and args.limit_classes < max(splits, 2):
+        parser.error(
+            f"--limit-classes must be at least {max(splits, 2)} for {args.sequence} (its tasks split a dataset)"
+        )
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="moder-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        run_sequence(args, work)
+    finally:
+        if args.work is None and not args.keep:
+            shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()
