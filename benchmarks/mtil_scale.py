@@ -30,7 +30,7 @@ from safetensors import safe_open
 
 from moder.clip import load_clip, save_backbone
 from moder.datasets import catalog
-from moder.experts import save_experts
+from moder.experts import expert_parameters, save_experts
 from moder.factory import ExpertFactory
 from moder.features import FeatureTable, write_features
 from moder.io import atomic_directory
@@ -55,7 +55,9 @@ TARGET_MTIL_MINUTES = 20.0
 SHIFT, NOISE = 1.0, 0.5  # generated features: dataset shift and per-image noise, in units of the class spread
 
 
-def build_params(sequence: str, work: Path, checkpoint: Path, epochs: int | None) -> Params:
+def build_params(
+    sequence: str, work: Path, checkpoint: Path, epochs: int | None, templates_per_step: int | None = None
+) -> Params:
     """params.yaml with the preset's blocks, as stages.use_benchmark makes it, on a local ViT-B-16 on the CPU."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
@@ -65,6 +67,8 @@ def build_params(sequence: str, work: Path, checkpoint: Path, epochs: int | None
         spec["root"] = str(work / "no-images")
     if epochs is not None:
         data["train"] = {**data["train"], "epochs": epochs}
+    if templates_per_step is not None:
+        data["train"] = {**data["train"], "templates_per_step": templates_per_step}
     return parse_params(data, f"params.yaml with configs/{sequence}.yaml")
 
 
@@ -122,7 +126,8 @@ def untrained_experts(params: Params, dataset: str, model: Path, features: Path,
             names = [classes.class_names[i] for i in task.classes]
             experts = factory.new(len(names), torch.Generator().manual_seed(task.step))
             extra = {"dataset": dataset, "split": task.step, "offsets": [0.0] * len(names)}
-            save_experts(expert_file(directory, task.step), experts, names, identity, extra)
+            prototypes = classes.vectors[task.classes]  # untrained experts encode to about the zero-shot prototypes
+            save_experts(expert_file(directory, task.step), experts, names, identity, extra, prototypes=prototypes)
 
 
 def experts_on_disk(directory: Path) -> tuple[int, int, int]:
@@ -130,9 +135,8 @@ def experts_on_disk(directory: Path) -> tuple[int, int, int]:
     parameters = classes = size = 0
     for path in sorted(directory.rglob("*.safetensors")):
         with safe_open(str(path), framework="pt") as handle:
-            shapes = [handle.get_slice(key).get_shape() for key in handle.keys()]
-        parameters += sum(torch.Size(shape).numel() for shape in shapes)
-        classes += shapes[0][0]  # every tensor is stacked over the file's classes
+            classes += handle.get_slice(next(iter(handle.keys()))).get_shape()[0]  # tensors stack the classes
+        parameters += expert_parameters(path)
         size += path.stat().st_size
     return parameters, classes, size
 
@@ -185,7 +189,7 @@ def write_backbone(params: Params, model: Path) -> list[str]:
 def run_sequence(args: argparse.Namespace, work: Path) -> None:
     runner = StageRunner(args.memory_cap_gb)
     model, features, experts = work / "backbone.safetensors", work / "features", work / "experts"
-    params = build_params(args.sequence, work, model, args.epochs)
+    params = build_params(args.sequence, work, model, args.epochs, args.templates_per_step)
     per_split = {"train": args.train_per_class, "test": args.test_per_class}
     print(describe_run(args, params, work))
     print(header("stage"))
@@ -206,7 +210,8 @@ def run_sequence(args: argparse.Namespace, work: Path) -> None:
     if any(r.failure for r in runner.results if r.group in ("finetune", "hub", "evaluate")):
         print("  report: not run, it needs every evaluate step and finetune")
     else:
-        inputs = (work / "eval", work / "finetune.parquet", work / "unseen", work / "metrics.json", work / "reports")
+        inputs = (work / "eval", work / "finetune.parquet", work / "unseen", work / "hub", experts)
+        inputs += (work / "metrics.json", work / "reports")
         run("report", "report", report, params, *inputs)
     target_epochs = build_params(args.sequence, work, model, None).train.epochs
     print("", *sizes, "", *summary(args, params, runner.results, work, target_epochs), sep="\n")
@@ -228,7 +233,8 @@ def describe_run(args: argparse.Namespace, params: Params, work: Path) -> str:
             f"{sum(classes.values()):,} classes, {prompts:,} prompts (class x template), {len(params.tasks)} tasks"
             + (f" [--limit-classes {args.limit_classes}]" if args.limit_classes else ""),
             f"  experts: {params.expert.kind} ({form}); train: {params.train.epochs} epoch(s), batch "
-            f"{params.train.batch_size}, negatives {params.train.negatives}; retrieval k={params.retrieval.k}, "
+            f"{params.train.batch_size}, templates per step {params.train.templates_per_step or 'all'}, "
+            f"negatives {params.train.negatives}; retrieval k={params.retrieval.k}, "
             f"{params.composition.space}-space composition",
             f"  generated features per class: {args.train_per_class} train, {args.test_per_class} test; CPU, "
             f"{torch.get_num_threads()} torch threads; memory cap {cap}; work dir {work}",
@@ -259,6 +265,7 @@ def summary(
         "files; hub and evaluate load every expert of their step into memory)",
     ]
     total = measured
+    cut = [r for r in results if r.failure and r.group in ("train", "finetune")]
     if params.train.epochs < target_epochs:
         scale = target_epochs / params.train.epochs
         total = measured + training * (scale - 1)
@@ -266,6 +273,7 @@ def summary(
             f"EXTRAPOLATED: the training loops (train_experts, in train and finetune) at params.yaml's {target_epochs} "
             f"epochs ~ {training * scale:,.0f} s (measured {training:,.0f} s at {params.train.epochs} x {scale:g}, "
             f"linear in epochs); whole run ~ {total / 60:,.1f} min"
+            + (f" -- a LOWER BOUND: {len(cut)} training stage(s) failed part-way" if cut else "")
         )
     scope = f" (this run keeps {args.limit_classes} classes per dataset: the targets are for the full size)"
     lines += [
@@ -286,6 +294,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--sequence", choices=SEQUENCES, default="mtil-order1")
     parser.add_argument("--limit-classes", type=int, help="keep only the first N classes of each dataset")
     parser.add_argument("--epochs", type=int, help="override train.epochs (time is extrapolated to params.yaml's)")
+    parser.add_argument(
+        "--templates-per-step", type=int, help="override train.templates_per_step (templates drawn per class per step)"
+    )
     parser.add_argument("--train-per-class", type=int, default=8, help="generated training features per class")
     parser.add_argument("--test-per-class", type=int, default=4, help="generated test features per class")
     parser.add_argument("--memory-cap-gb", type=float, default=8.0, help="memory cap per stage process (default 8)")

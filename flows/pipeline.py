@@ -89,7 +89,7 @@ STAGE_RUNS: dict[str, StageRun] = {
     ),
     "report": StageRun(
         report,
-        ("eval", "finetune.parquet", "unseen", "metrics.json", "reports"),
+        ("eval", "finetune.parquet", "unseen", "hub", "experts", "metrics.json", "reports"),
         ("metrics.json", "reports"),
         gpu=False,
     ),
@@ -227,7 +227,9 @@ def moder_pipeline(
     # inputs), not the "upstream never finished" of a task downstream of it.
     for future in [model, *features.values(), *experts.values(), baseline, *hubs.values(), *evaluations.values()]:
         future.result()
-    reported = submit("report", {"finetune": baseline, **{f"evaluate@{t}": e for t, e in evaluations.items()}}).result()
+    last = list(params.tasks)[-1]  # the report prices the hub after the last step
+    evaluated = {f"evaluate@{t}": e for t, e in evaluations.items()}
+    reported = submit("report", {"finetune": baseline, **evaluated, f"hub@{last}": hubs[last], **trained}).result()
 
     out = Path(out_dir)
     artifacts.materialise(reported, out, "report")

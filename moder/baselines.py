@@ -10,7 +10,7 @@ from torch import Tensor
 from moder.evaluation import AccuracyRow, accuracy_rows
 from moder.factory import ExpertFactory
 from moder.metrics import Protocol
-from moder.prompts import NO_GRAD_CHUNK, encode_prototypes
+from moder.prompts import classes_per_chunk, encode_prototypes
 from moder.tasks import Task, TaskData
 from moder.train import TrainConfig, train_experts
 
@@ -47,7 +47,7 @@ def finetune_rows(
                         task_prompts,
                         shared,
                         torch.zeros(len(d.class_names), dtype=torch.long),
-                        chunk_classes=NO_GRAD_CHUNK,
+                        chunk_classes=classes_per_chunk(task_prompts.per_class),
                     ),
                     strict=True,
                 )

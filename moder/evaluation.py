@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moder.compose import compose_prototypes, seen_prototypes
-from moder.experts import Experts
+from moder.compose import compose_prototypes, smooth_toward_zeroshot
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT, ExpertHub, Retrieval
 from moder.metrics import Protocol, accuracy, class_accuracy, label_space
@@ -38,10 +37,10 @@ class EvaluationSettings:
 
 @dataclass(frozen=True)
 class TrainedTask:
-    """What training left for one task: its experts, and each class's prototype offset
-    (moder.train.prototype_offsets)."""
+    """What training left for one task that evaluation reads: each class's prototype under its own
+    expert (encoded once, at training time) and its prototype offset (moder.train.prototype_offsets)."""
 
-    experts: Experts
+    prototypes: Tensor  # [n_classes, d]
     offsets: Tensor  # [n_classes]
 
 
@@ -101,6 +100,8 @@ def evaluate_step(
     - `oracle`: every class uses its own task's experts, trained or not yet (the upper bound
       composition could reach), which is why `trained` holds every task of the sequence.
     Each class of a later task also gets an `UnseenClassRow`.
+    Trained prototypes are read from `trained`, never re-encoded: a step costs the composition of the
+    classes not trained yet, so the whole sequence costs O(tasks), not O(tasks^2).
     """
     if len(trained) != len(sequence) or not 0 <= step < len(sequence):
         raise ValueError(f"step {step} with experts of {len(trained)} tasks for a sequence of {len(sequence)}")
@@ -123,15 +124,20 @@ def _build_prototypes(
     step: int,
     settings: EvaluationSettings,
 ) -> _Prototypes:
-    prompts = [factory.prompts(data.class_names, list(data.templates)) for data in sequence]
     oracle: dict[ClassKey, Tensor] = {}
-    for data, task, task_prompts in zip(sequence, trained, prompts, strict=True):
-        own = seen_prototypes(factory.tower, task_prompts, task.experts, data.zeroshot, settings.alpha)
+    for data, task in zip(sequence, trained, strict=True):
+        if task.prototypes.shape != data.zeroshot.shape:
+            raise ValueError(
+                f"task {data.task.name}: trained prototypes {list(task.prototypes.shape)} "
+                f"for zero-shot prototypes {list(data.zeroshot.shape)}"
+            )
+        own = smooth_toward_zeroshot(task.prototypes, data.zeroshot, settings.alpha)
         oracle.update(zip(_keys(data), own, strict=True))
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
     composed = {key: oracle[key] for key in seen}
     retrieved: dict[ClassKey, str] = {}
-    for data, task_prompts in zip(sequence[step + 1 :], prompts[step + 1 :], strict=True):
+    for data in sequence[step + 1 :]:
+        task_prompts = factory.prompts(data.class_names, list(data.templates))
         retrieval = hub.query(data.zeroshot, settings.k, settings.temperature, settings.null_score)
         retrieved.update(zip(_keys(data), _describe(retrieval, hub), strict=True))
         composed.update(zip(_keys(data), _compose(factory, task_prompts, hub, retrieval, settings.space), strict=True))

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from moder.io import TensorFileError, load_tensors, save_tensors
@@ -164,18 +165,38 @@ def experts_from_tensors(tensors: dict[str, Tensor], description: dict) -> Exper
     return LoraExperts(a, b, float(description["scaling"]))
 
 
+_PROTOTYPES = "prototypes"
+
+
+class ExpertsFile(NamedTuple):
+    experts: Experts
+    class_names: list[str]
+    extra: dict
+    prototypes: Tensor | None  # [n_classes, d]: each class encoded by its own expert, if stored
+
+
 def save_experts(
-    path: Path | str, experts: Experts, class_names: list[str], identity: str, extra: dict | None = None
+    path: Path | str,
+    experts: Experts,
+    class_names: list[str],
+    identity: str,
+    extra: dict | None = None,
+    *,
+    prototypes: Tensor | None = None,
 ) -> None:
     """Write experts as safetensors; metadata holds class names, kind, rank and the identity of the
-    CLIP they were trained on (`ModelIdentity` JSON, under the key "backbone")."""
+    CLIP they were trained on (`ModelIdentity` JSON, under the key "backbone"). `prototypes` (each
+    class's prototype under its own expert) are stored beside them so evaluation never re-encodes them."""
     if len(class_names) != len(experts):
         raise ValueError(f"{len(class_names)} class names for {len(experts)} experts")
+    if prototypes is not None and (prototypes.dim() != 2 or prototypes.shape[0] != len(experts)):
+        raise ValueError(f"prototypes of shape {list(prototypes.shape)} for {len(experts)} experts")
     metadata = {"class_names": class_names, "experts": experts.describe(), "backbone": identity, "extra": extra or {}}
-    save_tensors(path, experts.tensors(), metadata)
+    stored = experts.tensors() if prototypes is None else {**experts.tensors(), _PROTOTYPES: prototypes.contiguous()}
+    save_tensors(path, stored, metadata)
 
 
-def load_experts(path: Path | str, identity: str | None = None) -> tuple[Experts, list[str], dict]:
+def load_experts(path: Path | str, identity: str | None = None) -> ExpertsFile:
     """Read experts written by `save_experts`; refuse those made on another backbone, and files whose
     tensors are damaged, non-finite or of shapes that do not fit together."""
     if not Path(path).is_file():
@@ -190,10 +211,24 @@ def load_experts(path: Path | str, identity: str | None = None) -> tuple[Experts
         raise ExpertFileError(f"{path}: not an experts file (metadata lacks {', '.join(sorted(missing))})")
     if identity is not None and metadata["backbone"] != identity:
         raise ExpertFileError(f"{path}: experts were trained on backbone {metadata['backbone']}, not {identity}")
-    problem = _shape_problem(tensors, metadata["experts"], len(metadata["class_names"]))
+    prototypes = tensors.pop(_PROTOTYPES, None)
+    n_classes = len(metadata["class_names"])
+    problem = _shape_problem(tensors, metadata["experts"], n_classes)
+    if prototypes is not None and (prototypes.dim() != 2 or prototypes.shape[0] != n_classes):
+        problem = f"prototypes of shape {list(prototypes.shape)} for {n_classes} class names"
     if problem:
         raise ExpertFileError(f"{path}: {problem}")
-    return experts_from_tensors(tensors, metadata["experts"]), metadata["class_names"], metadata["extra"]
+    experts = experts_from_tensors(tensors, metadata["experts"])
+    return ExpertsFile(experts, metadata["class_names"], metadata["extra"], prototypes)
+
+
+def expert_parameters(path: Path | str) -> int:
+    """Trainable parameters of the experts a file holds, from its header alone (stored prototypes excluded)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys() if name != _PROTOTYPES)
+    except (OSError, SafetensorError) as error:
+        raise ExpertFileError(f"{path}: not a safetensors experts file ({error})") from None
 
 
 def _shape_problem(tensors: dict[str, Tensor], description: dict, n_classes: int) -> str | None:

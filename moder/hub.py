@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moder.experts import ExpertFileError, Experts, concat_experts, load_experts
+from moder.experts import ExpertFileError, Experts, concat_experts, expert_parameters, load_experts
 from moder.io import atomic_path
 
 NULL_EXPERT = -1
@@ -48,6 +48,44 @@ class HubEntry:
     offsets: tuple[float, ...] = field(default=())  # per class (moder.train.prototype_offsets)
 
 
+@dataclass(frozen=True)
+class HubCost:
+    """What a hub costs: its classes, their experts' trainable parameters and the experts files' bytes."""
+
+    classes: int
+    parameters: int
+    bytes: int
+
+    @property
+    def per_class(self) -> int:
+        return self.parameters // max(self.classes, 1)
+
+    def describe(self) -> str:
+        return (
+            f"{self.parameters:,} trainable parameters ({self.per_class:,} per class, {self.classes:,} classes), "
+            f"{self.bytes / 1e6:,.1f} MB of experts files"
+        )
+
+
+def hub_cost(index: Path | str, experts_root: Path) -> HubCost:
+    """The cost of the hub a saved index describes, from its experts files' headers (no tensor is read)."""
+    try:
+        table = pq.read_table(index, columns=["experts_file"])
+        files = sorted(json.loads((table.schema.metadata or {})[_FILES]))
+    except FileNotFoundError:
+        raise HubFileError(f"hub index not found: {index}") from None
+    except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
+        raise HubFileError(f"{index}: not a MoDER hub index ({error})") from None
+    parameters = size = 0
+    for name in files:
+        path = experts_root / name
+        if not path.is_file():
+            raise HubFileError(f"{index} points at {path}, which does not exist (re-run the train stage)")
+        parameters += expert_parameters(path)
+        size += path.stat().st_size
+    return HubCost(table.num_rows, parameters, size)
+
+
 class ExpertHub:
     """Grows step after step; rows are (step, class) pairs, never modified once appended."""
 
@@ -59,11 +97,19 @@ class ExpertHub:
         self.tasks: list[str] = []
         self.datasets: list[str] = []
         self.offsets: list[float] = []
-        self.experts: Experts | None = None
+        self._parts: list[Experts] = []  # one per appended step, concatenated once when first read
         self._sources: list[tuple[str, int]] = []  # (experts file, row) per hub row, for the index
 
     def __len__(self) -> int:
         return len(self.class_names)
+
+    @property
+    def experts(self) -> Experts | None:
+        """Every hub row's expert, stacked (None for an empty hub); built once, not at every append, which
+        would copy the whole hub once per step."""
+        if len(self._parts) > 1:
+            self._parts = [concat_experts(self._parts)]
+        return self._parts[0] if self._parts else None
 
     def append(
         self, step: int, class_names: list[str], keys: Tensor, experts: Experts, entry: HubEntry | None = None
@@ -80,7 +126,9 @@ class ExpertHub:
             raise ValueError(f"{len(offsets)} offsets for {len(class_names)} classes")
         keys = F.normalize(keys.detach().float(), dim=-1)
         self.keys = keys if self.keys is None else torch.cat([self.keys, keys])
-        self.experts = experts if self.experts is None else concat_experts([self.experts, experts])
+        if self._parts and experts.describe() != self._parts[0].describe():
+            raise ValueError("cannot add experts of another kind, rank, scaling or targets to the hub")
+        self._parts.append(experts)
         self.class_names += list(class_names)
         self.steps += [step] * len(class_names)
         self.tasks += [entry.task if entry else str(step)] * len(class_names)
@@ -109,7 +157,7 @@ class ExpertHub:
     def save_index(self, path: Path | str, experts_root: Path, settings: dict) -> None:
         """The hub as an index over its experts files (atomic): every file's digest is recorded, and
         `settings` (JSON: how prototypes are composed with this hub) are kept beside it."""
-        if self.experts is None or self.keys is None:
+        if not self._parts or self.keys is None:
             raise ValueError("cannot save an empty hub")
         files = sorted({name for name, _ in self._sources})
         if "" in files:
@@ -131,7 +179,7 @@ class ExpertHub:
             {
                 _IDENTITY: self.identity.encode(),
                 _FILES: json.dumps(digests, sort_keys=True).encode(),
-                _EXPERTS: json.dumps(self.experts.describe(), sort_keys=True).encode(),
+                _EXPERTS: json.dumps(self._parts[0].describe(), sort_keys=True).encode(),
                 _SETTINGS: json.dumps(settings, sort_keys=True).encode(),
             }
         )
@@ -203,7 +251,7 @@ def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str |
             f"{index} points at {file}, which has changed since the hub was built (re-run the hub stage)"
         )
     try:
-        experts, _, _ = load_experts(file, identity)
+        experts = load_experts(file, identity).experts
     except ExpertFileError as error:
         raise HubFileError(f"{index}: {error}") from None
     return experts

@@ -106,6 +106,9 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
     logit_scale: float = Field(100.0, gt=0)
     reg_zeroshot: float = Field(0.0, ge=0)
+    # Templates each class reads per optimisation step, drawn afresh every step (seeded); null = all.
+    # Prototypes at inference always use the whole ensemble.
+    templates_per_step: int | None = Field(None, ge=1)
     # Extra logit columns while training a task (text only, no image replayed), same dataset:
     # earlier = the stored prototypes of classes trained in earlier tasks; dataset = those plus the
     # zero-shot prototypes of the classes not trained yet (class names are known from step 1, as the
@@ -120,6 +123,7 @@ class TrainParams(_Section):
             weight_decay=self.weight_decay,
             logit_scale=self.logit_scale,
             reg_zeroshot=self.reg_zeroshot,
+            templates_per_step=self.templates_per_step,
             seed=seed,
         )
 

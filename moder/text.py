@@ -134,23 +134,32 @@ class TextTower:
         expert_index: Tensor | None = None,
         normalize: bool = True,
         truncate: bool = True,
+        sequences_per_expert: int = 1,
     ) -> Tensor:
-        """Encode token sequences; sequence b uses expert `expert_index[b]` when experts are given."""
+        """Encode token sequences; with experts, each run of `sequences_per_expert` consecutive sequences
+        (a class's prompts) shares expert row `expert_index[run]`.
+
+        A LoRA expert is applied once per run, to the run's sequences stacked, so a class's expert is
+        never copied per template (at 80 templates, 80 copies of every expert).
+        """
+        group = None
         if experts is not None:
-            if expert_index is None or expert_index.shape != tokens.shape[:1]:
-                raise ValueError("expert_index must give one expert row per sequence")
-            per_sequence = experts.select(expert_index.to(self.device))
-        else:
-            per_sequence = None
+            if expert_index is None or expert_index.shape[0] * sequences_per_expert != tokens.shape[0]:
+                raise ValueError(
+                    f"expert_index must give one expert row per {sequences_per_expert} sequence(s), "
+                    f"for {tokens.shape[0]} sequences"
+                )
+            group = experts.select(expert_index.to(self.device))
         length = self.sequence_length(tokens) if truncate else tokens.shape[1]
         tokens = tokens[:, :length]
         x = self.token_embedding(tokens).to(self.cast_dtype)
-        if isinstance(per_sequence, ContextExperts):
-            n_ctx = per_sequence.ctx.shape[1]
-            x = torch.cat([x[:, :1], per_sequence.ctx.to(x.dtype), x[:, 1 + n_ctx :]], dim=1)
+        if isinstance(group, ContextExperts):
+            n_ctx = group.ctx.shape[1]
+            ctx = group.ctx.to(x.dtype).repeat_interleave(sequences_per_expert, dim=0)
+            x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx :]], dim=1)
         x = x + self.positional_embedding[:length].to(self.cast_dtype)
         mask = None if self.attn_mask is None else self.attn_mask[:length, :length].to(x.dtype)
-        lora = per_sequence if isinstance(per_sequence, LoraExperts) else None
+        lora = group if isinstance(group, LoraExperts) else None
         for layer, block in enumerate(self.blocks):
             x = x + block.ls_1(self._attention(block, layer, block.ln_1(x), mask, lora))
             h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
@@ -169,8 +178,10 @@ class TextTower:
         target = f"{layer}.{module}"
         if lora is not None and target in lora.a:
             a, b = lora.a[target].to(x.dtype), lora.b[target].to(x.dtype)
+            runs = a.shape[0]  # the sequences of one run are consecutive: one [run * length, in] matrix each
+            delta = torch.bmm(x.reshape(runs, -1, x.shape[-1]), a.transpose(1, 2))
             # in place: y is linear's fresh output, which autograd does not keep
-            y = y.baddbmm_(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2), alpha=lora.scaling)
+            y.view(runs, -1, y.shape[-1]).baddbmm_(delta, b.transpose(1, 2), alpha=lora.scaling)
         return y
 
     def _attention(

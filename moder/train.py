@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moder.experts import Experts
-from moder.prompts import PromptSet, encode_prototypes
+from moder.prompts import PromptSet, classes_per_chunk, encode_prototypes
 from moder.text import TextTower
+
+# Prompts encoded with gradient in one forward. Above it a step runs in two passes: every prototype
+# without gradient (for the loss and its gradient with respect to the prototypes), then chunks of
+# classes with gradient, each back-propagating its slice. Exact (a class's prototype depends on its
+# prompts only) and bounded in memory, at the cost of one more forward.
+GRAD_PROMPTS = 256
 
 
 class TrainingDiverged(ArithmeticError):
@@ -29,6 +37,7 @@ class TrainConfig:
     weight_decay: float
     logit_scale: float
     reg_zeroshot: float  # weight of mean (1 - cos(prototype, zero-shot prototype))
+    templates_per_step: int | None  # templates sampled per class at each step (None: all of them)
     seed: int
 
 
@@ -53,8 +62,9 @@ def train_experts(
 ) -> TrainResult:
     """Cross-entropy over the task's classes, logits = scale * cosine(image, prototype).
 
-    Every step encodes all of the task's prompts, each class with its own expert, in one
-    batched forward. `negatives` (other classes' prototypes) add logit columns that no
+    Every step encodes all of the task's classes, each with its own expert, batched (in chunks of
+    GRAD_PROMPTS prompts); with `config.templates_per_step` each class reads that many of its templates,
+    drawn afresh at every step (seeded). `negatives` (other classes' prototypes) add logit columns that no
     sample belongs to: text embeddings only, no image is replayed. `rows[c]` is the expert
     class c reads (default: its own; all zeros: one expert shared by every class).
     """
@@ -65,6 +75,8 @@ def train_experts(
         raise ValueError(f"{len(experts)} experts for {prompts.n_classes} classes")
     if config.reg_zeroshot > 0 and zeroshot is None:
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
+    if config.templates_per_step is not None and config.templates_per_step < 1:
+        raise ValueError(f"templates_per_step must be at least 1, got {config.templates_per_step}")
     return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
 
 
@@ -93,25 +105,70 @@ def _train(
         order = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], config.batch_size):
             batch = order[start : start + config.batch_size]
-            prototypes = encode_prototypes(tower, prompts, trainable, class_rows)
-            classifier = prototypes if negatives is None else torch.cat([prototypes, negatives.to(prototypes)])
-            logits = config.logit_scale * features[batch] @ classifier.T
-            loss = F.cross_entropy(logits, labels[batch])
-            if zeroshot is not None and config.reg_zeroshot > 0:
-                loss = loss + config.reg_zeroshot * (1 - (prototypes * zeroshot.to(prototypes)).sum(-1)).mean()
+            step_prompts = sample_templates(prompts, config.templates_per_step, generator)
+            loss_of = partial(_loss, features[batch], labels[batch], config, zeroshot, negatives)
+            optimizer.zero_grad(set_to_none=True)
+            loss = _backward(tower, step_prompts, trainable, class_rows, loss_of)
             if not torch.isfinite(loss):
                 bar.close()
                 raise TrainingDiverged(
                     f"training diverged: the loss is {loss.item()} at step {len(losses) + 1} "
                     f"(lr {config.lr}); lower train.lr"
                 )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             losses.append(loss.item())
             bar.update()
     bar.close()
     return TrainResult(experts.with_parameters([p.detach() for p in parameters]), losses)
+
+
+def _loss(
+    features: Tensor,
+    labels: Tensor,
+    config: TrainConfig,
+    zeroshot: Tensor | None,
+    negatives: Tensor | None,
+    prototypes: Tensor,
+) -> Tensor:
+    classifier = prototypes if negatives is None else torch.cat([prototypes, negatives.to(prototypes)])
+    loss = F.cross_entropy(config.logit_scale * features @ classifier.T, labels)
+    if zeroshot is not None and config.reg_zeroshot > 0:
+        loss = loss + config.reg_zeroshot * (1 - (prototypes * zeroshot.to(prototypes)).sum(-1)).mean()
+    return loss
+
+
+def sample_templates(prompts: PromptSet, per_class: int | None, generator: torch.Generator) -> PromptSet:
+    """`per_class` of each class's prompts, drawn independently per class without replacement (all of
+    them, and no draw from `generator`, when `per_class` is None or not below the prompts per class)."""
+    if per_class is None or per_class >= prompts.per_class:
+        return prompts
+    chosen = torch.rand(prompts.n_classes, prompts.per_class, generator=generator).argsort(dim=1)[:, :per_class]
+    rows = (torch.arange(prompts.n_classes)[:, None] * prompts.per_class + chosen).reshape(-1)
+    return PromptSet(prompts.tokens[rows.to(prompts.tokens.device)], prompts.n_classes, per_class)
+
+
+def _backward(
+    tower: TextTower, prompts: PromptSet, experts: Experts, class_rows: Tensor, loss_of: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """loss_of(every class's prototype), back-propagated into the experts; in class chunks of at most
+    GRAD_PROMPTS prompts when the task has more (see GRAD_PROMPTS)."""
+    if prompts.n_classes * prompts.per_class <= GRAD_PROMPTS:
+        loss = loss_of(encode_prototypes(tower, prompts, experts, class_rows))
+        loss.backward()
+        return loss
+    chunk = classes_per_chunk(prompts.per_class, GRAD_PROMPTS)
+    with torch.no_grad():
+        prototypes = encode_prototypes(tower, prompts, experts, class_rows, chunk_classes=chunk)
+    prototypes.requires_grad_(True)
+    loss = loss_of(prototypes)
+    loss.backward()
+    gradient = prototypes.grad
+    assert gradient is not None  # the loss reads every prototype
+    for start in range(0, prompts.n_classes, chunk):
+        classes = torch.arange(start, min(start + chunk, prompts.n_classes))
+        part = encode_prototypes(tower, prompts.select(classes), experts, class_rows[classes])
+        part.backward(gradient[classes])
+    return loss.detach()
 
 
 def prototype_offsets(prototypes: Tensor, zeroshot: Tensor, features: Tensor, labels: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ import torch
 from moder.clip import LoadedClip, ModelLoadError, load_clip
 from moder.datasets import DatasetFormatError, DatasetNotFound
 from moder.evaluation import TrainedTask
-from moder.experts import ExpertFileError, load_experts
+from moder.experts import ExpertFileError, Experts, load_experts
 from moder.features import FeatureFileError, FeatureTable, read_features, read_prototypes
 from moder.hub import HubFileError
 from moder.io import OutputError, atomic_path
@@ -98,9 +98,9 @@ def expert_file(dataset_experts: Path, split: int) -> Path:
     return dataset_experts / f"split-{split}.safetensors"
 
 
-def read_task_experts(path: Path, class_names: list[str], task: str, identity: str) -> TrainedTask:
-    """A task's experts and prototype offsets, checked against the task's classes."""
-    experts, names, extra = load_experts(path, identity)
+def read_task_experts(path: Path, class_names: list[str], task: str, identity: str) -> tuple[Experts, TrainedTask]:
+    """A task's experts, and its prototypes (own experts) and offsets, checked against the task's classes."""
+    experts, names, extra, prototypes = load_experts(path, identity)
     if names != class_names:
         raise ExpertFileError(f"{path} holds experts for other classes than task {task}")
     offsets = extra.get("offsets")
@@ -110,7 +110,9 @@ def read_task_experts(path: Path, class_names: list[str], task: str, identity: s
         or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in offsets)
     ):
         raise ExpertFileError(f"{path}: its prototype offsets are not {len(names)} finite numbers")
-    return TrainedTask(experts, torch.tensor(offsets, dtype=torch.float32))
+    if prototypes is None:
+        raise ExpertFileError(f"{path}: stores no prototypes (written by an older version)")
+    return experts, TrainedTask(prototypes.float(), torch.tensor(offsets, dtype=torch.float32))
 
 
 @contextmanager

@@ -38,7 +38,7 @@ def evaluate(
     for data in sequence:
         path = expert_file(experts / data.task.dataset, params.tasks[data.task.name].split)
         with made_by(f"train@{data.task.dataset}"):
-            trained.append(read_task_experts(path, data.class_names, data.task.name, identity))
+            trained.append(read_task_experts(path, data.class_names, data.task.name, identity)[1])
     try:
         step_hub = ExpertHub.load_index(hub, experts, identity)
     except HubFileError as error:

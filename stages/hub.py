@@ -47,11 +47,11 @@ def hub(params: Params, step: str, model: Path, features: Path, experts: Path, o
         names = [table.class_names[i] for i in task.classes]
         path = expert_file(experts / task.dataset, params.tasks[task.name].split)
         with made_by(f"train@{task.dataset}"):
-            trained = read_task_experts(path, names, task.name, identity)
+            task_experts, trained = read_task_experts(path, names, task.name, identity)
         entry = HubEntry(
             task.step, task.name, task.dataset, path.relative_to(experts).as_posix(), tuple(trained.offsets.tolist())
         )
-        built.append(task.step, names, table.vectors[task.classes], trained.experts, entry)
+        built.append(task.step, names, table.vectors[task.classes], task_experts, entry)
     built.save_index(out, experts, hub_settings(params))
     print(f"hub after {step}: {len(built)} classes from {position + 1} step(s)")
     return built

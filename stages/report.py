@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from moder.evaluation import AccuracyRow
+from moder.experts import ExpertFileError
+from moder.hub import HubCost, HubFileError, hub_cost
 from moder.io import atomic_files, csv_text
 from moder.metrics import summarize
 from moder.params import Params
@@ -79,10 +81,33 @@ def step_curves(tasks: list[str], matrices: dict[str, np.ndarray]) -> dict[str, 
     return curves
 
 
-def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metrics: Path, reports: Path) -> dict:
-    """Writes metrics.json and every file under `reports` together: all new, or (on any failure) all old."""
+def read_hub_cost(params: Params, hub: Path, experts: Path) -> HubCost:
+    """The cost of the hub after the last step (<hub>/<last task>.parquet and the experts files it points at)."""
+    last = list(params.tasks)[-1]
+    try:
+        return hub_cost(hub / f"{last}.parquet", experts)
+    except (HubFileError, ExpertFileError) as error:
+        raise type(error)(f"{error} [written by hub@{last} and the train stages: re-run them]") from None
+
+
+def report(
+    params: Params,
+    evaluation: Path,
+    finetune: Path,
+    unseen: Path,
+    hub: Path,
+    experts: Path,
+    metrics: Path,
+    reports: Path,
+) -> dict:
+    """Writes metrics.json (the methods' figures and what the hub costs) and every file under `reports`
+    together: all new, or (on any failure) all old."""
     matrices = read_matrices(params, evaluation, finetune)
-    figures = metrics_of(params, matrices)
+    cost = read_hub_cost(params, hub, experts)
+    figures: dict = {
+        **metrics_of(params, matrices),
+        "hub": {"classes": cost.classes, "parameters": cost.parameters, "megabytes": round(cost.bytes / 1e6, 2)},
+    }
     tasks = list(params.tasks)
     cells = [
         {"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
@@ -101,7 +126,8 @@ def report(params: Params, evaluation: Path, finetune: Path, unseen: Path, metri
     with atomic_files(list(contents)) as temporaries:
         for temporary, text in zip(temporaries, contents.values(), strict=True):
             temporary.write_text(text)
-    print(summary(params, matrices, figures))
+    print(f"wrote {metrics} and {reports}/; {cost_line(figures['hub'])}")
+    print(f"the summary table: python -m stages.report --summary-only --reports {reports} --metrics {metrics}")
     return figures
 
 
@@ -129,8 +155,18 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
     return "\n".join(out)
 
 
-def print_summary(params: Params, reports: Path) -> None:
-    """The summary of the last run from its reports/accuracy.json, with the settings that produced it."""
+def cost_line(hub: dict) -> str:
+    """The hub's cost, as metrics.json records it."""
+    return (
+        f"hub after the last step: {hub['parameters']:,} trainable parameters "
+        f"({hub['parameters'] // max(hub['classes'], 1):,} per class, {hub['classes']:,} classes), "
+        f"{hub['megabytes']:,.1f} MB of experts files"
+    )
+
+
+def print_summary(params: Params, reports: Path, metrics: Path) -> None:
+    """The summary of the last run from its reports/accuracy.json, with the settings that produced it and
+    the hub's cost from metrics.json."""
     path = reports / "accuracy.json"
     if not path.is_file():
         raise MissingInput(f"{path} not found: run the pipeline first (dvc repro)")
@@ -148,6 +184,8 @@ def print_summary(params: Params, reports: Path) -> None:
         f"{params.composition.space}-space composition, calibrate {params.composition.calibrate}; "
         f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}"
     )
+    hub = json.loads(metrics.read_text()).get("hub") if metrics.is_file() else None
+    print(cost_line(hub) if isinstance(hub, dict) else f"hub cost: not in {metrics} (run dvc repro)")
 
 
 def main() -> None:
@@ -157,18 +195,29 @@ def main() -> None:
     cli.add_argument(
         "--unseen", type=Path, help="the directory of per-class reports of unseen classes (<step>.parquet)"
     )
+    cli.add_argument("--hub", type=Path, help="the directory of hub indexes (<step>.parquet)")
+    cli.add_argument("--experts", type=Path, help="the directory of experts directories")
     cli.add_argument("--metrics", type=path_with_suffix(".json"), default=Path("metrics.json"))
     cli.add_argument(
         "--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing"
     )
     args = cli.parse_args()
-    if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen):
-        cli.error("--evaluation, --finetune and --unseen are required unless --summary-only")
+    if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen, args.hub, args.experts):
+        cli.error("--evaluation, --finetune, --unseen, --hub and --experts are required unless --summary-only")
     run_cli(
         lambda args, params: (
-            print_summary(params, args.reports)
+            print_summary(params, args.reports, args.metrics)
             if args.summary_only
-            else report(params, args.evaluation, args.finetune, args.unseen, args.metrics, args.reports)
+            else report(
+                params,
+                args.evaluation,
+                args.finetune,
+                args.unseen,
+                args.hub,
+                args.experts,
+                args.metrics,
+                args.reports,
+            )
         ),
         args,
     )

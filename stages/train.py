@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from moder.compose import seen_prototypes
+from moder.compose import expert_prototypes, smooth_toward_zeroshot
 from moder.experts import Experts, save_experts
 from moder.factory import ExpertFactory
 from moder.features import FeatureTable
@@ -97,7 +97,8 @@ def _train_task(
         negatives=negatives_for(params, task, earlier, stored, classes),
         progress=True,
     )
-    prototypes = seen_prototypes(tower, prompts, result.experts, zeroshot, params.composition.alpha)
+    own = expert_prototypes(tower, prompts, result.experts)
+    prototypes = smooth_toward_zeroshot(own, zeroshot, params.composition.alpha)
     stored.update(zip(task.classes, prototypes, strict=True))
     offsets = prototype_offsets(prototypes, zeroshot, task_features, labels)
     save_experts(
@@ -106,6 +107,7 @@ def _train_task(
         names,
         identity,
         {"dataset": task.dataset, "split": task.step, "offsets": [round(float(v), 6) for v in offsets]},
+        prototypes=own,
     )
     print(
         f"trained {len(names)} {params.expert.kind} experts for {task.name}: "

@@ -165,7 +165,14 @@ def run_pipeline(data: dict, root: Path) -> dict:
             root / "unseen" / f"{step}.parquet",
         )
     return report(
-        params, root / "eval", root / "finetune.parquet", root / "unseen", root / "metrics.json", root / "reports"
+        params,
+        root / "eval",
+        root / "finetune.parquet",
+        root / "unseen",
+        root / "hub",
+        root / "experts",
+        root / "metrics.json",
+        root / "reports",
     )
 
 

@@ -65,7 +65,7 @@ def test_experts_round_trip_with_metadata(tmp_path, lora_factory, context_factor
     for experts in (random_lora(lora_factory, 2), context_factory.new(2, torch.Generator())):
         path = tmp_path / f"{experts.kind}.safetensors"
         save_experts(path, experts, ["red star", "blue circle"], identity="B", extra={"step": 3})
-        loaded, names, extra = load_experts(path, identity="B")
+        loaded, names, extra, _ = load_experts(path, identity="B")
         assert names == ["red star", "blue circle"] and extra == {"step": 3}
         assert loaded.describe() == experts.describe()
         for name, tensor in experts.tensors().items():

@@ -38,7 +38,7 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     ):
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder"} and set(metrics["moder"]) == {
+    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder", "hub"} and set(metrics["moder"]) == {
         "transfer",
         "avg",
         "last",

@@ -67,7 +67,7 @@ def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(m
 def test_a_hub_class_gets_its_own_experts_prototype(mtil_run):
     root, _ = mtil_run
     classifier = Classifier.from_files(root / MODEL, root / "hub" / "b.parquet")
-    experts, names, _ = load_experts(root / "experts" / "a" / "split-1.safetensors")
+    experts, names, _, _ = load_experts(root / "experts" / "a" / "split-1.safetensors")
     factory = ExpertFactory(classifier.tower, parse_params(MINI).expert.spec(), MINI["templates"])
     zeroshot = read_features(root / "features" / "a" / "classes.parquet").vectors
     own = seen_prototypes(classifier.tower, factory.prompts(names), experts, zeroshot, 1.0)

@@ -66,7 +66,7 @@ def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
         assert f"Running stage '{stage}'" in repro.stdout
     summary = json.loads((root / "reports" / "backbone.json").read_text())
     assert summary["architecture"] == "ViT-B-16" and summary["weights"].startswith("file:")
-    assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "finetune", "oracle", "moder"}
+    assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "finetune", "oracle", "moder", "hub"}
     assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
 
 

@@ -170,6 +170,8 @@ def test_report_replaces_all_its_outputs_together(run, monkeypatch):
             run / "eval",
             run / "finetune.parquet",
             run / "unseen",
+            run / "hub",
+            run / "experts",
             run / "metrics.json",
             run / "reports",
         )
@@ -378,6 +380,8 @@ def test_class_names_with_commas_quotes_and_newlines_stay_one_csv_field(run):
         run / "eval",
         run / "finetune.parquet",
         run / "unseen",
+        run / "hub",
+        run / "experts",
         run / "metrics.json",
         run / "reports",
     )

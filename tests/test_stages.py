@@ -58,7 +58,7 @@ def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
 def test_train_writes_one_expert_per_class_of_its_task(mtil_run):
     root, _ = mtil_run
     classes = read_features(root / "features" / "a" / "classes.parquet")
-    experts, names, extra = load_experts(root / "experts" / "a" / "split-1.safetensors")
+    experts, names, extra, _ = load_experts(root / "experts" / "a" / "split-1.safetensors")
     assert names == classes.class_names and len(experts) == 4
     assert set(extra) == {"dataset", "split", "offsets"} and (extra["dataset"], extra["split"]) == ("a", 1)
     assert len(extra["offsets"]) == 4
@@ -75,7 +75,8 @@ def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_
     expected = accuracy(test.vectors, test.labels, prototypes)
     assert [r["accuracy"] for r in rows if r["task"] == "b" and r["method"] == "zeroshot"] == [pytest.approx(expected)]
     matrices = read_matrices(params, root / "eval", root / "finetune.parquet")
-    assert figures == {m: {k: round(v, 2) for k, v in summarize(a, "mtil").items()} for m, a in matrices.items()}
+    methods = {m: {k: round(v, 2) for k, v in summarize(a, "mtil").items()} for m, a in matrices.items()}
+    assert {m: figures[m] for m in methods} == methods and set(figures) == {*methods, "hub"}
     assert json.loads((root / "metrics.json").read_text()) == figures
     cells = json.loads((root / "reports" / "accuracy.json").read_text())
     assert len(cells) == 4 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
@@ -99,7 +100,7 @@ def test_classil_label_spaces_grow_with_the_steps(tmp_path):
     assert set(figures["zeroshot"]) == {"transfer", "avg", "last", "future"}
     test = read_features(tmp_path / "features" / "p" / "test.parquet")
     classes = read_features(tmp_path / "features" / "p" / "classes.parquet")
-    experts, names, _ = load_experts(tmp_path / "experts" / "p" / "split-1.safetensors")
+    experts, names, _, _ = load_experts(tmp_path / "experts" / "p" / "split-1.safetensors")
     own = torch.tensor([classes.class_names.index(n) for n in names])
     keep = torch.isin(test.labels, own)
     remap = torch.full((9,), -1)
@@ -188,8 +189,11 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
         result.returncode == 1
         and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
     )
-    shown = stage_cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    options = ("--summary-only", "--reports", str(root / "reports"), "--metrics", str(root / "metrics.json"))
+    shown = stage_cli("report", MINI, tmp_path, *options)
     assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
+    hub = json.loads((root / "metrics.json").read_text())["hub"]
+    assert f"hub after the last step: {hub['parameters']:,} trainable parameters" in shown.stdout
 
 
 def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_path):
@@ -200,13 +204,16 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
         "retrieval": {"k": 2, "null_score": 0.5},
     }
     figures = run_pipeline(data, tmp_path)
-    experts, _, _ = load_experts(tmp_path / "experts" / "b" / "split-1.safetensors")
+    experts, _, _, _ = load_experts(tmp_path / "experts" / "b" / "split-1.safetensors")
     assert (
         experts.kind == "lora"
         and experts.rank == 2
         and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
     )
-    assert set(figures) == {"zeroshot", "finetune", "oracle", "moder"}
+    assert set(figures) == {"zeroshot", "finetune", "oracle", "moder", "hub"}
+    per_class = sum(p[0].numel() for p in experts.parameters())  # what one class's expert trains
+    classes = sum(spec["classes"] for spec in MINI["datasets"].values())
+    assert figures["hub"]["classes"] == classes and figures["hub"]["parameters"] == classes * per_class
 
 
 def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
