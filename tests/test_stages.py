@@ -2,6 +2,8 @@
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -297,3 +299,19 @@ def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_cl
         for task in trained:
             assert rows[(task, "moder")] == moved[(task, "moder")]
         assert all(rows[(t, m)] == moved[(t, m)] for t in ("p1", "p2", "p3") for m in ("zeroshot", "oracle"))
+
+
+def test_a_stage_outside_the_project_environment_says_how_to_run_it(tmp_path):
+    """`python -S` has no site-packages: what a python without the project's packages sees."""
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "stages.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {sys.executable} cannot import torch, open_clip, pyarrow, pydantic, yaml: the stages need the "
+        'project\'s environment. Run `make venv`, then PATH="$PWD/.venv/bin:$PATH" dvc repro (or make run)'
+    ]
