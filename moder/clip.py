@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,24 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextmanager
+def _quiet_random_init(intended: bool) -> Iterator[None]:
+    """Without weights, open_clip warns that the model "initialized randomly": here that is the request
+    (a seeded init, e.g. the tiny CLIP the backbone stage pre-trains), not a failure to report."""
+    filter_ = _DropRandomInitWarning()
+    if intended:
+        logging.getLogger().addFilter(filter_)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(filter_)
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
 def _weights_tag(architecture: str, pretrained: str | None, checkpoint: Path | None, seed: int) -> str:
     if checkpoint is not None:
         return f"file:{file_digest(checkpoint)}"
@@ -155,8 +175,8 @@ def load_clip(
     )
     preprocess_cfg = saved.get("preprocess", {})
     try:
-        with torch.random.fork_rng(devices=[]):  # seed the random init without touching the caller's RNG
-            torch.manual_seed(seed)
+        with torch.random.fork_rng(devices=[]), _quiet_random_init(source is None):
+            torch.manual_seed(seed)  # seeds the random init without touching the caller's RNG
             model, _, preprocess = open_clip.create_model_and_transforms(
                 architecture,
                 pretrained=source,

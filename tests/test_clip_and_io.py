@@ -1,3 +1,5 @@
+import logging
+
 import open_clip
 import pytest
 import torch
@@ -99,3 +101,11 @@ def test_offline_pretrained_tag_error_says_how_to_use_a_local_copy(tmp_path):
     assert result.returncode != 0
     assert f"could not fetch weights ViT-B-16/openai (looked in cache_dir={tmp_path})" in result.stderr
     assert "set model.checkpoint in params.yaml" in result.stderr
+
+
+def test_a_requested_random_init_is_not_reported_as_missing_weights(caplog):
+    with caplog.at_level(logging.WARNING):
+        load_clip("moder-micro-clip", seed=3)
+    assert not [r.getMessage() for r in caplog.records if "pretrained weights" in r.getMessage()]
+    logging.warning("No pretrained weights loaded for model 'x'")  # other callers' warnings pass through
+    assert "No pretrained weights loaded for model 'x'" in caplog.text
