@@ -1,4 +1,4 @@
-"""Continual-learning metrics on an accuracy matrix (DESIGN.md section 3).
+"""Continual-learning metrics on an accuracy matrix (docs/design.md, "The metrics").
 
 A[i][j] is the accuracy (percent) on task j's test set after training step i; the code
 indexes from 0, the design from 1.
