@@ -36,7 +36,7 @@ class Counters:
 
     grad: int = 0  # prompts encoded with autograd on (training)
     no_grad: int = 0
-    steps: int = 0  # training encodes all of a task's prompts once per optimisation step
+    steps: int = 0  # optimisation steps; each encodes all of a task's classes
     train_seconds: float = 0.0  # inside train_experts: the part that grows with the epochs
 
 
@@ -82,7 +82,6 @@ def counted() -> Iterator[Counters]:
 
     def counting_encode(self: TextTower, tokens: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if torch.is_grad_enabled():
-            count.steps += 1
             count.grad += tokens.shape[0]
         else:
             count.no_grad += tokens.shape[0]
@@ -91,7 +90,9 @@ def counted() -> Iterator[Counters]:
     def timed_train_experts(*args: Any, **kwargs: Any) -> Any:
         start = time.perf_counter()
         try:
-            return train_experts(*args, **kwargs)
+            result = train_experts(*args, **kwargs)
+            count.steps += len(result.losses)  # one loss per optimisation step
+            return result
         finally:
             count.train_seconds += time.perf_counter() - start
 
