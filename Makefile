@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean compare
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# Every experiment (dvc exp run, the queue) as one Markdown table of what matters: the params that
+# differ most often and each method's metrics. Add a param with KEEP='...|retrieval\.k'.
+KEEP ?= seed|expert\.kind|train\.(templates_per_step|negatives)|retrieval\.(k|temperature)|benchmark\.name
+compare: $(STAMP)
+	COLUMNS=400 $(BIN)/dvc exp show --no-pager --md --drop '.*' \
+		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters'
+
 
 # The real MTIL Order I and Split ImageNet-R shapes through the stage functions on the CPU: time, memory and
 # sizes per stage (BENCHMARKS.md, "MTIL-scale run"). One epoch, extrapolated to params.yaml's; hours longer without.
