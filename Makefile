@@ -38,11 +38,12 @@ clean:
 	rm -rf $(VENV) *.egg-info
 
 # Every experiment (dvc exp run, the queue) as one Markdown table of what matters: the params that
-# differ most often and each method's metrics. Add a param with KEEP='...|retrieval\.k'.
+# differ most often and each method's metrics. Add a param with KEEP='...|retrieval\.k'; experiments
+# made on earlier commits with ARGS=-A (DVC shows those of the current commit by default).
 KEEP ?= seed|expert\.kind|train\.(templates_per_step|negatives)|retrieval\.(k|temperature)|benchmark\.name
 compare: $(STAMP)
 	COLUMNS=400 $(BIN)/dvc exp show --no-pager --md --drop '.*' \
-		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters'
+		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters' $(ARGS)
 
 
 # The real MTIL Order I and Split ImageNet-R shapes through the stage functions on the CPU: time, memory and
