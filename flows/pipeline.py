@@ -39,6 +39,7 @@ from prefect.states import Completed, State
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
 from moder.params import parse_params
 from stages.backbone import backbone
+from stages.check_params import check_datasets
 from stages.common import USER_ERRORS
 from stages.evaluate import evaluate
 from stages.extract import extract
@@ -195,6 +196,7 @@ def moder_pipeline(
     """
     params_data = yaml.safe_load(Path(params_path).read_text())
     params = parse_params(params_data, params_path)
+    check_datasets(params)  # a missing dataset fails the run here, before any stage
     params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
     calls = stage_calls(Path(dvc_yaml), params_data)
     artifacts = Store(store)

@@ -1,24 +1,47 @@
-"""Stage `params`: validate the whole params file before anything else runs.
+"""Stage `params`: validate the whole params file, and find every image dataset it names, before anything
+else runs.
 
 Every stage validates the whole file too, but when a typo lands in a section no stage re-runs
 for, only this stage (which depends on params.yaml as a file) notices it. `make run` and the
-Prefect flow call it first as well.
+Prefect flow call it first as well. Datasets are listed, not decoded: a missing or empty one fails
+here, in seconds, instead of in its extract stage after the backbone's weights were fetched.
 """
 
 from __future__ import annotations
 
+from moder.datasets import DatasetFormatError, DatasetNotFound, load_split
+from moder.params import Params
 from stages.common import parser, run_cli
+
+
+def check_datasets(params: Params) -> list[str]:
+    """One line per image dataset the tasks use (its images per split); a missing or empty one is an
+    error naming its key in params.yaml."""
+    lines = []
+    for key in dict.fromkeys(task.dataset for task in params.tasks.values()):
+        spec = params.datasets[key]
+        if spec.root is None:  # rendered by the pipeline itself (source: embedded)
+            continue
+        sizes = []
+        for split in ("train", "test"):
+            try:
+                sizes.append(f"{len(load_split(spec.source, spec.root, split)):,} {split}")
+            except (DatasetNotFound, DatasetFormatError) as error:
+                raise type(error)(f"datasets.{key}: {error}") from None
+        lines.append(f"  datasets.{key}: {', '.join(sizes)} images under {spec.root}")
+    return lines
+
+
+def check(params: Params, path: str) -> None:
+    lines = check_datasets(params)
+    print(f"{path}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, {len(params.tasks)} tasks)")
+    for line in lines:
+        print(line)
 
 
 def main() -> None:
     cli = parser(__doc__)
-    run_cli(
-        lambda args, params: print(
-            f"{args.params}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, "
-            f"{len(params.tasks)} tasks)"
-        ),
-        cli.parse_args(),
-    )
+    run_cli(lambda args, params: check(params, args.params), cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from stages.backbone import backbone
 from stages.report import read_matrices
 from stages.train import train
 from tests.conftest import MINI, run_pipeline, stage_cli
+from tests.layouts import imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -314,4 +315,25 @@ def test_a_stage_outside_the_project_environment_says_how_to_run_it(tmp_path):
     assert result.stderr.strip().splitlines() == [
         f"error: {sys.executable} cannot import torch, open_clip, pyarrow, pydantic, yaml: the stages need the "
         'project\'s environment. Run `make venv`, then PATH="$PWD/.venv/bin:$PATH" dvc repro (or make run)'
+    ]
+
+
+def test_the_params_stage_finds_every_image_dataset_before_any_stage_runs(tmp_path):
+    root = tmp_path / "shapes"
+    imagefolder.write(root, n_classes=2, per_class=2)
+    data = {
+        **MINI,
+        "datasets": {"a": {"classes": 4}, "mine": {"source": "imagefolder", "root": str(root)}},
+        "tasks": {"a": {"dataset": "a"}, "mine": {"dataset": "mine"}},
+    }
+    found = stage_cli("check_params", data, tmp_path)
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.splitlines()[1] == f"  datasets.mine: 4 train, 4 test images under {root}"
+    missing = {**data, "datasets": {**data["datasets"], "mine": {"source": "imagefolder", "root": str(tmp_path / "x")}}}
+    result = stage_cli("check_params", missing, tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: datasets.mine: imagefolder: dataset root {tmp_path / 'x'} does not exist. Download the dataset "
+        "there (see docs/datasets.md for its layout), or set datasets.<name>.root in params.yaml to where it "
+        "already is."
     ]
