@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.experts import ContextExperts, Experts, LoraExperts
-from moder.prompts import PromptSet, classes_per_chunk, encode_prototypes
+from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
 from moder.text import TextTower
 
 # Composed expert parameters held at once (64 M floats, 256 MB in fp32): query classes are composed and
@@ -63,7 +63,7 @@ def _lora(bank: Experts) -> LoraExperts:
     return bank
 
 
-def composition_chunk(bank: Experts | None, null: Experts, k: int, prompts_per_class: int) -> int:
+def composition_chunk(null: Experts, k: int, prompts_per_class: int) -> int:
     """Query classes composed and encoded together, under COMPOSED_FLOATS and the no-grad prompt bound."""
     per_expert = sum(p[0].numel() for p in null.parameters())
     return max(1, min(classes_per_chunk(prompts_per_class), COMPOSED_FLOATS // (k * per_expert)))
@@ -96,10 +96,9 @@ def compose_prototypes(
     classes (`composition_chunk`) so that memory does not grow with the number of queries."""
     if space not in ("parameter", "output"):
         raise ValueError(f"unknown composition space {space!r}; allowed: parameter, output")
-    step = composition_chunk(bank, null, indices.shape[1], prompts.per_class)
+    step = composition_chunk(null, indices.shape[1], prompts.per_class)
     parts = []
-    for start in range(0, prompts.n_classes, step):
-        chunk = torch.arange(start, min(start + step, prompts.n_classes))
+    for chunk in class_chunks(prompts.n_classes, step):
         chunk_prompts, chunk_indices, chunk_weights = prompts.select(chunk), indices[chunk], weights[chunk]
         if space == "parameter":
             composed = compose_parameters(bank, null, chunk_indices, chunk_weights)

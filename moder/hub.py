@@ -56,34 +56,32 @@ class HubCost:
     parameters: int
     bytes: int
 
-    @property
-    def per_class(self) -> int:
-        return self.parameters // max(self.classes, 1)
 
-    def describe(self) -> str:
-        return (
-            f"{self.parameters:,} trainable parameters ({self.per_class:,} per class, {self.classes:,} classes), "
-            f"{self.bytes / 1e6:,.1f} MB of experts files"
-        )
+def _index_metadata(path: Path | str, *keys: bytes) -> tuple[list, int]:
+    """The values of `keys` in a hub index's metadata (the identity as text, the others decoded from
+    JSON) and its number of rows, from the Parquet footer alone."""
+    try:
+        footer = pq.ParquetFile(path)
+        stored = footer.schema_arrow.metadata or {}
+        values = [stored[key].decode() if key == _IDENTITY else json.loads(stored[key]) for key in keys]
+        return values, footer.metadata.num_rows
+    except FileNotFoundError:
+        raise HubFileError(f"hub index not found: {path}") from None
+    except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
+        raise HubFileError(f"{path}: not a MoDER hub index ({error})") from None
 
 
 def hub_cost(index: Path | str, experts_root: Path) -> HubCost:
     """The cost of the hub a saved index describes, from its experts files' headers (no tensor is read)."""
-    try:
-        table = pq.read_table(index, columns=["experts_file"])
-        files = sorted(json.loads((table.schema.metadata or {})[_FILES]))
-    except FileNotFoundError:
-        raise HubFileError(f"hub index not found: {index}") from None
-    except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
-        raise HubFileError(f"{index}: not a MoDER hub index ({error})") from None
+    (files,), rows = _index_metadata(index, _FILES)
     parameters = size = 0
-    for name in files:
+    for name in sorted(files):
         path = experts_root / name
         if not path.is_file():
             raise HubFileError(f"{index} points at {path}, which does not exist (re-run the train stage)")
         parameters += expert_parameters(path)
         size += path.stat().st_size
-    return HubCost(table.num_rows, parameters, size)
+    return HubCost(rows, parameters, size)
 
 
 class ExpertHub:
@@ -189,13 +187,8 @@ class ExpertHub:
     @staticmethod
     def read_index_metadata(path: Path | str) -> tuple[str, dict]:
         """The identity of the backbone a hub index was built on, and its settings."""
-        try:
-            metadata = pq.read_schema(path).metadata or {}
-            return metadata[_IDENTITY].decode(), json.loads(metadata[_SETTINGS])
-        except FileNotFoundError:
-            raise HubFileError(f"hub index not found: {path}") from None
-        except (KeyError, ValueError, pa.ArrowInvalid, OSError) as error:
-            raise HubFileError(f"{path}: not a MoDER hub index ({error})") from None
+        (identity, settings), _ = _index_metadata(path, _IDENTITY, _SETTINGS)
+        return identity, settings
 
     @classmethod
     def load_index(cls, path: Path | str, experts_root: Path, identity: str | None = None) -> ExpertHub:

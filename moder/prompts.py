@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,12 @@ NO_GRAD_PROMPTS = 2048
 def classes_per_chunk(prompts_per_class: int, max_prompts: int = NO_GRAD_PROMPTS) -> int:
     """How many classes' prompts fit in one forward of at most `max_prompts` sequences (at least one class)."""
     return max(1, max_prompts // prompts_per_class)
+
+
+def class_chunks(n_classes: int, size: int) -> Iterator[Tensor]:
+    """Class indices 0..n_classes-1 in consecutive chunks of at most `size`."""
+    for start in range(0, n_classes, size):
+        yield torch.arange(start, min(start + size, n_classes))
 
 
 @dataclass(frozen=True)
@@ -57,10 +64,8 @@ def encode_prototypes(
     """
     if experts is not None and class_expert is None:
         raise ValueError("experts need class_expert: which expert row encodes each class")
-    step = chunk_classes or prompts.n_classes
     parts = []
-    for start in range(0, prompts.n_classes, step):
-        classes = torch.arange(start, min(start + step, prompts.n_classes))
+    for classes in class_chunks(prompts.n_classes, chunk_classes or prompts.n_classes):
         chunk = prompts.select(classes)
         index = None if class_expert is None else class_expert[classes]
         embeddings = tower.encode(chunk.tokens, experts, index, sequences_per_expert=prompts.per_class)

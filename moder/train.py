@@ -13,7 +13,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from moder.experts import Experts
-from moder.prompts import PromptSet, classes_per_chunk, encode_prototypes
+from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
 from moder.text import TextTower
 
 # Prompts encoded with gradient in one forward. Above it a step runs in two passes: every prototype
@@ -164,8 +164,7 @@ def _backward(
     loss.backward()
     gradient = prototypes.grad
     assert gradient is not None  # the loss reads every prototype
-    for start in range(0, prompts.n_classes, chunk):
-        classes = torch.arange(start, min(start + chunk, prompts.n_classes))
+    for classes in class_chunks(prompts.n_classes, chunk):
         part = encode_prototypes(tower, prompts.select(classes), experts, class_rows[classes])
         part.backward(gradient[classes])
     return loss.detach()

@@ -9,7 +9,7 @@ here, in seconds, instead of in its extract stage after the backbone's weights w
 
 from __future__ import annotations
 
-from moder.datasets import DatasetFormatError, DatasetNotFound, load_split
+from moder.datasets import SPLITS, DatasetFormatError, DatasetNotFound, load_split
 from moder.params import Params
 from stages.common import parser, run_cli
 
@@ -23,7 +23,7 @@ def check_datasets(params: Params) -> list[str]:
         if spec.root is None:  # rendered by the pipeline itself (source: embedded)
             continue
         sizes = []
-        for split in ("train", "test"):
+        for split in SPLITS:
             try:
                 sizes.append(f"{len(load_split(spec.source, spec.root, split)):,} {split}")
             except (DatasetNotFound, DatasetFormatError) as error:

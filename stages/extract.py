@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from moder.clip import LoadedClip
-from moder.datasets import ImageSplit, Split, catalog, load_split
+from moder.datasets import SPLITS, ImageSplit, Split, catalog, load_split
 from moder.features import FeatureTable, encode_image_split, encode_images, write_features
 from moder.io import atomic_directory
 from moder.params import DatasetParams, Params, ParamsError
@@ -24,7 +24,6 @@ from moder.text import TextTower
 from moder.world import dataset_classes, render, seed_for
 from stages.common import load_frozen_clip, parser, run_cli
 
-SPLITS: tuple[Split, ...] = ("train", "test")
 SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
 

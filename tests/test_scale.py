@@ -42,7 +42,7 @@ def test_chunked_composition_equals_composing_every_query_at_once(
     indices, weights = _retrieval(len(QUERIES), 6, 3, seed=5)
     at_once = compose_prototypes(tower, prompts, bank, factory.null(), indices, weights, space)
     monkeypatch.setattr(moder.compose, "COMPOSED_FLOATS", 1)  # one query class per chunk
-    assert moder.compose.composition_chunk(bank, factory.null(), 3, prompts.per_class) == 1
+    assert moder.compose.composition_chunk(factory.null(), 3, prompts.per_class) == 1
     chunked = compose_prototypes(tower, prompts, bank, factory.null(), indices, weights, space)
     assert (chunked - at_once).abs().max() <= 1e-5
 

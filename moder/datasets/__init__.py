@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 Split = Literal["train", "test"]
+SPLITS: tuple[Split, ...] = get_args(Split)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # files read as images
 _CATALOG_DIR = Path(__file__).with_name("catalog")
 
