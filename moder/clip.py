@@ -6,14 +6,19 @@ import hashlib
 import json
 import logging
 import math
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import huggingface_hub.constants
 import open_clip
+import open_clip.constants
 import torch
+from huggingface_hub import try_to_load_from_cache
 
 from moder.io import TensorFileError, load_metadata, save_tensors, verify_tensors
 
@@ -120,6 +125,38 @@ class _DropRandomInitWarning(logging.Filter):
         return not record.getMessage().startswith("No pretrained weights loaded")
 
 
+def _check_weights_reachable(architecture: str, pretrained: str, cache_dir: Path | str | None) -> None:
+    """Weights neither cached nor reachable: one error now. (open_clip would retry each file name for about
+    a minute, printing a warning per try, before failing with the same cause.)"""
+    cfg = open_clip.get_pretrained_cfg(architecture, pretrained)
+    repo, url = cfg.get("hf_hub", "").strip("/"), cfg.get("url", "")
+    cache = None if cache_dir is None else str(cache_dir)
+    if repo:  # open_clip prefers the Hugging Face hub when a tag has both
+        names = (open_clip.constants.HF_SAFE_WEIGHTS_NAME, open_clip.constants.HF_WEIGHTS_NAME)
+        if any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache), str) for name in names):
+            return
+        host = urlparse(huggingface_hub.constants.ENDPOINT).hostname or "huggingface.co"
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise _unreachable(architecture, pretrained, cache, "HF_HUB_OFFLINE is set")
+    else:
+        folder = Path(cache) if cache else Path.home() / ".cache" / "clip"
+        if not url or (folder / Path(urlparse(url).path).name).is_file():
+            return
+        host = urlparse(url).hostname or url
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as error:
+        raise _unreachable(architecture, pretrained, cache, f"{host} cannot be reached ({error})") from None
+
+
+def _unreachable(architecture: str, pretrained: str, cache: str | None, reason: str) -> ModelLoadError:
+    return ModelLoadError(
+        f"weights {architecture}/{pretrained} are not in cache_dir={cache or 'the default cache'} and {reason}. "
+        "Offline, download the weights elsewhere and set model.checkpoint in params.yaml to the local file, "
+        "or set model.cache_dir to a directory that already holds them."
+    )
+
+
 def _weights_tag(architecture: str, pretrained: str | None, checkpoint: Path | None, seed: int) -> str:
     if checkpoint is not None:
         return f"file:{file_digest(checkpoint)}"
@@ -165,6 +202,7 @@ def load_clip(
             raise ModelLoadError(
                 f"unknown pretrained tag {pretrained!r} for {architecture}; known tags: {', '.join(known) or 'none'}"
             )
+        _check_weights_reachable(architecture, pretrained, cache_dir)
         source = pretrained
     # open_clip builds e.g. ViT-B-16 with GELU even for OpenAI's weights, which were trained with
     # QuickGELU (it only warns): follow the tag's own setting, as CLIP's published numbers do.

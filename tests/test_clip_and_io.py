@@ -99,7 +99,7 @@ def test_offline_pretrained_tag_error_says_how_to_use_a_local_copy(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode != 0
-    assert f"could not fetch weights ViT-B-16/openai (looked in cache_dir={tmp_path})" in result.stderr
+    assert f"weights ViT-B-16/openai are not in cache_dir={tmp_path} and HF_HUB_OFFLINE is set" in result.stderr
     assert "set model.checkpoint in params.yaml" in result.stderr
 
 
@@ -109,3 +109,35 @@ def test_a_requested_random_init_is_not_reported_as_missing_weights(caplog):
     assert not [r.getMessage() for r in caplog.records if "pretrained weights" in r.getMessage()]
     logging.warning("No pretrained weights loaded for model 'x'")  # other callers' warnings pass through
     assert "No pretrained weights loaded for model 'x'" in caplog.text
+
+
+def test_offline_without_cached_weights_fails_at_once_naming_the_fix(monkeypatch, tmp_path):
+    """No retry storm: the reachability check answers before open_clip starts downloading."""
+    import socket
+
+    import open_clip
+
+    from moder import clip as clip_module
+
+    def unreachable(*args, **kwargs):
+        raise OSError("[Errno -2] Name or service not known")
+
+    def never(*args, **kwargs):
+        raise AssertionError("open_clip was asked to download")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", never)
+    with pytest.raises(ModelLoadError) as error:
+        load_clip("ViT-B-32", pretrained="openai", cache_dir=tmp_path)
+    message = str(error.value)
+    assert f"not in cache_dir={tmp_path}" in message and "huggingface.co cannot be reached" in message
+    assert "model.checkpoint" in message and "\n" not in message
+    # weights already in the cache: no network check, open_clip loads them
+    monkeypatch.setattr(clip_module, "try_to_load_from_cache", lambda *a, **k: str(tmp_path / "weights"))
+
+    def stub(*args, **kwargs):
+        raise RuntimeError("stub loader reached")
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", stub)
+    with pytest.raises(ModelLoadError, match="stub loader reached"):
+        load_clip("ViT-B-32", pretrained="openai", cache_dir=tmp_path)
