@@ -1,0 +1,90 @@
+"""The suite as DVC experiments: every case (a preset in configs/) over the test seeds, queued and run one
+at a time, then docs/suite.md from `dvc exp show --json` (scripts/suite_table.py).
+
+    python scripts/run_suite.py                 # make suite: 8 cases x seeds 0 1 2
+    python scripts/run_suite.py --table-only    # rewrite docs/suite.md from the experiments already run
+
+Each experiment is queued from params.yaml with its case's preset in place of the benchmark block (as
+stages.use_benchmark writes it) and `-S seed=<seed>`; params.yaml is put back as it was afterwards, edits
+included. Experiments run on the code in the workspace; the backbone of a seed is pre-trained once and
+restored from DVC's run cache for the other cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moder.io import atomic_path  # noqa: E402
+from moder.params import ParamsError  # noqa: E402
+from scripts.suite_table import SUITE  # noqa: E402
+from stages.use_benchmark import use_benchmark  # noqa: E402
+
+PARAMS = Path("params.yaml")
+
+
+def dvc(*args: str, capture: bool = False) -> str:
+    done = subprocess.run(["dvc", *args], check=True, text=True, capture_output=capture)
+    return done.stdout if capture else ""
+
+
+def queue(cases: list[str], seeds: list[int]) -> None:
+    original = PARAMS.read_text()
+    try:
+        for case in cases:
+            use_benchmark(case, PARAMS)
+            for seed in seeds:
+                dvc("exp", "run", "--queue", "-n", f"{case}-s{seed}", "-S", f"seed={seed}")
+    finally:
+        with atomic_path(PARAMS) as temporary:
+            temporary.write_text(original)
+
+
+def wait_for_queue(poll: float = 20.0) -> None:
+    """Until no experiment is queued or running; a failed one is reported by the table as left out."""
+    while True:
+        status = dvc("queue", "status", capture=True)
+        if not any(state in status for state in ("Queued", "Running")):
+            return
+        time.sleep(poll)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cases", nargs="+", default=list(SUITE))
+    parser.add_argument("--table-only", action="store_true", help="only rewrite docs/suite.md")
+    parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
+    parser.add_argument("--out", type=Path, default=Path("docs/suite.md"))
+    parser.add_argument("--rev", default="HEAD", help="the commit the experiments were run on (default: HEAD)")
+    args = parser.parse_args()
+    try:
+        if not args.table_only:
+            started = time.monotonic()
+            queue(args.cases, args.seeds)
+            dvc("queue", "start", "-j", str(args.jobs))
+            wait_for_queue()
+            print(
+                f"suite: {len(args.cases) * len(args.seeds)} experiments in {(time.monotonic() - started) / 60:.0f} min"
+            )
+        show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
+    except (subprocess.CalledProcessError, ParamsError) as error:
+        sys.exit(f"error: {error}")
+    table = subprocess.run(
+        [sys.executable, "scripts/suite_table.py", "--cases", *args.cases], input=show, text=True, capture_output=True
+    )
+    sys.stderr.write(table.stderr)
+    if table.returncode != 0:
+        sys.exit(table.returncode)
+    with atomic_path(args.out) as temporary:
+        temporary.write_text(table.stdout)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
