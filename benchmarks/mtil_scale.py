@@ -31,11 +31,11 @@ from safetensors import safe_open
 from moder.clip import load_clip, save_backbone
 from moder.compose import expert_prototypes
 from moder.datasets import catalog
-from moder.experts import expert_parameters, load_experts, save_experts
+from moder.experts import LORA_MODULES, expert_parameters, load_experts, save_experts
 from moder.factory import ExpertFactory
 from moder.features import FeatureTable, write_features
 from moder.io import atomic_directory
-from moder.params import ExpertParams, Params, parse_params
+from moder.params import ExpertParams, Params, load_params, parse_params
 from moder.prompts import zeroshot_prototypes
 from moder.tasks import dataset_tasks
 from moder.text import TextTower
@@ -163,14 +163,20 @@ def sequence_classes(sequence: str) -> int:
 
 
 def expert_forms(base: ExpertParams) -> list[tuple[str, ExpertParams]]:
-    """Every expert form worth pricing: LoRA ranks, fewer layers, fewer modules, and context tokens."""
+    """Every expert form worth pricing: LoRA ranks on the last 1, 2 or all layers with module subsets, and
+    context tokens."""
     lora = base.model_dump()["lora"]
-    forms = [(f"LoRA r{rank}, 12 layers x 4 modules", {"rank": rank}) for rank in (1, 2, 4, 8)]
-    forms += [
-        (f"LoRA r4, last {n} layer(s) x 4 modules", {"rank": 4, "layers": list(range(12 - n, 12))}) for n in (1, 2)
-    ]
-    forms += [
-        (f"LoRA r4, 12 layers x {module}", {"rank": 4, "modules": [module]}) for module in ("attn_out", "mlp_proj")
+    depths = (("last layer", [-1]), ("last 2 layers", [-2, -1]), ("all layers", None))
+    subsets = (
+        ("4 modules", list(LORA_MODULES)),
+        ("attn_out+mlp_proj", ["attn_out", "mlp_proj"]),
+        ("attn_out", ["attn_out"]),
+    )
+    forms = [
+        (f"LoRA r{rank}, {depth} x {subset}", {"rank": rank, "layers": layers, "modules": modules})
+        for rank in (1, 2, 4)
+        for depth, layers in depths
+        for subset, modules in subsets
     ]
     priced = [(label, ExpertParams(kind="lora", lora={**lora, **change})) for label, change in forms]
     return [*priced, (f'context, "{base.context.init}"', ExpertParams(kind="context", context=base.context))]
@@ -181,7 +187,7 @@ def expert_size_table(tower: TextTower, base: ExpertParams) -> list[str]:
     lines = [
         f"Expert sizes on the ViT-B-16 text tower (fp32; from the real shapes, no training): {tower.n_layers} layers, "
         f"width {tower.width}",
-        f"  {'form':<34}{'params/class':>14}{'MB/class':>10}"
+        f"  {'form':<46}{'params/class':>14}{'MB/class':>10}"
         + "".join(f"{f'{s} ({n:,} cl.)':>30}" for s, n in totals.items()),
     ]
     for label, form in expert_forms(base):
@@ -190,7 +196,7 @@ def expert_size_table(tower: TextTower, base: ExpertParams) -> list[str]:
         cells = "".join(
             f"{f'{per_class * n / 1e6:,.1f} M = {per_class * n * 4 / GB:.2f} GB':>30}" for n in totals.values()
         )
-        lines.append(f"  {label:<34}{per_class:>14,}{per_class * 4 / 1e6:>10.2f}{cells}")
+        lines.append(f"  {label:<46}{per_class:>14,}{per_class * 4 / 1e6:>10.2f}{cells}")
     return lines
 
 
@@ -337,6 +343,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--memory-cap-gb", type=float, default=8.0, help="memory cap per stage process (default 8)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
+    parser.add_argument(
+        "--sizes-only", action="store_true", help="print the ViT-B-16 expert sizes of every form (no run) and stop"
+    )
     args = parser.parse_args()
     splits = max(
         s.get("splits", 1)
@@ -351,6 +360,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    if args.sizes_only:
+        clip = load_clip("ViT-B-16", seed=0)
+        print(
+            "\n".join(
+                expert_size_table(TextTower(clip.model, clip.tokenizer), load_params(ROOT / "params.yaml").expert)
+            )
+        )
+        return
     work = args.work or Path(tempfile.mkdtemp(prefix="moder-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

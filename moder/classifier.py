@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from moder.clip import LoadedClip, ModelIdentity, load_clip
-from moder.compose import compose_prototypes, seen_prototypes
-from moder.evaluation import EvaluationSettings, calibration_offset
+from moder.compose import seen_prototypes
+from moder.evaluation import EvaluationSettings, calibration_offset, compose_unseen, task_offset
 from moder.factory import ExpertFactory, ExpertSpec
 from moder.features import encode_image_files
 from moder.hub import ExpertHub
@@ -113,21 +113,18 @@ class Classifier:
                     self.tower, prompts, experts, zeroshot[known], self.evaluation.alpha
                 )
             if unknown:
-                retrieval = self.hub.query(
-                    zeroshot[unknown], self.evaluation.k, self.evaluation.temperature, self.evaluation.null_score
+                composed = compose_unseen(
+                    factory,
+                    factory.prompts([class_names[i] for i in unknown]),
+                    self.hub,
+                    zeroshot[unknown],
+                    self.evaluation,
                 )
-                prompts = factory.prompts([class_names[i] for i in unknown])
-                prototypes[unknown] = compose_prototypes(
-                    self.tower,
-                    prompts,
-                    self.hub.experts,
-                    factory.null(),
-                    retrieval.indices,
-                    retrieval.weights,
-                    self.evaluation.space,
-                )
-        if self.evaluation.calibrate and known and unknown:
-            bias[known] = -calibration_offset(self.hub)  # as evaluation does, where trained and untrained compete
+                prototypes[unknown] = composed.prototypes
+        if self.evaluation.calibrate == "task" and known:  # as evaluation calibrates trained classes
+            bias[known] = -torch.tensor([task_offset(self.hub, own[i]) for i in known])  # type: ignore[arg-type]
+        elif self.evaluation.calibrate == "mean" and known and unknown:
+            bias[known] = -calibration_offset(self.hub)
         return Head(prototypes.T.contiguous(), bias, list(class_names))
 
     def prototypes(

@@ -117,7 +117,12 @@ def expert_prototypes(tower: TextTower, prompts: PromptSet, experts: Experts) ->
 
 
 def smooth_toward_zeroshot(own: Tensor, zeroshot: Tensor, alpha: float) -> Tensor:
-    """alpha * own + (1 - alpha) * zero-shot, renormalised (alpha = 1: the expert's prototype only)."""
+    """alpha * own + (1 - alpha) * zero-shot, renormalised; the endpoints are returned as they are
+    (alpha = 1: `own`, alpha = 0: `zeroshot`), so those settings reproduce them bit for bit."""
+    if alpha == 1.0:
+        return own
+    if alpha == 0.0:
+        return zeroshot.to(own.dtype).clone()
     return F.normalize(alpha * own + (1.0 - alpha) * zeroshot, dim=-1)
 
 

@@ -8,6 +8,7 @@ trained); only the rows name them, by task name.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -20,6 +21,12 @@ from moder.prompts import PromptSet
 from moder.tasks import TaskData
 
 ClassKey = tuple[str, str]  # (dataset, class name): the same name in two datasets is two classes
+# How trained classes' scores are lowered by their prototype offsets (moder.train.prototype_offsets):
+# none; mean = every trained class by the hub's mean offset, only where untrained classes compete;
+# task = every trained class by its task's mean offset, everywhere: tasks trained apart are calibrated
+# against each other (Class-IL), the ranking within a task never changes, and the oracle is calibrated
+# the same way. (Per-class offsets were tried and reorder the classes of a task: MTIL Last fell 20 points.)
+Calibration = Literal["none", "mean", "task"]
 
 
 @dataclass(frozen=True)
@@ -30,9 +37,11 @@ class EvaluationSettings:
     k: int
     temperature: float
     null_score: float | None
+    gate: float | None  # compose a class only if its closest hub key is at least this similar, else zero-shot
     space: str
-    alpha: float
-    calibrate: bool  # lower trained prototypes by their mean offset where untrained ones compete
+    alpha: float  # trained classes: alpha * own + (1 - alpha) * zero-shot
+    alpha_unseen: float  # composed classes: alpha_unseen * composed + (1 - alpha_unseen) * zero-shot
+    calibrate: Calibration
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,7 @@ class UnseenClassRow:
     class_name: str
     zeroshot: float  # percent of the class's test images right, in the task's label space
     moder: float
+    similarity: float  # cosine of its zero-shot prototype to the closest hub class's key
     retrieved: str  # "hub class [its task] weight; ..." in retrieval order; "null" is the frozen model
 
 
@@ -79,7 +89,9 @@ class _Prototypes:
     oracle: dict[ClassKey, Tensor]  # every class with its own task's experts, trained yet or not
     moder: dict[ClassKey, Tensor]  # own experts for trained classes, composed for the others
     retrieved: dict[ClassKey, str]
-    offsets: dict[ClassKey, float]  # subtracted from trained classes' scores (calibration)
+    similarity: dict[ClassKey, float]  # each untrained class's closest hub class (cosine of zero-shot prototypes)
+    offsets: dict[ClassKey, float]  # subtracted from MoDER's trained classes' scores (calibration)
+    oracle_offsets: dict[ClassKey, float]  # the oracle's, calibrated the same way
 
 
 @torch.no_grad()
@@ -110,7 +122,7 @@ def evaluate_step(
     prototypes = _build_prototypes(factory, sequence, trained, hub, step, settings)
     rows = [
         *accuracy_rows(sequence, step, settings.protocol, "zeroshot", prototypes.zeroshot),
-        *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle),
+        *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle, prototypes.oracle_offsets),
         *accuracy_rows(sequence, step, settings.protocol, "moder", prototypes.moder, prototypes.offsets),
     ]
     return StepEvaluation(rows, _unseen_class_rows(sequence, step, settings.protocol, prototypes))
@@ -125,6 +137,7 @@ def _build_prototypes(
     settings: EvaluationSettings,
 ) -> _Prototypes:
     oracle: dict[ClassKey, Tensor] = {}
+    own_offsets: dict[ClassKey, float] = {}  # each class's task's mean offset
     for data, task in zip(sequence, trained, strict=True):
         if task.prototypes.shape != data.zeroshot.shape:
             raise ValueError(
@@ -133,27 +146,65 @@ def _build_prototypes(
             )
         own = smooth_toward_zeroshot(task.prototypes, data.zeroshot, settings.alpha)
         oracle.update(zip(_keys(data), own, strict=True))
+        own_offsets.update(dict.fromkeys(_keys(data), task.offsets.float().mean().item()))
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
-    composed = {key: oracle[key] for key in seen}
+    moder = {key: oracle[key] for key in seen}
     retrieved: dict[ClassKey, str] = {}
+    similarity: dict[ClassKey, float] = {}
     for data in sequence[step + 1 :]:
         task_prompts = factory.prompts(data.class_names, list(data.templates))
-        retrieval = hub.query(data.zeroshot, settings.k, settings.temperature, settings.null_score)
-        retrieved.update(zip(_keys(data), _describe(retrieval, hub), strict=True))
-        composed.update(zip(_keys(data), _compose(factory, task_prompts, hub, retrieval, settings.space), strict=True))
-    offset = calibration_offset(hub) if settings.calibrate else 0.0
+        composed = compose_unseen(factory, task_prompts, hub, data.zeroshot, settings)
+        keys = _keys(data)
+        retrieved.update(zip(keys, _describe(composed, hub), strict=True))
+        similarity.update(zip(keys, composed.best_similarity.tolist(), strict=True))
+        moder.update(zip(keys, composed.prototypes, strict=True))
     zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
-    return _Prototypes(zeroshot, oracle, composed, retrieved, dict.fromkeys(seen, offset))
+    if settings.calibrate == "task":
+        moder_offsets, oracle_offsets = {key: own_offsets[key] for key in seen}, own_offsets
+    else:
+        mean = calibration_offset(hub) if settings.calibrate == "mean" else 0.0
+        moder_offsets, oracle_offsets = dict.fromkeys(seen, mean), {}
+    return _Prototypes(zeroshot, oracle, moder, retrieved, similarity, moder_offsets, oracle_offsets)
+
+
+@dataclass(frozen=True)
+class Composed:
+    """Prototypes of classes the hub has not trained, and how each was made."""
+
+    prototypes: Tensor  # [Q, d]
+    retrieval: Retrieval
+    opened: Tensor  # [Q] bool: composed (True), or left at zero-shot by the gate
+    best_similarity: Tensor  # [Q] cosine of each query to its closest hub class (the null expert aside)
+
+
+@torch.no_grad()
+def compose_unseen(
+    factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, zeroshot: Tensor, settings: EvaluationSettings
+) -> Composed:
+    """Retrieve by zero-shot prototype; where the gate opens, compose the retrieved experts and move the
+    result toward zero-shot by `alpha_unseen`; where it stays shut, keep the zero-shot prototype.
+    The one implementation evaluation and `moder classify` share."""
+    retrieval = hub.query(zeroshot, settings.k, settings.temperature, settings.null_score)
+    best = torch.where(retrieval.indices == NULL_EXPERT, float("-inf"), retrieval.scores).max(dim=1).values
+    opened = torch.ones_like(best, dtype=torch.bool) if settings.gate is None else best >= settings.gate
+    prototypes = zeroshot.float().clone()
+    rows = opened.nonzero().squeeze(1)
+    if len(rows):
+        composed = compose_prototypes(
+            factory.tower,
+            prompts.select(rows),
+            hub.experts,
+            factory.null(),
+            retrieval.indices[rows],
+            retrieval.weights[rows],
+            settings.space,
+        )
+        prototypes[rows] = smooth_toward_zeroshot(composed, prototypes[rows], settings.alpha_unseen)
+    return Composed(prototypes, retrieval, opened, best)
 
 
 def _keys(data: TaskData) -> list[ClassKey]:
     return [(data.task.dataset, name) for name in data.class_names]
-
-
-def _compose(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, retrieval: Retrieval, space: str) -> Tensor:
-    return compose_prototypes(
-        factory.tower, prompts, hub.experts, factory.null(), retrieval.indices, retrieval.weights, space
-    )
 
 
 def calibration_offset(hub: ExpertHub) -> float:
@@ -162,14 +213,26 @@ def calibration_offset(hub: ExpertHub) -> float:
     return torch.tensor(hub.offsets, dtype=torch.float32).mean().item()
 
 
-def _describe(retrieval: Retrieval, hub: ExpertHub) -> list[str]:
-    """Per query: "hub class [its task] weight; ..." in retrieval order ("null" for the frozen model)."""
+def task_offset(hub: ExpertHub, row: int) -> float:
+    """The mean offset of the classes of hub row `row`'s task (float32, as evaluation computes it)."""
+    rows = [i for i, task in enumerate(hub.tasks) if task == hub.tasks[row] and hub.steps[i] == hub.steps[row]]
+    return torch.tensor([hub.offsets[i] for i in rows], dtype=torch.float32).mean().item()
+
+
+def _describe(composed: Composed, hub: ExpertHub) -> list[str]:
+    """Per query: "hub class [its task] weight; ..." in retrieval order ("null" for the frozen model),
+    or "zero-shot (gate shut)" where the gate kept the zero-shot prototype."""
+    retrieval = composed.retrieval
     return [
         "; ".join(
             f"null {w:.3f}" if r == NULL_EXPERT else f"{hub.class_names[r]} [{hub.tasks[r]}] {w:.3f}"
             for r, w in zip(rows, weights, strict=True)
         )
-        for rows, weights in zip(retrieval.indices.tolist(), retrieval.weights.tolist(), strict=True)
+        if opened
+        else "zero-shot (gate shut)"
+        for rows, weights, opened in zip(
+            retrieval.indices.tolist(), retrieval.weights.tolist(), composed.opened.tolist(), strict=True
+        )
     ]
 
 
@@ -198,6 +261,7 @@ def _unseen_class_rows(
                 key[1],
                 float(per_class["zeroshot"][position[key]]),
                 float(per_class["moder"][position[key]]),
+                prototypes.similarity[key],
                 prototypes.retrieved[key],
             )
             for key in _keys(data)
@@ -215,7 +279,7 @@ def _label_space(sequence: list[TaskData], step: int, protocol: Protocol, index:
 
 
 def _shift(keys: list[ClassKey], offsets: dict[ClassKey, float] | None) -> Tensor | None:
-    return None if offsets is None else torch.tensor([offsets.get(key, 0.0) for key in keys])
+    return None if not offsets else torch.tensor([offsets.get(key, 0.0) for key in keys])
 
 
 def accuracy_rows(

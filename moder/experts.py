@@ -110,11 +110,12 @@ Experts = ContextExperts | LoraExperts
 
 
 def lora_targets(n_layers: int, layers: list[int] | None, modules: list[str]) -> list[str]:
-    """Target names for the given layers (None = all) and modules."""
-    chosen = range(n_layers) if layers is None else layers
-    for layer in chosen:
-        if not 0 <= layer < n_layers:
+    """Target names for the given layers (None = all; negative indices count from the last layer, so
+    [-1] is the last layer whatever the model's depth) and modules."""
+    for layer in layers or []:
+        if not -n_layers <= layer < n_layers:
             raise ValueError(f"LoRA layer {layer} is out of range for a text encoder with {n_layers} layers")
+    chosen = range(n_layers) if layers is None else sorted({layer % n_layers for layer in layers})
     for module in modules:
         if module not in LORA_MODULES:
             raise ValueError(f"unknown LoRA module {module!r}; allowed: {', '.join(LORA_MODULES)}")

@@ -77,9 +77,11 @@ class ContextParams(_Section):
 
 
 class LoraParams(_Section):
-    rank: int = Field(4, ge=1, le=256)
+    rank: int = Field(1, ge=1, le=256)
     alpha: float = Field(8.0, gt=0)
-    layers: list[int] | None = None  # None: every layer of the text encoder
+    # None: every layer of the text encoder; negative indices count from the end. The default, rank 1 on the
+    # last layer, is 8,192 parameters per class on ViT-B-16 (9.8 M for MTIL's 1,201 classes): BENCHMARKS.md.
+    layers: list[int] | None = Field(default_factory=lambda: [-1])
     modules: list[LoraModule] = Field(default_factory=lambda: list(LORA_MODULES), min_length=1)
 
 
@@ -106,6 +108,12 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0)
     logit_scale: float = Field(100.0, gt=0)
     reg_zeroshot: float = Field(0.0, ge=0)
+    # Textual alignment: weight of mean (1 - cos(prototype, the class's mean image feature)) beside cross-entropy.
+    align: float = Field(0.0, ge=0)
+    # Weight of cross-entropy on each earlier split's classes' mean image feature (stored when that split was
+    # trained; no image kept), labelled with its stored prototype among the negatives: the new prototypes
+    # must not attract earlier classes' images. Needs negatives earlier or dataset.
+    anchor_earlier: float = Field(3.0, ge=0)
     # Templates each class reads per optimisation step, drawn afresh every step (seeded); null = all.
     # Prototypes at inference always use the whole ensemble.
     templates_per_step: int | None = Field(None, ge=1)
@@ -113,7 +121,16 @@ class TrainParams(_Section):
     # earlier = the stored prototypes of classes trained in earlier tasks; dataset = those plus the
     # zero-shot prototypes of the classes not trained yet (class names are known from step 1, as the
     # protocol evaluates future tasks with them).
-    negatives: Literal["none", "earlier", "dataset"] = "dataset"
+    negatives: Literal["none", "earlier", "dataset"] = "earlier"
+
+    @model_validator(mode="after")
+    def _anchors_need_earlier_prototypes(self) -> TrainParams:
+        if self.anchor_earlier > 0 and self.negatives == "none":
+            raise ValueError(
+                "anchor_earlier > 0 labels earlier centroids with their stored prototypes: "
+                "set negatives to earlier or dataset (or anchor_earlier to 0)"
+            )
+        return self
 
     def config(self, seed: int) -> TrainConfig:
         return TrainConfig(
@@ -123,6 +140,8 @@ class TrainParams(_Section):
             weight_decay=self.weight_decay,
             logit_scale=self.logit_scale,
             reg_zeroshot=self.reg_zeroshot,
+            align=self.align,
+            anchor_earlier=self.anchor_earlier,
             templates_per_step=self.templates_per_step,
             seed=seed,
         )
@@ -132,14 +151,25 @@ class RetrievalParams(_Section):
     k: int = Field(16, ge=1)
     temperature: float = Field(0.3, gt=0)
     null_score: float | None = Field(None, ge=-1, le=1)
+    # Compose a class only if its zero-shot prototype is at least this similar (cosine) to its closest hub
+    # key; otherwise it keeps its zero-shot prototype. null: always compose.
+    gate: float | None = Field(None, ge=-1, le=1)
 
 
 class CompositionParams(_Section):
     space: Literal["parameter", "output"] = "parameter"
-    alpha: float = Field(1.0, ge=0, le=1)
-    # In a label space mixing trained and untrained classes, lower the trained prototypes' scores by
-    # their mean offset (moder.train.prototype_offsets); a no-op where every class is trained.
-    calibrate: bool = True
+    alpha: float = Field(0.8, ge=0, le=1)  # trained classes: alpha * own expert + (1 - alpha) * zero-shot
+    alpha_unseen: float = Field(0.5, ge=0, le=1)  # composed classes: the same, toward their zero-shot prototype
+    # Lower trained classes' scores by their prototype offsets (moder.train.prototype_offsets):
+    # none | mean (the hub's mean offset, only where untrained classes compete) | task (each class its
+    # task's mean offset, everywhere; the oracle too). See moder.evaluation.Calibration.
+    calibrate: Literal["none", "mean", "task"] = "mean"
+
+    @field_validator("calibrate", mode="before")
+    @classmethod
+    def _boolean_calibrate(cls, value: object) -> object:
+        """Hub indexes written before the modes existed say true/false."""
+        return {True: "mean", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
 class DomainParams(_Section):
@@ -148,6 +178,7 @@ class DomainParams(_Section):
     background: tuple[float, float] = (0.0, 0.3)
     texture: float = Field(0.0, ge=0, le=1)
     tint: float = Field(0.0, ge=0, le=2)
+    own_tint: bool = False  # tint along this dataset's own directions, shared with no other dataset
     outline: float = Field(0.0, ge=0, le=1)
     noise: float = Field(0.02, ge=0, le=1)
     blur: float = Field(0.0, ge=0, le=8)
@@ -383,8 +414,10 @@ def evaluation_settings(
         k=retrieval.k,
         temperature=retrieval.temperature,
         null_score=retrieval.null_score,
+        gate=retrieval.gate,
         space=composition.space,
         alpha=composition.alpha,
+        alpha_unseen=composition.alpha_unseen,
         calibrate=composition.calibrate,
     )
 

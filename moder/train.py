@@ -37,6 +37,8 @@ class TrainConfig:
     weight_decay: float
     logit_scale: float
     reg_zeroshot: float  # weight of mean (1 - cos(prototype, zero-shot prototype))
+    align: float  # weight of mean (1 - cos(prototype, the class's image centroid)): textual alignment
+    anchor_earlier: float  # weight of cross-entropy on earlier classes' stored image centroids (`anchors`)
     templates_per_step: int | None  # templates sampled per class at each step (None: all of them)
     seed: int
 
@@ -57,6 +59,7 @@ def train_experts(
     *,
     zeroshot: Tensor | None = None,
     negatives: Tensor | None = None,
+    anchors: tuple[Tensor, Tensor] | None = None,
     rows: Tensor | None = None,
     progress: bool = False,
 ) -> TrainResult:
@@ -65,7 +68,11 @@ def train_experts(
     Every step encodes all of the task's classes, each with its own expert, batched (in chunks of
     GRAD_PROMPTS prompts); with `config.templates_per_step` each class reads that many of its templates,
     drawn afresh at every step (seeded). `negatives` (other classes' prototypes) add logit columns that no
-    sample belongs to: text embeddings only, no image is replayed. `rows[c]` is the expert
+    sample belongs to: text embeddings only, no image is replayed. `anchors` = (stored mean image feature
+    of earlier classes [A, d], the `negatives` column of each [A]): with `config.anchor_earlier`, each
+    centroid must still be classified as its own stored prototype, which keeps the new prototypes from
+    attracting earlier classes' images (statistics stored at those classes' training, not images).
+    `rows[c]` is the expert
     class c reads (default: its own; all zeros: one expert shared by every class).
     """
     if features.shape[0] != labels.shape[0]:
@@ -75,9 +82,12 @@ def train_experts(
         raise ValueError(f"{len(experts)} experts for {prompts.n_classes} classes")
     if config.reg_zeroshot > 0 and zeroshot is None:
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
+    if config.anchor_earlier > 0 and anchors is not None and negatives is None:
+        raise ValueError("anchors label earlier centroids with their prototypes among the negatives: none given")
     if config.templates_per_step is not None and config.templates_per_step < 1:
         raise ValueError(f"templates_per_step must be at least 1, got {config.templates_per_step}")
-    return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, class_rows, progress)
+    anchors = anchors if config.anchor_earlier > 0 else None
+    return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, anchors, class_rows, progress)
 
 
 def _train(
@@ -89,6 +99,7 @@ def _train(
     config: TrainConfig,
     zeroshot: Tensor | None,
     negatives: Tensor | None,
+    anchors: tuple[Tensor, Tensor] | None,
     class_rows: Tensor,
     progress: bool,
 ) -> TrainResult:
@@ -98,6 +109,7 @@ def _train(
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     features = F.normalize(features.float(), dim=-1).to(tower.device)
     labels = labels.to(tower.device)
+    centroids = class_centroids(features, labels, prompts.n_classes) if config.align > 0 else None
     steps_per_epoch = math.ceil(features.shape[0] / config.batch_size)
     losses: list[float] = []
     bar = tqdm(total=config.epochs * steps_per_epoch, desc="train experts", disable=not progress, leave=False)
@@ -106,7 +118,7 @@ def _train(
         for start in range(0, features.shape[0], config.batch_size):
             batch = order[start : start + config.batch_size]
             step_prompts = sample_templates(prompts, config.templates_per_step, generator)
-            loss_of = partial(_loss, features[batch], labels[batch], config, zeroshot, negatives)
+            loss_of = partial(_loss, features[batch], labels[batch], config, zeroshot, negatives, centroids, anchors)
             optimizer.zero_grad(set_to_none=True)
             loss = _backward(tower, step_prompts, trainable, class_rows, loss_of)
             if not torch.isfinite(loss):
@@ -128,13 +140,27 @@ def _loss(
     config: TrainConfig,
     zeroshot: Tensor | None,
     negatives: Tensor | None,
+    centroids: Tensor | None,
+    anchors: tuple[Tensor, Tensor] | None,
     prototypes: Tensor,
 ) -> Tensor:
     classifier = prototypes if negatives is None else torch.cat([prototypes, negatives.to(prototypes)])
     loss = F.cross_entropy(config.logit_scale * features @ classifier.T, labels)
     if zeroshot is not None and config.reg_zeroshot > 0:
         loss = loss + config.reg_zeroshot * (1 - (prototypes * zeroshot.to(prototypes)).sum(-1)).mean()
+    if centroids is not None:
+        loss = loss + config.align * (1 - (prototypes * centroids).sum(-1)).mean()
+    if anchors is not None:
+        anchor_features, columns = anchors[0].to(prototypes), anchors[1].to(prototypes.device)
+        anchor_logits = config.logit_scale * anchor_features @ classifier.T
+        loss = loss + config.anchor_earlier * F.cross_entropy(anchor_logits, prototypes.shape[0] + columns)
     return loss
+
+
+def class_centroids(features: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+    """[n_classes, d] each class's mean normalised image feature, renormalised (zeros for a class with no image)."""
+    sums = torch.zeros(n_classes, features.shape[1], dtype=features.dtype, device=features.device)
+    return F.normalize(sums.index_add_(0, labels, F.normalize(features, dim=-1)), dim=-1)
 
 
 def sample_templates(prompts: PromptSet, per_class: int | None, generator: torch.Generator) -> PromptSet:

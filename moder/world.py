@@ -3,7 +3,8 @@
 A class is a (colour, shape) pair named "<colour> <shape>". A `Domain` describes how a
 dataset draws its images. Its shifts act on attributes, as a real domain shift acts on a
 concept wherever it appears: a colour is tinted the same way in every class that has it,
-and a shape drawn as an outline is drawn so in every class that has it.
+and a shape drawn as an outline is drawn so in every class that has it. Tint directions are
+the world's, shared by every tinted domain, unless a domain has its own (`own_tint`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ class World:
         """(colour index, shape index) of each class index."""
         return classes // len(self.shapes), classes % len(self.shapes)
 
-    def tint_directions(self) -> Tensor:
-        """One unit RGB direction per colour: where this world's tinted domains push each colour."""
-        generator = torch.Generator().manual_seed(seed_for(self.seed, "tint"))
+    def tint_directions(self, domain_name: str | None = None) -> Tensor:
+        """One unit RGB direction per colour: where this world's tinted domains push each colour
+        (with `domain_name`: where that domain alone pushes them, for a shift no other dataset shares)."""
+        names = ("tint",) if domain_name is None else ("tint", domain_name)
+        generator = torch.Generator().manual_seed(seed_for(self.seed, *names))
         return F.normalize(torch.randn(len(self.colours), 3, generator=generator), dim=-1)
 
 
@@ -56,6 +59,7 @@ class Domain:
     background: tuple[float, float] = (0.0, 0.3)  # grey level range of the background
     texture: float = 0.0  # amplitude of random stripes on the background
     tint: float = 0.0  # how far each colour moves along its world tint direction
+    own_tint: bool = False  # tint along directions of this domain's own, not the world's shared ones
     outline: float = 0.0  # fraction of the shapes this domain draws as outlines
     noise: float = 0.02  # std of Gaussian pixel noise
     blur: float = 0.0  # sigma (pixels) of a Gaussian blur
@@ -150,7 +154,8 @@ def render(
     """
     colour_of, shape_of = world.attributes(labels)
     base = torch.tensor(list(world.colours.values()), dtype=torch.float32)
-    tinted = (base + domain.tint * world.tint_directions()).clamp(0, 1)
+    directions = world.tint_directions(domain_name if domain.own_tint else None)
+    tinted = (base + domain.tint * directions).clamp(0, 1)
     outlined = set(outlined_shapes(world, domain, domain_name))
     size = world.image_size * _SUPERSAMPLE
     axis = (torch.arange(size, dtype=torch.float32) + 0.5) / size * 2 - 1

@@ -48,8 +48,9 @@ def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dic
 
 
 def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
-    """Every class not yet trained after each step: zero-shot vs composed accuracy and what was retrieved."""
-    rows: list[list] = [["step", "task", "class", "zeroshot", "moder", "diff", "retrieved"]]
+    """Every class not yet trained after each step: zero-shot vs composed accuracy, the similarity of its
+    closest hub class (what the gate reads) and what was retrieved."""
+    rows: list[list] = [["step", "task", "class", "zeroshot", "moder", "diff", "similarity", "retrieved"]]
     for step in params.tasks:
         path = unseen / f"{step}.parquet"
         if not path.is_file():
@@ -63,6 +64,7 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
                     f"{row['zeroshot']:.2f}",
                     f"{row['moder']:.2f}",
                     f"{row['moder'] - row['zeroshot']:+.2f}",
+                    f"{row['similarity']:.4f}",
                     row["retrieved"],
                 ]
             )

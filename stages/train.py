@@ -19,7 +19,7 @@ from moder.io import atomic_directory
 from moder.params import Params, ParamsError
 from moder.tasks import Task, dataset_tasks
 from moder.text import TextTower
-from moder.train import prototype_offsets, train_experts
+from moder.train import class_centroids, prototype_offsets, train_experts
 from moder.world import seed_for
 from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_cli
 
@@ -38,6 +38,14 @@ def negatives_for(
     return torch.stack(columns) if columns else None
 
 
+def anchors_for(earlier: list[Task], centroids: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Earlier classes' mean image features and their columns in `negatives_for` (which lists them first)."""
+    trained = [c for t in earlier for c in t.classes]
+    if not trained:
+        return None
+    return torch.stack([centroids[c] for c in trained]), torch.arange(len(trained))
+
+
 def train(params: Params, dataset: str, model: Path, features: Path, out: Path) -> dict[str, Experts]:
     """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/split-<i>.safetensors per split."""
     if dataset not in params.datasets:
@@ -50,6 +58,7 @@ def train(params: Params, dataset: str, model: Path, features: Path, out: Path) 
     factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
     tasks = dataset_tasks(params, dataset, len(classes.class_names))
     stored: dict[int, torch.Tensor] = {}  # class -> its prototype as evaluation will use it
+    centroids: dict[int, torch.Tensor] = {}  # class -> its mean training image feature (train.anchor_earlier)
     trained = {}
     with atomic_directory(out, owner="train") as directory:
         for position, task in enumerate(tasks):
@@ -62,6 +71,7 @@ def train(params: Params, dataset: str, model: Path, features: Path, out: Path) 
                 samples,
                 classes,
                 stored,
+                centroids,
                 identity,
                 expert_file(directory, task.step),
             )
@@ -77,10 +87,12 @@ def _train_task(
     samples: FeatureTable,
     classes: FeatureTable,
     stored: dict[int, torch.Tensor],
+    centroids: dict[int, torch.Tensor],
     identity: str,
     out: Path,
 ) -> Experts:
-    """One task's experts, written to `out`; `stored` gains their classes' prototypes."""
+    """One task's experts, written to `out`; `stored` gains their classes' prototypes and `centroids` their
+    mean image features (kept in memory for the dataset's later splits only: statistics, not images)."""
     task_features, labels = samples.select(task.classes)
     names = [classes.class_names[i] for i in task.classes]
     zeroshot = classes.vectors[task.classes]
@@ -95,8 +107,10 @@ def _train_task(
         params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))),
         zeroshot=zeroshot,
         negatives=negatives_for(params, task, earlier, stored, classes),
+        anchors=anchors_for(earlier, centroids),
         progress=True,
     )
+    centroids.update(zip(task.classes, class_centroids(task_features.float(), labels, len(names)), strict=True))
     own = expert_prototypes(tower, prompts, result.experts)
     prototypes = smooth_toward_zeroshot(own, zeroshot, params.composition.alpha)
     stored.update(zip(task.classes, prototypes, strict=True))

@@ -73,9 +73,9 @@ MINI = {
     "extract": {"train_per_class": 4, "test_per_class": 3, "batch_size": 16},
     # the first method's settings, which these tests were written for (not the committed defaults)
     "expert": {"kind": "context"},
-    "train": {"epochs": 2, "batch_size": 8, "negatives": "none"},
+    "train": {"epochs": 2, "batch_size": 8, "negatives": "none", "anchor_earlier": 0.0},
     "retrieval": {"k": 3, "temperature": 0.05},
-    "composition": {"calibrate": False},
+    "composition": {"calibrate": "none", "alpha": 1.0, "alpha_unseen": 1.0},
     "benchmark": {"name": "mini-mtil", "protocol": "mtil"},
     "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
     "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},

@@ -99,7 +99,9 @@ def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
     with pytest.raises(
         ParamsError,
         match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, "
-        "embedded-classil, embedded-mtil, mtil-order1, mtil-order2",
+        "embedded-classil, embedded-classil-few-tasks, embedded-classil-many-tasks, embedded-classil-sequential, "
+        "embedded-mtil, embedded-mtil-novel, embedded-mtil-own-shifts, embedded-mtil-recurring, "
+        "mtil-order1, mtil-order2",
     ):
         use_benchmark("nope", target, Path("configs"))
 

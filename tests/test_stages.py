@@ -222,17 +222,18 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
 def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
     root, _ = mtil_run
     lines = (root / "reports" / "unseen_classes.csv").read_text().splitlines()
-    assert lines[0] == "step,task,class,zeroshot,moder,diff,retrieved"
+    assert lines[0] == "step,task,class,zeroshot,moder,diff,similarity,retrieved"
     rows = [line.split(",") for line in lines[1:]]
     names = read_features(root / "features" / "b" / "classes.parquet").class_names
     assert [(r[0], r[1], r[2]) for r in rows] == [("a", "b", name) for name in names]  # after step a, task b is unseen
     task_a = read_features(root / "features" / "a" / "classes.parquet").class_names
     for row in rows:
-        entries = row[6].split("; ")
+        entries = row[7].split("; ")
         assert len(entries) == 3  # k = 3, no null expert
         assert all(entry.rsplit(" [", 1)[0] in task_a and entry.split("] ")[0].endswith("[a") for entry in entries)
         assert sum(float(entry.rsplit(" ", 1)[1]) for entry in entries) == pytest.approx(1.0, abs=2e-3)
         assert float(row[5]) == pytest.approx(float(row[4]) - float(row[3]), abs=0.011)
+        assert -1 <= float(row[6]) <= 1
     # a balanced test set: the mean of the per-class accuracies is the task's accuracy
     task_rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
     for column, method in ((3, "zeroshot"), (4, "moder")):
@@ -283,7 +284,8 @@ def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained
 def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_classes(tmp_path):
     plain = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "dataset"}}, tmp_path / "plain")
     calibrated = run_pipeline(
-        {**MINI_CLASSIL, "train": {"negatives": "dataset"}, "composition": {"calibrate": True}}, tmp_path / "calibrated"
+        {**MINI_CLASSIL, "train": {"negatives": "dataset"}, "composition": {"calibrate": "mean"}},
+        tmp_path / "calibrated",
     )
     assert plain["moder"]["last"] == calibrated["moder"]["last"]  # every class trained: one shared offset, no change
     assert plain["moder"]["transfer"] != calibrated["moder"]["transfer"]  # unseen tasks compete with trained classes
@@ -300,6 +302,19 @@ def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_cl
         for task in trained:
             assert rows[(task, "moder")] == moved[(task, "moder")]
         assert all(rows[(t, m)] == moved[(t, m)] for t in ("p1", "p2", "p3") for m in ("zeroshot", "oracle"))
+
+
+def test_per_task_calibration_applies_to_the_oracle_and_to_every_trained_class(tmp_path):
+    plain = run_pipeline({**MINI_CLASSIL, "train": {"negatives": "earlier"}}, tmp_path / "plain")
+    per_class = run_pipeline(
+        {**MINI_CLASSIL, "train": {"negatives": "earlier"}, "composition": {"calibrate": "task"}}, tmp_path / "task"
+    )
+    assert per_class["zeroshot"] == plain["zeroshot"]
+    assert per_class["oracle"] != plain["oracle"]  # the upper bound is calibrated as MoDER is
+    assert per_class["moder"]["last"] != plain["moder"]["last"]  # tasks trained apart, calibrated against each other
+    assert (
+        per_class["moder"]["last"] == per_class["oracle"]["last"]
+    )  # every class trained: the same prototypes and offsets
 
 
 def test_a_stage_outside_the_project_environment_says_how_to_run_it(tmp_path):
@@ -337,3 +352,11 @@ def test_the_params_stage_finds_every_image_dataset_before_any_stage_runs(tmp_pa
         "there (see docs/datasets.md for its layout), or set datasets.<name>.root in params.yaml to where it "
         "already is."
     ]
+
+
+def test_per_task_calibration_changes_nothing_where_each_label_space_is_one_task(mtil_run, tmp_path):
+    """MTIL: a task is classified among its own classes, all trained or all composed, so lowering every class
+    of a task by the same offset cannot reorder anything."""
+    _, plain = mtil_run
+    calibrated = run_pipeline({**MINI, "composition": {"calibrate": "task"}}, tmp_path)
+    assert calibrated["moder"] == plain["moder"] and calibrated["oracle"] == plain["oracle"]
