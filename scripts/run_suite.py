@@ -36,9 +36,9 @@ def dvc(*args: str, capture: bool = False) -> str:
 def queue(cases: list[str], seeds: list[int]) -> None:
     original = PARAMS.read_text()
     try:
-        for case in cases:
-            use_benchmark(case, PARAMS)
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a seed's backbone is pre-trained once, then restored from the run cache
+            for case in cases:
+                use_benchmark(case, PARAMS)
                 dvc("exp", "run", "--queue", "-n", f"{case}-s{seed}", "-S", f"seed={seed}")
     finally:
         with atomic_path(PARAMS) as temporary:
