@@ -86,12 +86,11 @@ class _Prototypes:
     """Every class's prototype per method after one step, and what each untrained class retrieved."""
 
     zeroshot: dict[ClassKey, Tensor]
-    oracle: dict[ClassKey, Tensor]  # every class with its own task's experts, trained yet or not
+    oracle: dict[ClassKey, Tensor]  # MoDER with perfect retrieval: untrained classes use their own task's experts
     moder: dict[ClassKey, Tensor]  # own experts for trained classes, composed for the others
     retrieved: dict[ClassKey, str]
     similarity: dict[ClassKey, float]  # each untrained class's closest hub class (cosine of zero-shot prototypes)
-    offsets: dict[ClassKey, float]  # subtracted from MoDER's trained classes' scores (calibration)
-    oracle_offsets: dict[ClassKey, float]  # the oracle's, calibrated the same way
+    offsets: dict[ClassKey, float]  # subtracted from trained classes' scores (calibration), MoDER's and the oracle's
 
 
 @torch.no_grad()
@@ -109,7 +108,9 @@ def evaluate_step(
     - `zeroshot`: every class's zero-shot prototype;
     - `moder`: tasks 0..step use their own experts (seen classes); the classes of later tasks
       get prototypes composed from `hub` (the experts of tasks 0..step), retrieved by zero-shot prototype;
-    - `oracle`: every class uses its own task's experts, trained or not yet (the upper bound
+    - `oracle`: MoDER with perfect retrieval: each class not yet trained uses its own task's expert
+      (trained ahead of time) where MoDER composes one, smoothed toward zero-shot and calibrated exactly
+      as MoDER's composed prototypes are, so it bounds what composition could reach (the upper bound
       composition could reach), which is why `trained` holds every task of the sequence.
     Each class of a later task also gets an `UnseenClassRow`.
     Trained prototypes are read from `trained`, never re-encoded: a step costs the composition of the
@@ -122,7 +123,7 @@ def evaluate_step(
     prototypes = _build_prototypes(factory, sequence, trained, hub, step, settings)
     rows = [
         *accuracy_rows(sequence, step, settings.protocol, "zeroshot", prototypes.zeroshot),
-        *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle, prototypes.oracle_offsets),
+        *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle, prototypes.offsets),
         *accuracy_rows(sequence, step, settings.protocol, "moder", prototypes.moder, prototypes.offsets),
     ]
     return StepEvaluation(rows, _unseen_class_rows(sequence, step, settings.protocol, prototypes))
@@ -136,7 +137,7 @@ def _build_prototypes(
     step: int,
     settings: EvaluationSettings,
 ) -> _Prototypes:
-    oracle: dict[ClassKey, Tensor] = {}
+    own: dict[ClassKey, Tensor] = {}  # each class's own expert's prototype, as evaluation reads it
     own_offsets: dict[ClassKey, float] = {}  # each class's task's mean offset
     for data, task in zip(sequence, trained, strict=True):
         if task.prototypes.shape != data.zeroshot.shape:
@@ -144,11 +145,12 @@ def _build_prototypes(
                 f"task {data.task.name}: trained prototypes {list(task.prototypes.shape)} "
                 f"for zero-shot prototypes {list(data.zeroshot.shape)}"
             )
-        own = smooth_toward_zeroshot(task.prototypes, data.zeroshot, settings.alpha)
-        oracle.update(zip(_keys(data), own, strict=True))
+        own.update(zip(_keys(data), task.prototypes, strict=True))
         own_offsets.update(dict.fromkeys(_keys(data), task.offsets.float().mean().item()))
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
-    moder = {key: oracle[key] for key in seen}
+    zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
+    own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.alpha) for key in seen}
+    moder, oracle = dict(own_seen), dict(own_seen)
     retrieved: dict[ClassKey, str] = {}
     similarity: dict[ClassKey, float] = {}
     for data in sequence[step + 1 :]:
@@ -158,13 +160,20 @@ def _build_prototypes(
         retrieved.update(zip(keys, _describe(composed, hub), strict=True))
         similarity.update(zip(keys, composed.best_similarity.tolist(), strict=True))
         moder.update(zip(keys, composed.prototypes, strict=True))
-    zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
-    if settings.calibrate == "task":
-        moder_offsets, oracle_offsets = {key: own_offsets[key] for key in seen}, own_offsets
-    else:
-        mean = calibration_offset(hub) if settings.calibrate == "mean" else 0.0
-        moder_offsets, oracle_offsets = dict.fromkeys(seen, mean), {}
-    return _Prototypes(zeroshot, oracle, moder, retrieved, similarity, moder_offsets, oracle_offsets)
+        perfect = smooth_toward_zeroshot(torch.stack([own[key] for key in keys]), data.zeroshot, settings.alpha_unseen)
+        oracle.update(zip(keys, perfect, strict=True))
+    offsets = calibration_offsets(settings.calibrate, seen, own_offsets, hub)
+    return _Prototypes(zeroshot, oracle, moder, retrieved, similarity, offsets)
+
+
+def calibration_offsets(
+    calibrate: Calibration, seen: list[ClassKey], task_offsets: dict[ClassKey, float], hub: ExpertHub
+) -> dict[ClassKey, float]:
+    """What each trained class's score is lowered by (see `Calibration`); `task_offsets` maps a class to
+    its task's mean offset."""
+    if calibrate == "task":
+        return {key: task_offsets[key] for key in seen}
+    return dict.fromkeys(seen, calibration_offset(hub) if calibrate == "mean" else 0.0)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from conftest import CLASSES, TEMPLATES, random_lora
 
 from moder.classifier import Classifier, HubSettings
 from moder.compose import compose_prototypes
-from moder.evaluation import EvaluationSettings, compose_unseen
+from moder.evaluation import EvaluationSettings, calibration_offsets, compose_unseen
 from moder.hub import ExpertHub, HubEntry
 from moder.prompts import zeroshot_prototypes
 from moder.train import TrainConfig, _loss, class_centroids
@@ -150,3 +150,12 @@ def test_own_tint_is_a_shift_no_other_domain_shares():
     assert not torch.equal(images(own, "a"), images(shared, "a"))
     assert torch.equal(world.tint_directions("a"), world.tint_directions("a"))
     assert torch.allclose(world.tint_directions("a").norm(dim=-1), torch.ones(2))
+
+
+def test_calibration_offsets_per_mode(hub):
+    seen = [("data", name) for name in CLASSES]
+    by_task = dict(zip(seen, [0.01] * 3 + [0.035] * 2, strict=True))
+    assert calibration_offsets("task", seen[1:4], by_task, hub) == {seen[1]: 0.01, seen[2]: 0.01, seen[3]: 0.035}
+    mean = calibration_offsets("mean", seen[:2], by_task, hub)
+    assert mean.keys() == {seen[0], seen[1]} and all(v == pytest.approx(0.02) for v in mean.values())
+    assert calibration_offsets("none", seen[:2], by_task, hub) == {seen[0]: 0.0, seen[1]: 0.0}
