@@ -32,12 +32,13 @@ from dvc.dependency.param import ParamsDependency
 from dvc.fs import MemoryFileSystem
 from dvc.repo import Repo
 from prefect import Task, flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
-from moder.params import parse_params
+from moder.params import Params, parse_params
 from stages.backbone import backbone
 from stages.check_params import check_datasets
 from stages.common import USER_ERRORS
@@ -45,7 +46,7 @@ from stages.evaluate import evaluate
 from stages.extract import extract
 from stages.finetune import finetune
 from stages.hub import hub
-from stages.report import report
+from stages.report import report, summary_text
 from stages.train import train
 
 GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
@@ -237,7 +238,28 @@ def moder_pipeline(
     artifacts.materialise(reported, out, "report")
     metrics = json.loads((out / "metrics.json").read_text())
     get_run_logger().info("metrics written to %s: %s", out / "metrics.json", json.dumps(metrics))
+    publish_results(params, metrics, out)
     return metrics
+
+
+METRIC_METHODS = ("zeroshot", "finetune", "oracle", "moder")
+
+
+def publish_results(params: Params, metrics: dict, out: Path) -> None:
+    """The run's results in Prefect's UI (its Artifacts tab), also when every stage came from the cache:
+    a table of each method's metrics and MoDER's gain, and the summary `make run` prints."""
+    rows = [{"method": method, **metrics[method]} for method in METRIC_METHODS]
+    gain = {name: round(value - metrics["zeroshot"][name], 2) for name, value in metrics["moder"].items()}
+    create_table_artifact(
+        key="moder-metrics",
+        table=[*rows, {"method": "moder - zeroshot", **gain}],
+        description=f"{params.benchmark.name}, seed {params.seed}: accuracy (%) per method",
+    )
+    create_markdown_artifact(
+        key="moder-summary",
+        markdown=f"```\n{summary_text(params, out / 'reports', out / 'metrics.json').strip()}\n```",
+        description=f"{params.benchmark.name}, seed {params.seed}: per task, the metrics, the settings, the hub's cost",
+    )
 
 
 def with_task_runner(pipeline: Any, dask_workers: int | None = None, dask_address: str | None = None) -> Any:

@@ -153,7 +153,9 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
     for name in figures["zeroshot"]:
         z, f, o, m = (figures[method][name] for method in METHODS)
         out.append(f"{name.capitalize():<14}{z:>10.1f}{f:>10.1f}{o:>8.1f}{m:>8.1f}{m - z:>+8.1f}")
-    out.append("(diff: MoDER - zero-shot; oracle: every class with its own trained experts, an upper bound)")
+    out.append(
+        "(diff: MoDER - zero-shot; oracle: MoDER with perfect retrieval, each untrained class using its own experts)"
+    )
     return "\n".join(out)
 
 
@@ -166,9 +168,9 @@ def cost_line(hub: dict) -> str:
     )
 
 
-def print_summary(params: Params, reports: Path, metrics: Path) -> None:
+def summary_text(params: Params, reports: Path, metrics: Path) -> str:
     """The summary of the last run from its reports/accuracy.json, with the settings that produced it and
-    the hub's cost from metrics.json."""
+    the hub's cost from metrics.json (printed by `make run`, and a Prefect artifact of every flow run)."""
     path = reports / "accuracy.json"
     if not path.is_file():
         raise MissingInput(f"{path} not found: run the pipeline first (dvc repro)")
@@ -180,14 +182,30 @@ def print_summary(params: Params, reports: Path, metrics: Path) -> None:
             matrices[cell["method"]][labels.index(cell["step"]), labels.index(cell["task"])] = cell["accuracy"]
     if any(np.isnan(matrix).any() for matrix in matrices.values()):
         raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
-    print(summary(params, matrices, metrics_of(params, matrices)))
-    print(
-        f"\nseed {params.seed}; {params.expert.kind} experts; negatives {params.train.negatives}; "
-        f"{params.composition.space}-space composition, calibrate {params.composition.calibrate}; "
-        f"retrieval k={params.retrieval.k}, T={params.retrieval.temperature}, null score {params.retrieval.null_score}"
-    )
     hub = json.loads(metrics.read_text()).get("hub") if metrics.is_file() else None
-    print(cost_line(hub) if isinstance(hub, dict) else f"hub cost: not in {metrics} (run dvc repro)")
+    return "\n".join(
+        [
+            summary(params, matrices, metrics_of(params, matrices)),
+            f"\n{settings_line(params)}",
+            cost_line(hub) if isinstance(hub, dict) else f"hub cost: not in {metrics} (run dvc repro)",
+        ]
+    )
+
+
+def settings_line(params: Params) -> str:
+    """What produced the figures, in one line."""
+    expert, train, composition, retrieval = params.expert, params.train, params.composition, params.retrieval
+    form = (
+        f"LoRA rank {expert.lora.rank} on layers {expert.lora.layers or 'all'}"
+        if expert.kind == "lora"
+        else "context-token"
+    )
+    return (
+        f"seed {params.seed}; {form} experts; negatives {train.negatives}, anchors {train.anchor_earlier}; "
+        f"{composition.space}-space composition, alpha {composition.alpha}, alpha_unseen {composition.alpha_unseen}, "
+        f"calibrate {composition.calibrate}; retrieval k={retrieval.k}, T={retrieval.temperature}, "
+        f"null score {retrieval.null_score}, gate {retrieval.gate}"
+    )
 
 
 def main() -> None:
@@ -208,7 +226,7 @@ def main() -> None:
         cli.error("--evaluation, --finetune, --unseen, --hub and --experts are required unless --summary-only")
     run_cli(
         lambda args, params: (
-            print_summary(params, args.reports, args.metrics)
+            print(summary_text(params, args.reports, args.metrics))
             if args.summary_only
             else report(
                 params,

@@ -77,6 +77,24 @@ def _run(params_path: Path, out: Path, store: Path, **runner) -> tuple[dict, dic
     return state.result(), {run.name: run.state.name for run in _task_runs(state)}
 
 
+def _artifacts(keys: tuple[str, ...]) -> list:
+    """The latest artifact under each key: a table as its rows, markdown as its text."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    found = []
+    with get_client(sync_client=True) as client:
+        for key in keys:
+            (artifact,) = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=1,
+            )
+            found.append(json.loads(artifact.data) if artifact.type == "table" else artifact.data)
+    return found
+
+
 def _executed(states: dict[str, str]) -> set[str]:
     return {name for name, state in states.items() if state != "Cached"}
 
@@ -102,6 +120,11 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
 
     again, states = _run(params, tmp_path / "run2", store)
     assert again == first and _executed(states) == set() and set(states.values()) == {"Cached"}
+    table, summary = _artifacts(("moder-metrics", "moder-summary"))  # the cached run's own
+    assert [row["method"] for row in table] == ["zeroshot", "finetune", "oracle", "moder", "moder - zeroshot"]
+    assert table[3]["transfer"] == first["moder"]["transfer"]
+    assert table[4]["last"] == pytest.approx(first["moder"]["last"] - first["zeroshot"]["last"], abs=0.006)
+    assert summary.startswith("```\nMoDER on mini-mtil") and "hub after the last step:" in summary
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text()) == first
     prefect_results = [f for f in (server["home"] / "storage").rglob("*") if f.is_file()]
     assert prefect_results == []  # the cache is the store's: Prefect holds nothing it could deserialize
