@@ -46,11 +46,12 @@ compare: $(STAMP)
 		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters' $(ARGS)
 
 
-# The suite (docs/suite.md): 8 embedded worlds x test seeds 0-2 as queued DVC experiments, one at a time,
-# then the table. About an hour on 2 cores. Defaults are chosen on other seeds: scripts/validate.py.
+# The suite (docs/suite.md): 8 embedded worlds x test seeds 0-2 as queued DVC experiments, two at a time with
+# one thread each (scripts/run_suite.py says why), then the table. Defaults are chosen on other seeds:
+# scripts/validate.py.
 .PHONY: suite
 suite: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/run_suite.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/run_suite.py --jobs 2
 
 # The real MTIL Order I and Split ImageNet-R shapes through the stage functions on the CPU: time, memory and
 # sizes per stage (BENCHMARKS.md, "MTIL-scale run"). One epoch, extrapolated to params.yaml's; hours longer without.

@@ -1,13 +1,16 @@
-"""The suite as DVC experiments: every case (a preset in configs/) over the test seeds, queued and run one
-at a time, then docs/suite.md from `dvc exp show --json` (scripts/suite_table.py).
+"""The suite as DVC experiments: every case (a preset in configs/) over the test seeds, queued and run
+`--jobs` at a time, then docs/suite.md from `dvc exp show --json` (scripts/suite_table.py).
 
-    python scripts/run_suite.py                 # make suite: 8 cases x seeds 0 1 2
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 8 cases x seeds 0 1 2
     python scripts/run_suite.py --table-only    # rewrite docs/suite.md from the experiments already run
 
 Each experiment is queued from params.yaml with its case's preset in place of the benchmark block (as
 stages.use_benchmark writes it) and `-S seed=<seed>`; params.yaml is put back as it was afterwards, edits
 included. Experiments run on the code in the workspace; the backbone of a seed is pre-trained once and
-restored from DVC's run cache for the other cases.
+restored from DVC's run cache for the other cases. On 2 cores, run two experiments at once with one
+thread each (as `make suite` does): two of PyTorch's default two-thread processes on two cores run about
+2.5x slower than one. CPU float results depend on the thread count, so the suite's seed-0 row of the
+default world differs slightly from `make run`'s.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ def dvc(*args: str, capture: bool = False) -> str:
 def queue(cases: list[str], seeds: list[int]) -> None:
     original = PARAMS.read_text()
     try:
-        for seed in seeds:  # seed-major: a seed's backbone is pre-trained once, then restored from the run cache
-            for case in cases:
-                use_benchmark(case, PARAMS)
+        # case-major: the first experiments pre-train each seed's backbone once (in parallel under --jobs),
+        # the later ones restore it from DVC's run cache
+        for case in cases:
+            use_benchmark(case, PARAMS)
+            for seed in seeds:
                 dvc("exp", "run", "--queue", "-n", f"{case}-s{seed}", "-S", f"seed={seed}")
     finally:
         with atomic_path(PARAMS) as temporary:
