@@ -26,7 +26,8 @@ ROWS = {  # row -> what it changes, as the `dvc exp run -S` overrides of scripts
     "negatives-dataset": "+ negatives: earlier splits' stored prototypes and the untrained classes' zero-shot ones",
     "negatives-earlier-calibrated": "+ calibration, negatives from earlier splits only (no future class names)",
     "calibrated-k8": "+ negatives (dataset) + calibration, k=8, T=0.2",
-    "moder": "the committed defaults: as above with broader composition, k=16, T=0.3",
+    "previous-defaults": "as above with broader composition, k=16, T=0.3 (the defaults until 2026-11-25)",
+    "moder": "the committed defaults (docs/validation.md)",
 }
 
 

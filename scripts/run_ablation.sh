@@ -7,19 +7,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 
-# name -> the -S overrides of that row (the committed params.yaml is the last row, "moder")
+# name -> the -S overrides of that row. Every row but the last pins the settings of the defaults these rows
+# were written against (rank-4 LoRA on every layer, future-name negatives, no anchors, no smoothing) so that
+# it keeps its meaning; "moder" is the committed params.yaml.
+OLD="-S expert.lora.rank=4 -S expert.lora.layers=null -S train.negatives=dataset -S train.anchor_earlier=0 -S composition.alpha=1.0 -S composition.alpha_unseen=1.0"
 declare -A ROWS=(
-  [naive-context]="-S expert.kind=context -S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=false"
-  [lora]="-S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=false"
-  [lora-broad]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=none -S composition.calibrate=false"
-  [negatives-dataset]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S composition.calibrate=false"
-  [negatives-earlier-calibrated]="-S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=earlier"
-  [calibrated-k8]="-S retrieval.k=8 -S retrieval.temperature=0.2"
+  [naive-context]="$OLD -S expert.kind=context -S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=none"
+  [lora]="$OLD -S retrieval.k=3 -S retrieval.temperature=0.05 -S train.negatives=none -S composition.calibrate=none"
+  [lora-broad]="$OLD -S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=none -S composition.calibrate=none"
+  [negatives-dataset]="$OLD -S retrieval.k=8 -S retrieval.temperature=0.2 -S composition.calibrate=none"
+  [negatives-earlier-calibrated]="$OLD -S retrieval.k=8 -S retrieval.temperature=0.2 -S train.negatives=earlier"
+  [calibrated-k8]="$OLD -S retrieval.k=8 -S retrieval.temperature=0.2"
+  [previous-defaults]="$OLD"
   [moder]=""
 )
 # In MTIL every dataset is one task: negatives and calibration cannot act, so those rows run on Class-IL only.
-MTIL_ROWS="naive-context lora lora-broad calibrated-k8 moder"
-CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated calibrated-k8 moder"
+MTIL_ROWS="naive-context lora lora-broad calibrated-k8 previous-defaults moder"
+CLASSIL_ROWS="naive-context lora lora-broad negatives-dataset negatives-earlier-calibrated calibrated-k8 previous-defaults moder"
 if [ $# -gt 0 ]; then
   only=" $* "
   MTIL_ROWS=$(for row in $MTIL_ROWS; do if [[ $only == *" $row "* ]]; then echo "$row"; fi; done)
