@@ -66,10 +66,16 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only rewrite docs/suite.md")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
     parser.add_argument("--out", type=Path, default=Path("docs/suite.md"))
-    parser.add_argument("--rev", default="HEAD", help="the commit the experiments were run on (default: HEAD)")
+    parser.add_argument(
+        "--rev", default="HEAD", help="with --table-only: the commit the experiments were queued on (default: HEAD)"
+    )
     args = parser.parse_args()
     try:
         if not args.table_only:
+            # the experiments' baseline: commits made while the suite runs must not hide them from the table
+            args.rev = subprocess.run(
+                ["git", "rev-parse", "HEAD"], check=True, text=True, capture_output=True
+            ).stdout.strip()
             started = time.monotonic()
             queue(args.cases, args.seeds)
             dvc("queue", "start", "-j", str(args.jobs))
