@@ -270,7 +270,7 @@ def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained
         ("earlier", None, [7.0, 8.0]),
         ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5]),
     ):
-        params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode}})
+        params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode, "anchor_earlier": 0.0}})
         got = negatives_for(params, tasks[0], [], {}, classes)
         assert (got is None) if first is None else torch.equal(got, torch.eye(6)[first])
         got = negatives_for(params, tasks[1], tasks[:1], stored, classes)
