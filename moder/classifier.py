@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moder.clip import LoadedClip, ModelIdentity, load_clip
 from moder.compose import seen_prototypes
-from moder.evaluation import EvaluationSettings, calibration_offset, compose_unseen, task_offset
+from moder.evaluation import EvaluationSettings, calibration_offset, compose_unseen, task_offsets
 from moder.factory import ExpertFactory, ExpertSpec
 from moder.features import encode_image_files
 from moder.hub import ExpertHub
@@ -122,7 +122,8 @@ class Classifier:
                 )
                 prototypes[unknown] = composed.prototypes
         if self.evaluation.calibrate == "task" and known:  # as evaluation calibrates trained classes
-            bias[known] = -torch.tensor([task_offset(self.hub, own[i]) for i in known])  # type: ignore[arg-type]
+            offsets = task_offsets(self.hub)
+            bias[known] = -torch.tensor([offsets[own[i]] for i in known])  # type: ignore[index]
         elif self.evaluation.calibrate == "mean" and known and unknown:
             bias[known] = -calibration_offset(self.hub)
         return Head(prototypes.T.contiguous(), bias, list(class_names))

@@ -222,10 +222,13 @@ def calibration_offset(hub: ExpertHub) -> float:
     return torch.tensor(hub.offsets, dtype=torch.float32).mean().item()
 
 
-def task_offset(hub: ExpertHub, row: int) -> float:
-    """The mean offset of the classes of hub row `row`'s task (float32, as evaluation computes it)."""
-    rows = [i for i, task in enumerate(hub.tasks) if task == hub.tasks[row] and hub.steps[i] == hub.steps[row]]
-    return torch.tensor([hub.offsets[i] for i in rows], dtype=torch.float32).mean().item()
+def task_offsets(hub: ExpertHub) -> list[float]:
+    """Per hub row, the mean offset of its task's classes (float32, as evaluation computes it)."""
+    groups: dict[tuple[int, str], list[float]] = {}
+    for step, task, offset in zip(hub.steps, hub.tasks, hub.offsets, strict=True):
+        groups.setdefault((step, task), []).append(offset)
+    means = {key: torch.tensor(values, dtype=torch.float32).mean().item() for key, values in groups.items()}
+    return [means[key] for key in zip(hub.steps, hub.tasks, strict=True)]
 
 
 def _describe(composed: Composed, hub: ExpertHub) -> list[str]:
