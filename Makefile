@@ -53,6 +53,12 @@ compare: $(STAMP)
 suite: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/run_suite.py --jobs 2
 
+# The ablation (docs/ablation.md): one change to the defaults per row, both embedded sequences, seeds 0-2, run
+# as the suite is.
+.PHONY: ablation
+ablation: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/run_ablation.py --jobs 2
+
 # The real MTIL Order I and Split ImageNet-R shapes through the stage functions on the CPU: time, memory and
 # sizes per stage (BENCHMARKS.md, "MTIL-scale run"). One epoch, extrapolated to params.yaml's; hours longer without.
 .PHONY: bench-scale

@@ -1,100 +1,117 @@
-"""The ablation table (docs/ablation.md) from `dvc exp show --json`: every experiment named
-<sequence>-<row>-s<seed> (scripts/run_ablation.sh), mean and spread over seeds, per method.
+"""The ablation (docs/ablation.md): each row one change to the committed defaults, run as DVC experiments
+named <sequence>-<row>-s<seed> by scripts/run_ablation.py; this script builds the table from
+`dvc exp show --json`.
 
-Usage: python scripts/ablation_table.py [--out docs/ablation.md]
+    dvc exp show --json --rev <commit> | python scripts/ablation_table.py > docs/ablation.md
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import subprocess
+import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-NAME = re.compile(r"(?P<sequence>embedded-(?:mtil|classil))-(?P<row>.+)-s(?P<seed>\d+)$")
-SEQUENCES = ("embedded-mtil", "embedded-classil")
-BASELINES = ("zeroshot", "finetune", "oracle")
-ROWS = {  # row -> what it changes, as the `dvc exp run -S` overrides of scripts/run_ablation.sh
-    "naive-context": "context experts, k=3, T=0.05, no negatives, no calibration (the first version)",
-    "lora": "LoRA experts (rank 4, every layer), k=3, T=0.05, no negatives, no calibration",
-    "lora-broad": "LoRA, broad composition k=8, T=0.2, no negatives, no calibration",
-    "negatives-dataset": "+ negatives: earlier splits' stored prototypes and the untrained classes' zero-shot ones",
-    "negatives-earlier-calibrated": "+ calibration, negatives from earlier splits only (no future class names)",
-    "calibrated-k8": "+ negatives (dataset) + calibration, k=8, T=0.2",
-    "previous-defaults": "as above with broader composition, k=16, T=0.3 (the defaults until 2026-11-25)",
-    "moder": "the committed defaults (docs/validation.md)",
+from scripts.suite_table import SuiteTableError, _file_data, _value, experiments, spread  # noqa: E402
+
+BOTH = ("embedded-mtil", "embedded-classil")
+CLASSIL = ("embedded-classil",)  # one task per dataset in MTIL: negatives and calibration cannot act there
+# the defaults until 2026-11-25 (before docs/validation.md)
+PREVIOUS = [
+    "expert.lora.rank=4",
+    "expert.lora.layers=null",
+    "train.negatives=dataset",
+    "train.anchor_earlier=0",
+    "composition.alpha=1.0",
+    "composition.alpha_unseen=1.0",
+]
+ROWS: dict[str, tuple[str, tuple[str, ...], list[str]]] = {  # row -> (what it changes, sequences, -S overrides)
+    "moder": ("the committed defaults (docs/validation.md)", BOTH, []),
+    "no-anchors": (
+        "without anchors to earlier splits' class centroids (train.anchor_earlier 0)",
+        BOTH,
+        ["train.anchor_earlier=0"],
+    ),
+    "no-smoothing": (
+        "without smoothing toward zero-shot (alpha 1, alpha_unseen 1)",
+        BOTH,
+        ["composition.alpha=1.0", "composition.alpha_unseen=1.0"],
+    ),
+    "no-calibration": ("without calibration (composition.calibrate none)", CLASSIL, ["composition.calibrate=none"]),
+    "negatives-none": ("no negatives, hence no anchors", CLASSIL, ["train.negatives=none", "train.anchor_earlier=0"]),
+    "negatives-dataset": (
+        "negatives also from classes not yet trained: uses their names (labelled variant)",
+        CLASSIL,
+        ["train.negatives=dataset"],
+    ),
+    "one-template": (
+        "one of the 3 templates per class per step (train.templates_per_step 1)",
+        BOTH,
+        ["train.templates_per_step=1"],
+    ),
+    "lora-r4-all-layers": (
+        "the previous expert: LoRA rank 4 on every text layer, 48x the parameters",
+        BOTH,
+        ["expert.lora.rank=4", "expert.lora.layers=null"],
+    ),
+    "previous-defaults": (
+        "the defaults until 2026-11-25: the previous expert, negatives dataset, no anchors, no smoothing",
+        BOTH,
+        PREVIOUS,
+    ),
 }
+NAME = re.compile(r"(?P<sequence>embedded-(?:mtil|classil))-(?P<row>.+)-s(?P<seed>\d+)$")
+BASELINES = ("zeroshot", "finetune", "oracle")
 
 
-def experiments(show: list[dict]) -> list[tuple[str, str, dict, dict]]:
-    """(name, timestamp, params, metrics) of every finished named experiment in `dvc exp show --json` output."""
-    found = []
-
-    def visit(entry: dict) -> None:
-        data = entry.get("data") or {}
-        name = entry.get("name") or data.get("name")
-        params = ((data.get("params") or {}).get("params.yaml") or {}).get("data")
-        metrics = ((data.get("metrics") or {}).get("metrics.json") or {}).get("data")
-        if name and params and metrics:
-            found.append((name, data.get("timestamp") or "", params, metrics))
-        for child in entry.get("experiments") or []:
-            if child.get("executor"):  # queued or still running: its data are not its own yet
-                continue
-            for rev in child.get("revs") or [child]:
-                visit(rev)
-
-    for entry in show:
-        visit(entry)
-    return found
-
-
-def collect(show: list[dict]) -> dict:
-    """{sequence: {row: {seed: metrics}}}; of experiments run again under the same name, the latest."""
-    latest: dict = {}
-    for name, timestamp, params, metrics in experiments(show):
+def collect(show: object) -> tuple[dict[str, dict[str, dict[int, dict]]], list[str]]:
+    """{sequence: {row: {seed: metrics}}} and the names left out (no metrics); of experiments run again under
+    the same name, the latest counts. An experiment whose params name another benchmark is left out."""
+    latest: dict[tuple[str, str, int], tuple[str, dict]] = {}
+    skipped = []
+    for name, data in experiments(show):
         match = NAME.match(name)
-        if not match or params.get("benchmark", {}).get("name") != match["sequence"]:
+        if not match or match["row"] not in ROWS:
+            continue
+        params, metrics = _file_data(data, "params", "params.yaml"), _file_data(data, "metrics", "metrics.json")
+        if (params.get("benchmark") or {}).get("name") != match["sequence"] or not all(
+            isinstance(metrics.get(m), dict) for m in (*BASELINES, "moder")
+        ):
+            skipped.append(name)
             continue
         key = (match["sequence"], match["row"], int(match["seed"]))
+        timestamp = data.get("timestamp") or ""
         if key not in latest or timestamp > latest[key][0]:
             latest[key] = (timestamp, metrics)
-    table: dict = defaultdict(lambda: defaultdict(dict))
-    for (sequence, row, seed), (_, metrics) in latest.items():
-        table[sequence][row][seed] = metrics
-    return table
+    table: dict[str, dict[str, dict[int, dict]]] = {}
+    for (sequence, row, seed), (_, metrics) in sorted(latest.items()):
+        table.setdefault(sequence, {}).setdefault(row, {})[seed] = metrics
+    return table, skipped
 
 
-def cell(values: list[float]) -> str:
-    return f"{np.mean(values):.1f} ± {np.std(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
-
-
-def markdown(table: dict) -> str:
+def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
     lines = [
         "# Ablation on the embedded benchmark",
         "",
-        "Generated by `python scripts/ablation_table.py` from `dvc exp show --json` after",
-        "`bash scripts/run_ablation.sh` (every row a `dvc exp run -S ...`, seeds 0, 1, 2). Cells: mean ± standard",
-        "deviation over the seeds. Δ: MoDER minus zero-shot, per seed, then averaged. Baselines come from the",
-        "`moder` row's runs (the same backbone and features; `finetune` and `oracle` use its training settings).",
-        "",
-        "One row, one seed, by hand: `dvc exp run -S seed=1 <the row's -S overrides in scripts/run_ablation.sh>`;",
-        "for the Class-IL rows first `python -m stages.use_benchmark embedded-classil`. In MTIL every dataset is",
-        "one task, so negatives and calibration cannot act there and those rows run on Class-IL only.",
+        "Generated by `make ablation` (scripts/run_ablation.py, then scripts/ablation_table.py from",
+        "`dvc exp show --json`); do not edit by hand. Each row changes the committed defaults as it says (its",
+        "`-S` overrides are in scripts/ablation_table.py), over test seeds 0, 1, 2. Cells: mean ± sd over the",
+        "seeds. Δ: MoDER minus zero-shot in the same run, per seed, then averaged. Baselines come from the",
+        "`moder` row's runs. CPU float results differ across CPUs and thread counts; experiments ran two at a",
+        "time with one thread each. In MTIL every dataset is one task: negatives and calibration cannot act there.",
         "",
     ]
-    for sequence in SEQUENCES:
+    for sequence in BOTH:
         rows = table.get(sequence, {})
         if not rows:
             continue
-        metrics = ["transfer", "avg", "last"] + (["future"] if sequence.endswith("classil") else [])
-        seeds = sorted(rows.get("moder", next(iter(rows.values()))))
+        metrics = ["transfer", "avg", "last"] + (["future"] if sequence in CLASSIL else [])
+        reference = rows.get("moder") or next(iter(rows.values()))
         lines += [
-            f"## {sequence} (seeds {', '.join(map(str, seeds))})",
+            f"## {sequence} (seeds {', '.join(map(str, sorted(reference)))})",
             "",
             "| method | "
             + " | ".join(m.capitalize() for m in metrics)
@@ -103,27 +120,24 @@ def markdown(table: dict) -> str:
             + " |",
             "|---" * (1 + 2 * len(metrics)) + "|",
         ]
-        reference = rows.get("moder", {})
         for method in BASELINES:
-            runs = [reference[s][method] for s in sorted(reference)]
-            if runs:
-                lines.append(
-                    f"| {method} | "
-                    + " | ".join(cell([r[m] for r in runs]) for m in metrics)
-                    + " | "
-                    + " | ".join("" for _ in metrics)
-                    + " |"
-                )
-        for row, description in ROWS.items():
+            runs = list(reference.values())
+            lines.append(
+                f"| {method} | "
+                + " | ".join(spread([_value(r, method, m) for r in runs]) for m in metrics)
+                + " |"
+                + " |" * len(metrics)
+            )
+        for row, (description, _, _) in ROWS.items():
             if row not in rows:
                 continue
-            runs = [rows[row][s] for s in sorted(rows[row])]
-            deltas = [[r["moder"][m] - r["zeroshot"][m] for r in runs] for m in metrics]
+            runs = list(rows[row].values())
+            deltas = [statistics.mean(_value(r, "moder", m) - _value(r, "zeroshot", m) for r in runs) for m in metrics]
             lines.append(
                 f"| moder: {row} — {description} | "
-                + " | ".join(cell([r["moder"][m] for r in runs]) for m in metrics)
+                + " | ".join(spread([_value(r, "moder", m) for r in runs]) for m in metrics)
                 + " | "
-                + " | ".join(f"{np.mean(d):+.1f}" for d in deltas)
+                + " | ".join(f"{d:+.1f}" for d in deltas)
                 + " |"
             )
         lines.append("")
@@ -131,20 +145,14 @@ def markdown(table: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("docs/ablation.md"))
-    parser.add_argument("--show-json", type=Path, help="read this `dvc exp show --json` output instead of running dvc")
-    args = parser.parse_args()
-    if args.show_json:
-        show = json.loads(args.show_json.read_text())
-    else:
-        result = subprocess.run(["dvc", "exp", "show", "--json", "--all-commits"], capture_output=True, text=True)
-        if result.returncode != 0:
-            sys.exit(f"error: dvc exp show failed: {result.stderr.strip()}")
-        show = json.loads(result.stdout)
-    text = markdown(collect(show))
-    args.out.write_text(text + "\n")
-    print(text)
+    try:
+        table, skipped = collect(json.load(sys.stdin))
+        text = markdown(table)
+    except (SuiteTableError, json.JSONDecodeError) as error:
+        sys.exit(f"error: {error}")
+    for name in skipped:
+        print(f"left out {name}: no metrics, or params of another benchmark", file=sys.stderr)
+    sys.stdout.write(text + "\n")
 
 
 if __name__ == "__main__":

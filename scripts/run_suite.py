@@ -36,15 +36,15 @@ def dvc(*args: str, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-def queue(cases: list[str], seeds: list[int]) -> None:
+Experiment = tuple[str, str, list[str]]  # name, preset in configs/, `dvc exp run -S` overrides
+
+
+def queue(experiments: list[Experiment]) -> None:
     original = PARAMS.read_text()
     try:
-        # case-major: the first experiments pre-train each seed's backbone once (in parallel under --jobs),
-        # the later ones restore it from DVC's run cache
-        for case in cases:
-            use_benchmark(case, PARAMS)
-            for seed in seeds:
-                dvc("exp", "run", "--queue", "-n", f"{case}-s{seed}", "-S", f"seed={seed}")
+        for name, preset, overrides in experiments:
+            use_benchmark(preset, PARAMS)
+            dvc("exp", "run", "--queue", "-n", name, *(arg for override in overrides for arg in ("-S", override)))
     finally:
         with atomic_path(PARAMS) as temporary:
             temporary.write_text(original)
@@ -57,6 +57,18 @@ def wait_for_queue(poll: float = 20.0) -> None:
         if not any(state in status for state in ("Queued", "Running")):
             return
         time.sleep(poll)
+
+
+def run_queued(experiments: list[Experiment], jobs: int) -> str:
+    """Queue the experiments, run them `jobs` at a time and wait; returns the commit they hang under, so that
+    commits made meanwhile do not hide them from `dvc exp show`."""
+    rev = subprocess.run(["git", "rev-parse", "HEAD"], check=True, text=True, capture_output=True).stdout.strip()
+    started = time.monotonic()
+    queue(experiments)
+    dvc("queue", "start", "-j", str(jobs))
+    wait_for_queue()
+    print(f"{len(experiments)} experiments in {(time.monotonic() - started) / 60:.0f} min")
+    return rev
 
 
 def main() -> None:
@@ -72,17 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     try:
         if not args.table_only:
-            # the experiments' baseline: commits made while the suite runs must not hide them from the table
-            args.rev = subprocess.run(
-                ["git", "rev-parse", "HEAD"], check=True, text=True, capture_output=True
-            ).stdout.strip()
-            started = time.monotonic()
-            queue(args.cases, args.seeds)
-            dvc("queue", "start", "-j", str(args.jobs))
-            wait_for_queue()
-            print(
-                f"suite: {len(args.cases) * len(args.seeds)} experiments in {(time.monotonic() - started) / 60:.0f} min"
-            )
+            # case-major: the first experiments pre-train each seed's backbone once (in parallel under --jobs),
+            # the later ones restore it from DVC's run cache
+            suite = [(f"{case}-s{seed}", case, [f"seed={seed}"]) for case in args.cases for seed in args.seeds]
+            args.rev = run_queued(suite, args.jobs)
         show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
     except (subprocess.CalledProcessError, ParamsError) as error:
         sys.exit(f"error: {error}")

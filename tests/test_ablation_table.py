@@ -1,6 +1,9 @@
 """scripts/ablation_table.py on hand-made `dvc exp show --json` output."""
 
 import importlib.util
+import json
+import subprocess
+import sys
 
 from tests.conftest import REPO
 
@@ -35,7 +38,7 @@ SHOW = [
             _exp("embedded-mtil-moder-s1", "embedded-mtil", 70.0, timestamp="2026-11-25T05:00:00"),
             _exp("embedded-mtil-moder-s1", "embedded-mtil", 10.0),  # the same row and seed run earlier: superseded
             _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
-            _exp("embedded-mtil-lora-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
+            _exp("embedded-mtil-no-anchors-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
             _exp("unrelated", "embedded-mtil", 1.0),
         ],
     },
@@ -43,17 +46,27 @@ SHOW = [
 
 
 def test_rows_average_over_seeds_and_skip_unfinished_or_mismatched_experiments():
-    table = ablation_table.collect(SHOW)
+    table, skipped = ablation_table.collect(SHOW)
+    assert skipped == ["embedded-mtil-moder-s2", "embedded-mtil-no-anchors-s0"]
     assert set(table) == {"embedded-mtil"} and set(table["embedded-mtil"]) == {"moder"}
     assert sorted(table["embedded-mtil"]["moder"]) == [0, 1]
     text = ablation_table.markdown(table)
     assert "## embedded-mtil (seeds 0, 1)" in text
     moder = next(line for line in text.splitlines() if line.startswith("| moder: moder"))
-    # Last: mean of 60 and 70 with its standard deviation; delta against zero-shot's 50
-    assert "| 65.0 ± 5.0 |" in moder and moder.endswith("| +2.0 | +10.0 | +15.0 |")
+    # Last: mean of 60 and 70 with its sample standard deviation; delta against zero-shot's 50
+    assert "| 65.0 ± 7.1 |" in moder and moder.endswith("| +2.0 | +10.0 | +15.0 |")
     assert "| zeroshot | 40.0 ± 0.0 | 45.0 ± 0.0 | 50.0 ± 0.0 |" in text
 
 
-def test_cell_of_one_seed_has_no_spread():
-    assert ablation_table.cell([41.24]) == "41.2"
-    assert ablation_table.cell([1.0, 3.0]) == "2.0 ± 1.0"
+def test_rows_know_their_overrides_and_the_cli_refuses_a_non_finite_metric():
+    assert ablation_table.ROWS["no-anchors"][2] == ["train.anchor_earlier=0"]
+    assert all(row[1] for row in ablation_table.ROWS.values())
+    bad = json.loads(json.dumps(SHOW[:2]))
+    bad[1]["experiments"] = [_exp("embedded-mtil-moder-s0", "embedded-mtil", float("nan"))]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "ablation_table.py")],
+        input=json.dumps(bad),
+        text=True,
+        capture_output=True,
+    )
+    assert done.returncode == 1 and done.stderr.strip() == "error: moder.last is nan, not a finite number"
