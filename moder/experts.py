@@ -28,10 +28,10 @@ LORA_MODULES: tuple[LoraModule, ...] = get_args(LoraModule)
 
 
 def _gather(stacked: Tensor, rows: Tensor) -> Tensor:
-    """Rows of `stacked`, repeats allowed. index_select, not `stacked[rows]`: its backward adds the
-    gradients of repeated rows in a fixed order on the CPU, where indexing's backward adds them in
-    thread order, so the same seed would not give the same experts."""
-    return torch.index_select(stacked, 0, rows)
+    """Rows of `stacked`, repeats allowed, wherever `rows` lives. index_select, not `stacked[rows]`: its
+    backward adds the gradients of repeated rows in a fixed order on the CPU, where indexing's backward
+    adds them in thread order, so the same seed would not give the same experts."""
+    return torch.index_select(stacked, 0, rows.to(stacked.device))
 
 
 @dataclass
@@ -54,6 +54,10 @@ class ContextExperts:
         """The same experts holding `parameters` (in the order of `parameters()`)."""
         (ctx,) = parameters
         return ContextExperts(ctx)
+
+    def to(self, device: torch.device | str) -> ContextExperts:
+        """The same experts on `device` (differentiable: gradients reach the originals)."""
+        return self.with_parameters([p.to(device) for p in self.parameters()])
 
     def tensors(self) -> dict[str, Tensor]:
         return {"ctx": self.ctx}
@@ -98,6 +102,10 @@ class LoraExperts:
         return LoraExperts(
             dict(zip(self.a, parameters[:n], strict=True)), dict(zip(self.b, parameters[n:], strict=True)), self.scaling
         )
+
+    def to(self, device: torch.device | str) -> LoraExperts:
+        """The same experts on `device` (differentiable: gradients reach the originals)."""
+        return self.with_parameters([p.to(device) for p in self.parameters()])
 
     def tensors(self) -> dict[str, Tensor]:
         return {**{f"lora_a.{t}": v for t, v in self.a.items()}, **{f"lora_b.{t}": v for t, v in self.b.items()}}

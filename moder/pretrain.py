@@ -80,12 +80,14 @@ def pretrain_clip(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": keep, "weight_decay": 0.0}], lr=config.lr
     )
     n_classes = len(world.class_names)
+    device = tower.device  # images are rendered on the CPU and go to the model
     losses: list[float] = []
     for step in tqdm(range(config.steps), desc="pretrain CLIP", disable=not progress):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         labels = torch.randint(n_classes, (config.batch_size,), generator=generator)
-        images = normalize_images(render(world, domain, "pretrain", labels, generator), mean, std)
+        images = normalize_images(render(world, domain, "pretrain", labels, generator), mean, std).to(device)
+        labels = labels.to(device)
         tokens = _caption_tokens(
             tower, world, captions, torch.randint(len(captions), (n_classes,), generator=generator)
         )
@@ -127,4 +129,5 @@ def clean_accuracy(
     generator = torch.Generator().manual_seed(seed_for(seed, "pretrain-test"))
     labels = torch.arange(len(world.class_names)).repeat_interleave(per_class)
     images = normalize_images(render(world, domain, "pretrain", labels, generator), mean, std)
-    return accuracy(model.encode_image(images), labels, zeroshot_prototypes(tower, world.class_names, captions))
+    features = model.encode_image(images.to(tower.device)).cpu()
+    return accuracy(features, labels, zeroshot_prototypes(tower, world.class_names, captions))

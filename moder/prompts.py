@@ -57,7 +57,8 @@ def encode_prototypes(
     class_expert: Tensor | None = None,
     chunk_classes: int | None = None,
 ) -> Tensor:
-    """L2-normalised mean of each class's normalised prompt embeddings -> [n_classes, d].
+    """L2-normalised mean of each class's normalised prompt embeddings -> [n_classes, d], on the CPU
+    whatever the tower's device (the image features they meet are stored there).
 
     With experts, class c is encoded by expert row `class_expert[c]`. `chunk_classes` bounds
     memory for no-grad encodings (see `classes_per_chunk`); None encodes every class in one forward.
@@ -70,7 +71,7 @@ def encode_prototypes(
         index = None if class_expert is None else class_expert[classes]
         embeddings = tower.encode(chunk.tokens, experts, index, sequences_per_expert=prompts.per_class)
         parts.append(embeddings.view(len(classes), prompts.per_class, -1).mean(dim=1))
-    return F.normalize(torch.cat(parts), dim=-1)
+    return F.normalize(torch.cat(parts), dim=-1).cpu()
 
 
 @torch.no_grad()

@@ -149,7 +149,8 @@ class TextTower:
                     f"expert_index must give one expert row per {sequences_per_expert} sequence(s), "
                     f"for {tokens.shape[0]} sequences"
                 )
-            group = experts.select(expert_index.to(self.device))
+            # experts and prototypes stay on the CPU (hub, training state); only the rows in use travel
+            group = experts.select(expert_index).to(self.device)
         length = self.sequence_length(tokens) if truncate else tokens.shape[1]
         tokens = tokens[:, :length]
         x = self.token_embedding(tokens).to(self.cast_dtype)

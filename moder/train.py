@@ -107,8 +107,9 @@ def _train(
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
     trainable = experts.with_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    features = F.normalize(features.float(), dim=-1).to(tower.device)
-    labels = labels.to(tower.device)
+    # the loss runs on the CPU, where encode_prototypes returns the prototypes, whatever the tower's device
+    features = F.normalize(features.float(), dim=-1).cpu()
+    labels = labels.cpu()
     centroids = class_centroids(features, labels, prompts.n_classes) if config.align > 0 else None
     steps_per_epoch = math.ceil(features.shape[0] / config.batch_size)
     losses: list[float] = []

@@ -68,3 +68,17 @@ def test_batched_context_experts_equal_per_class_loop(tower, context_factory):
             prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), torch.zeros(1, dtype=torch.long)
         )
         assert torch.allclose(batched[c : c + 1], looped, atol=1e-5, rtol=0)
+
+
+def test_experts_moved_to_a_device_pass_gradients_back_to_the_originals():
+    """TextTower.encode moves the experts in use to its device; training's parameters stay where they were."""
+    from moder.experts import LoraExperts
+
+    a = {"0.attn_out": torch.randn(2, 1, 4, requires_grad=True)}
+    b = {"0.attn_out": torch.randn(2, 4, 1, requires_grad=True)}
+    experts = LoraExperts(a, b, 2.0)
+    moved = experts.select(torch.tensor([1])).to("cpu")
+    assert torch.equal(moved.a["0.attn_out"], a["0.attn_out"][1:]) and moved.scaling == 2.0
+    (moved.a["0.attn_out"].sum() + 2 * moved.b["0.attn_out"].sum()).backward()
+    assert a["0.attn_out"].grad[0].abs().sum() == 0 and torch.equal(a["0.attn_out"].grad[1], torch.ones(1, 4))
+    assert torch.equal(b["0.attn_out"].grad[1], torch.full((4, 1), 2.0))
