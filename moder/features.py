@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchvision import transforms
 from tqdm.auto import tqdm
 
 from moder.clip import LoadedClip, OpenClipModel
@@ -54,23 +55,59 @@ class FeatureTable:
 
 @torch.no_grad()
 def encode_images(
-    model: OpenClipModel, batches: Iterable[Tensor], device: str = "cpu", precision: Precision = "fp32"
+    model: OpenClipModel,
+    batches: Iterable[Tensor],
+    device: str = "cpu",
+    precision: Precision = "fp32",
+    finish: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """L2-normalised image features of every batch, in order, as float32 on the CPU.
 
-    `batches` are preprocessed image tensors (a DataLoader's, or chunks of rendered images);
-    with bf16/fp16 the image tower runs under autocast, the normalisation in float32.
+    `batches` are preprocessed image tensors (a DataLoader's, or chunks of rendered images), or, with
+    `finish`, what `finish` completes on the device (see `UintPreprocess`); with bf16/fp16 the image
+    tower runs under autocast, the normalisation in float32.
     """
     device_type = torch.device(device).type
     out = []
     for images in batches:
         images = images.to(device, non_blocking=True)
+        if finish is not None:
+            images = finish(images)
         with torch.autocast(device_type, dtype=_AUTOCAST.get(precision), enabled=precision != "fp32"):
             features = model.encode_image(images)
         out.append(F.normalize(features.float(), dim=-1).cpu())
     if not out:  # torch.cat's own message ("expected a non-empty list") does not say what was empty
         raise ValueError("encode_images: no batches of images to encode")
     return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class UintPreprocess:
+    """open_clip's preprocess cut before its float conversion: DataLoader workers hand over uint8 images,
+    a quarter of float32's bytes (at ViT-B-16's 224 px, 154 MB per batch of 256 become 39 MB through
+    shared memory, pinning and the copy to the GPU, which bounded extraction; BENCHMARKS.md), and the
+    division by 255 and the normalisation run on the device, the same float32 operations as
+    ToTensor + Normalize."""
+
+    to_uint8: Callable[[Any], Tensor]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def of(cls, preprocess: Callable | None) -> UintPreprocess | None:
+        """The cut of a Compose ending in ToTensor (open_clip's MaybeToTensor is one) and Normalize; None
+        for any other transform, which then runs whole in the workers."""
+        if not isinstance(preprocess, transforms.Compose) or len(preprocess.transforms) < 2:
+            return None
+        *head, to_tensor, normalize = preprocess.transforms
+        if not (isinstance(to_tensor, transforms.ToTensor) and isinstance(normalize, transforms.Normalize)):
+            return None
+        to_uint8 = transforms.Compose([*head, transforms.PILToTensor()])
+        return cls(to_uint8, tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)))
+
+    def finish(self, images: Tensor) -> Tensor:
+        images = images.float().div(255)
+        return transforms.functional.normalize(images, list(self.mean), list(self.std))
 
 
 @dataclass(frozen=True)
@@ -125,7 +162,11 @@ def encode_image_split(
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Features and labels of the decodable images of `data` (`where` names it in errors), and the
     undecodable images skipped: none unless `skip_bad_images`, else the first fails naming it (and
-    `skip_hint` says how to skip instead). `data` carries its preprocessing (ImageSplit.with_transform)."""
+    `skip_hint` says how to skip instead). `data` carries its preprocessing (ImageSplit.with_transform);
+    open_clip's is finished on the device (UintPreprocess)."""
+    cut = UintPreprocess.of(data.transform)
+    if cut is not None:
+        data = data.with_transform(cut.to_uint8)
     loader = DataLoader(
         _Decoded(data),
         batch_size=batch_size,
@@ -147,7 +188,7 @@ def encode_image_split(
         if not labels:
             raise DatasetFormatError(f"none of the {len(data)} images of {where} can be decoded, e.g. {skipped[0]}")
 
-    features = encode_images(model, batches(), device, precision)
+    features = encode_images(model, batches(), device, precision, None if cut is None else cut.finish)
     return features, torch.cat(labels), skipped
 
 

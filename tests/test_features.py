@@ -54,3 +54,41 @@ def test_select_keeps_a_tasks_rows_labelled_by_position():
     vectors, labels = _table().select([2, 0])
     assert labels.tolist() == [1, 1, 0, 0]  # rows of class 0 then class 2, in file order
     assert torch.equal(vectors, _table().vectors[[0, 1, 4, 5]])
+
+
+def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(clip, tmp_path):
+    """encode_image_split hands uint8 images to the device and normalises there (UintPreprocess):
+    bit for bit what open_clip's whole preprocess in the workers gives."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from moder.datasets import ImageSplit
+    from moder.features import UintPreprocess, encode_image_split, encode_images
+
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for i, size in enumerate([(40, 30), (17, 50), (64, 64), (33, 21), (90, 45)]):
+        pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+        files.append(tmp_path / f"{i}.png")
+        Image.fromarray(pixels.numpy()).save(files[-1])
+    data = ImageSplit([str(f) for f in files], [0, 1, 0, 1, 0], ["a", "b"], transform=clip.preprocess)
+    cut = UintPreprocess.of(clip.preprocess)
+    assert cut is not None and cut.mean == tuple(clip.identity.mean)
+    image = data.read(data.images[0])
+    assert cut.to_uint8(image).dtype == torch.uint8
+    assert torch.equal(cut.finish(cut.to_uint8(image)[None])[0], clip.preprocess(image))
+    whole = encode_images(clip.model, torch.stack([data[i][0] for i in range(len(data))]).split(2))
+    features, labels, skipped = encode_image_split(
+        clip.model,
+        data,
+        batch_size=2,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        skip_bad_images=False,
+        where="test",
+        skip_hint="",
+    )
+    assert torch.equal(features, whole) and labels.tolist() == [0, 1, 0, 1, 0] and skipped == []
+    assert UintPreprocess.of(transforms.Compose([transforms.ToTensor()])) is None
+    assert UintPreprocess.of(lambda image: image) is None
