@@ -5,17 +5,22 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint bench clean compare
+.PHONY: venv run test lint bench clean compare plots figures
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $@
 
-venv: $(STAMP)
+# `dvc plots show` fills this page (.dvc/config: plots.html_template): the vega libraries inlined, no CDN
+PLOTS_PAGE := .dvc/offline-plots.html
+$(PLOTS_PAGE): $(STAMP) scripts/plots.py
+	$(BIN)/python scripts/plots.py template --out $@
+
+venv: $(STAMP) $(PLOTS_PAGE)
 
 # DVC runs each stage's `python -m stages.<name>`: the environment's python must come first on PATH.
-run: $(STAMP)
+run: $(STAMP) $(PLOTS_PAGE)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m stages.report --summary-only --reports reports
 
@@ -27,6 +32,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# The plots of the last run: dvc_plots/index.html (offline), and PNG renders for README (docs/figures/).
+plots: $(STAMP) $(PLOTS_PAGE)
+	$(BIN)/dvc plots show
+
+figures: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python scripts/plots.py figures --out docs/figures
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/text_truncation.py

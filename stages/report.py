@@ -72,15 +72,34 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
 
 
 def step_curves(tasks: list[str], matrices: dict[str, np.ndarray]) -> dict[str, list[list]]:
-    """Mean accuracy after each step over the tasks already trained ("seen") and those not yet ("unseen")."""
+    """Mean accuracy after each step over the tasks already trained ("seen") and those not yet ("unseen"),
+    one row per step and method (the plots colour by method)."""
     curves = {}
     for name, columns in (("seen", lambda i: slice(0, i + 1)), ("unseen", lambda i: slice(i + 1, None))):
-        rows: list[list] = [["step", "task", *METHODS]]
+        rows: list[list] = [["step", "method", "accuracy"]]
         for i, step in enumerate(tasks):
             if columns(i).start < len(tasks):
-                rows.append([i + 1, step, *(f"{matrices[m][i, columns(i)].mean():.2f}" for m in METHODS)])
+                rows += [[f"{i + 1}. {step}", m, f"{matrices[m][i, columns(i)].mean():.2f}"] for m in METHODS]
         curves[name] = rows
     return curves
+
+
+def accuracy_cells(tasks: list[str], matrices: dict[str, np.ndarray]) -> tuple[list[dict], list[dict]]:
+    """The heatmaps' data: every method's accuracy per (step, task), and MoDER minus zero-shot per (step, task)."""
+    label = [f"{i + 1}. {task}" for i, task in enumerate(tasks)]
+    cells = [
+        {"method": m, "step": label[i], "task": label[j], "accuracy": float(a[i, j])}
+        for m, a in matrices.items()
+        for i in range(len(tasks))
+        for j in range(len(tasks))
+    ]
+    gain = matrices["moder"] - matrices["zeroshot"]
+    deltas = [
+        {"step": label[i], "task": label[j], "delta": round(float(gain[i, j]), 2)}
+        for i in range(len(tasks))
+        for j in range(len(tasks))
+    ]
+    return cells, deltas
 
 
 def read_hub_cost(params: Params, hub: Path, experts: Path) -> HubCost:
@@ -111,16 +130,12 @@ def report(
         "hub": {"classes": cost.classes, "parameters": cost.parameters, "megabytes": round(cost.bytes / 1e6, 2)},
     }
     tasks = list(params.tasks)
-    cells = [
-        {"method": m, "step": f"{i + 1}. {tasks[i]}", "task": f"{j + 1}. {tasks[j]}", "accuracy": float(a[i, j])}
-        for m, a in matrices.items()
-        for i in range(len(tasks))
-        for j in range(len(tasks))
-    ]
+    cells, deltas = accuracy_cells(tasks, matrices)
     curves = step_curves(tasks, matrices)
     contents = {
         metrics: json.dumps(figures, indent=2) + "\n",
         reports / "accuracy.json": json.dumps(cells, indent=1) + "\n",
+        reports / "delta.json": json.dumps(deltas, indent=1) + "\n",
         reports / "seen.csv": csv_text(curves["seen"]),
         reports / "unseen.csv": csv_text(curves["unseen"]),
         reports / "unseen_classes.csv": csv_text(unseen_class_rows(params, unseen)),
@@ -209,7 +224,7 @@ def settings_line(params: Params) -> str:
 
 
 def main() -> None:
-    cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, seen.csv, unseen.csv)"))
+    cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, delta.json, seen.csv, ...)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
     cli.add_argument("--finetune", type=Path, help="the finetune baseline's evaluation rows (.parquet)")
     cli.add_argument(

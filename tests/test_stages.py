@@ -84,12 +84,22 @@ def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_
     cells = json.loads((root / "reports" / "accuracy.json").read_text())
     assert len(cells) == 4 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
     methods = ("zeroshot", "finetune", "oracle", "moder")
-    seen = [",".join(f"{matrices[m][i, : i + 1].mean():.2f}" for m in methods) for i in range(2)]
-    assert (root / "reports" / "seen.csv").read_text() == (
-        f"step,task,{','.join(methods)}\n1,a,{seen[0]}\n2,b,{seen[1]}\n"
+    seen = "".join(
+        f"{i + 1}. {t},{m},{matrices[m][i, : i + 1].mean():.2f}\n" for i, t in enumerate("ab") for m in methods
     )
-    unseen = ",".join(f"{matrices[m][0, 1]:.2f}" for m in methods)
-    assert (root / "reports" / "unseen.csv").read_text() == f"step,task,{','.join(methods)}\n1,a,{unseen}\n"
+    assert (root / "reports" / "seen.csv").read_text() == "step,method,accuracy\n" + seen
+    unseen = "".join(f"1. a,{m},{matrices[m][0, 1]:.2f}\n" for m in methods)
+    assert (root / "reports" / "unseen.csv").read_text() == "step,method,accuracy\n" + unseen
+    deltas = json.loads((root / "reports" / "delta.json").read_text())
+    assert (
+        deltas[1]
+        == {
+            "step": "1. a",
+            "task": "2. b",
+            "delta": round(float(matrices["moder"][0, 1] - matrices["zeroshot"][0, 1]), 2),
+        }
+        and len(deltas) == 4
+    )
 
 
 def test_same_seed_gives_identical_metrics(mtil_run, tmp_path):
