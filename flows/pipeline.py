@@ -17,17 +17,15 @@ the stage, the slice of params it reads and the digest of its code — both reso
 by DVC itself, so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
 """
 
-from __future__ import annotations
-
 import hashlib
 import json
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from dvc.dependency.param import ParamsDependency
 from dvc.fs import MemoryFileSystem
 from dvc.repo import Repo
@@ -38,7 +36,7 @@ from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
-from moder.params import Params, parse_params
+from moder.params import Params, ParamsError, load_params, parse_params
 from stages.backbone import backbone
 from stages.check_params import check_datasets
 from stages.common import USER_ERRORS
@@ -184,6 +182,7 @@ def stage_task(call: StageCall) -> Task:
 # persist_result=False: the returned metrics stay in memory, nothing is left for a client to unpickle later.
 @flow(name="moder-pipeline", log_prints=True, persist_result=False)
 def moder_pipeline(
+    params: Params | None = None,
     params_path: str = "params.yaml",
     out_dir: str = "out/prefect",
     dvc_yaml: str = "dvc.yaml",
@@ -192,11 +191,13 @@ def moder_pipeline(
     """backbone -> extract per dataset -> train per dataset (in parallel) and the finetune baseline
     -> hub per step -> evaluate per step -> report.
 
-    Stage outputs and the cache live in `store` (a local path or any fsspec URL; every task runner
-    worker must reach it). Writes metrics.json and reports/ under `out_dir` and returns the metrics.
+    `params`: every setting of params.yaml, typed (the run's Parameters tab shows them, and a deployment
+    run can change any from the form); None reads them from `params_path`. Stage outputs and the cache
+    live in `store` (a local path or any fsspec URL; every task runner worker must reach it). Writes
+    metrics.json and reports/ under `out_dir` and returns the metrics.
     """
-    params_data = yaml.safe_load(Path(params_path).read_text())
-    params = parse_params(params_data, params_path)
+    if params is None:
+        params = load_params(params_path)
     check_datasets(params)  # a missing dataset fails the run here, before any stage
     params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
     calls = stage_calls(Path(dvc_yaml), params_data)
@@ -291,8 +292,13 @@ def main() -> None:
     parser.add_argument("--dask-workers", type=int, default=None, help="fan out over a local Dask cluster")
     parser.add_argument("--dask-address", default=None, help="or over an existing one, e.g. tcp://host:8786")
     args = parser.parse_args()
+    try:
+        params = load_params(args.params)
+    except ParamsError as error:
+        sys.exit(f"error: {error}")
     pipeline = with_task_runner(moder_pipeline, args.dask_workers, args.dask_address)
-    pipeline(params_path=args.params, out_dir=args.out, store=args.store)
+    # the settings themselves, not the file's name, so the run's Parameters tab shows what ran
+    pipeline(params=params, params_path=args.params, out_dir=args.out, store=args.store)
 
 
 if __name__ == "__main__":

@@ -62,11 +62,13 @@ def _task_runs(state) -> list:
         )
 
 
-def _run(params_path: Path, out: Path, store: Path, **runner) -> tuple[dict, dict[str, str]]:
-    """Run the flow in this process; return its metrics and {task run name: final state name}."""
+def _run(params_path: Path | None, out: Path, store: Path, params=None, **runner) -> tuple[dict, dict[str, str]]:
+    """Run the flow in this process (settings from `params_path`, or typed `params`); return its metrics and
+    {task run name: final state name}."""
     from flows.pipeline import moder_pipeline, with_task_runner
 
     state = with_task_runner(moder_pipeline, **runner)(
+        params=params,
         params_path=str(params_path),
         out_dir=str(out),
         store=str(store),
@@ -75,6 +77,20 @@ def _run(params_path: Path, out: Path, store: Path, **runner) -> tuple[dict, dic
     )
     assert state.is_completed(), state.message
     return state.result(), {run.name: run.state.name for run in _task_runs(state)}
+
+
+def _latest_flow_run_parameters(deployment: str | None = None) -> dict:
+    """The parameters of the latest flow run (of `deployment`, "flow/name"), as Prefect's API stores them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        deployments = (
+            None if deployment is None else DeploymentFilter(name=DeploymentFilterName(any_=[deployment.split("/")[1]]))
+        )
+        (run,) = client.read_flow_runs(deployment_filter=deployments, sort=FlowRunSort.START_TIME_DESC, limit=1)
+        return run.parameters
 
 
 def _artifacts(keys: tuple[str, ...]) -> list:
@@ -148,6 +164,15 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     _, states = _run(_write(tmp_path / "k2.yaml", other_k), tmp_path / "run4", store)
     assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"} | hubs
 
+    # typed settings instead of a file: they drive the run and its Parameters carry every one of them
+    from moder.params import parse_params
+
+    typed = parse_params({**other_k, "retrieval": {**other_k["retrieval"], "k": 1}})
+    _, states = _run(None, tmp_path / "run5", store, params=typed)
+    assert _executed(states) == {"evaluate@a", "evaluate@b", "evaluate@c", "report"} | hubs
+    recorded = _latest_flow_run_parameters()["params"]
+    assert recorded == typed.model_dump(mode="json") and recorded["retrieval"]["k"] == 1
+
 
 def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
     from flows.pipeline import stage_calls
@@ -172,14 +197,17 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
 
 
 def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
+    from moder.params import parse_params
+
     root, _ = project
     env = {**server["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("w")  # what the served run printed, for the failure message
     serving = subprocess.Popen(
         [sys.executable, "-m", "flows.serve", "--name", "test"],
         cwd=root,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -200,8 +228,11 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
             if "not found" not in (result.stdout + result.stderr).lower():
                 break
             time.sleep(1)
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "serve.log").read_text()[-3000:]
         assert "Completed" in result.stdout
+        # the deployment offers the file's settings, typed: the run's Parameters show them
+        recorded = _latest_flow_run_parameters("moder-pipeline/test")["params"]
+        assert recorded == parse_params(yaml.safe_load((root / "params.yaml").read_text())).model_dump(mode="json")
         assert json.loads((out / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
         # the flow builds the same hubs, byte for byte: their digests name blobs in its store
         for step in ("a", "b"):
@@ -210,6 +241,7 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
     finally:
         serving.terminate()
         serving.wait(timeout=30)
+        log.close()
 
 
 def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path):
