@@ -19,6 +19,7 @@ by DVC itself, so DVC and Prefect invalidate the same things — plus the digest
 
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from prefect.states import Completed, State
 
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
 from moder.params import Params, ParamsError, load_params, parse_params
+from moder.progress import LogLines
 from stages.backbone import backbone
 from stages.check_params import check_datasets
 from stages.common import USER_ERRORS
@@ -73,13 +75,14 @@ class StageRun:
     paths: tuple[str, ...]  # the function's path arguments
     outputs: tuple[str, ...]  # what it writes, to store
     gpu: bool = True  # uses the accelerator: tagged `gpu`
+    progress: bool = False  # takes `progress`: its bars go to the task's log, not the terminal
 
 
 _MODEL = "backbone/clip.safetensors"
 STAGE_RUNS: dict[str, StageRun] = {
-    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports")),
+    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports"), progress=True),
     "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
-    "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",)),
+    "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",), progress=True),
     "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
     "hub": StageRun(hub, (_MODEL, "features", "experts", "hub/{key}.parquet"), ("hub/{key}.parquet",), gpu=False),
     "evaluate": StageRun(
@@ -162,8 +165,10 @@ def run_stage(
             artifacts.materialise(artifact, root, name)
         keys = [call.name] if call.name else []  # a foreach stage takes its key after params
         paths = [root / path.format(key=call.name) for path in run.paths]
+        # concurrent tasks' bars on one terminal garble it: each task logs its own progress instead
+        quiet = {"progress": LogLines(get_run_logger())} if run.progress else {}
         try:
-            run.function(params, *keys, *paths)
+            run.function(params, *keys, *paths, **quiet)
         except Exception as error:
             sources = ", ".join(f"{name} ({artifact.digest[:12]})" for name, artifact in sorted(inputs.items()))
             message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
@@ -263,12 +268,20 @@ def publish_results(params: Params, metrics: dict, out: Path) -> None:
     )
 
 
-def with_task_runner(pipeline: Any, dask_workers: int | None = None, dask_address: str | None = None) -> Any:
+def with_task_runner(
+    pipeline: Any,
+    dask_workers: int | None = None,
+    dask_address: str | None = None,
+    dask_log_level: int | str = logging.WARNING,
+) -> Any:
     """The flow on Prefect's default thread pool, or fanned out over a Dask cluster (local or remote)."""
     if dask_workers is None and dask_address is None:
         return pipeline
     from prefect_dask import DaskTaskRunner
 
+    # the scheduler and nannies of a local cluster log every start, stop and connection at INFO through
+    # Prefect's handlers (about 35 lines a run); their warnings and errors still show
+    logging.getLogger("distributed").setLevel(dask_log_level)
     if dask_address is not None:
         return pipeline.with_options(task_runner=DaskTaskRunner(address=dask_address))
     return pipeline.with_options(
@@ -291,12 +304,13 @@ def main() -> None:
     )
     parser.add_argument("--dask-workers", type=int, default=None, help="fan out over a local Dask cluster")
     parser.add_argument("--dask-address", default=None, help="or over an existing one, e.g. tcp://host:8786")
+    parser.add_argument("--dask-log-level", default="WARNING", help="of Dask's own loggers (default: WARNING)")
     args = parser.parse_args()
     try:
         params = load_params(args.params)
     except ParamsError as error:
         sys.exit(f"error: {error}")
-    pipeline = with_task_runner(moder_pipeline, args.dask_workers, args.dask_address)
+    pipeline = with_task_runner(moder_pipeline, args.dask_workers, args.dask_address, args.dask_log_level.upper())
     # the settings themselves, not the file's name, so the run's Parameters tab shows what ran
     pipeline(params=params, params_path=args.params, out_dir=args.out, store=args.store)
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from moder.clip import OpenClipModel
 from moder.metrics import accuracy
+from moder.progress import Progress, progress_bar
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 from moder.train import TrainingDiverged
@@ -64,7 +64,7 @@ def pretrain_clip(
     *,
     mean: tuple[float, ...],
     std: tuple[float, ...],
-    progress: bool = False,
+    progress: Progress = False,
 ) -> PretrainResult:
     """Train every weight of `model` in place; images are rendered afresh at every step.
 
@@ -82,7 +82,7 @@ def pretrain_clip(
     n_classes = len(world.class_names)
     device = tower.device  # images are rendered on the CPU and go to the model
     losses: list[float] = []
-    for step in tqdm(range(config.steps), desc="pretrain CLIP", disable=not progress):
+    for step in progress_bar(progress, range(config.steps), desc="pretrain CLIP"):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, config)
         labels = torch.randint(n_classes, (config.batch_size,), generator=generator)

@@ -10,9 +10,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from moder.experts import Experts
+from moder.progress import Progress, progress_bar
 from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
 from moder.text import TextTower
 
@@ -61,7 +61,7 @@ def train_experts(
     negatives: Tensor | None = None,
     anchors: tuple[Tensor, Tensor] | None = None,
     rows: Tensor | None = None,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> TrainResult:
     """Cross-entropy over the task's classes, logits = scale * cosine(image, prototype).
 
@@ -101,7 +101,7 @@ def _train(
     negatives: Tensor | None,
     anchors: tuple[Tensor, Tensor] | None,
     class_rows: Tensor,
-    progress: bool,
+    progress: Progress,
 ) -> TrainResult:
     generator = torch.Generator().manual_seed(config.seed)
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
@@ -113,7 +113,7 @@ def _train(
     centroids = class_centroids(features, labels, prompts.n_classes) if config.align > 0 else None
     steps_per_epoch = math.ceil(features.shape[0] / config.batch_size)
     losses: list[float] = []
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc="train experts", disable=not progress, leave=False)
+    bar = progress_bar(progress, total=config.epochs * steps_per_epoch, desc="train experts", leave=False)
     for _ in range(config.epochs):
         order = torch.randperm(features.shape[0], generator=generator)
         for start in range(0, features.shape[0], config.batch_size):

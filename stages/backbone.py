@@ -14,11 +14,12 @@ from moder.clip import LoadedClip, ModelLoadError, load_clip, save_backbone
 from moder.io import atomic_path
 from moder.params import Params
 from moder.pretrain import pretrain_clip
+from moder.progress import Progress
 from moder.text import TextTower
 from stages.common import parser, run_cli
 
 
-def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
+def backbone(params: Params, out: Path, summary: Path, progress: Progress = True) -> LoadedClip:
     model = params.model
     if model.pretrained or model.checkpoint:
         clip = load_clip(
@@ -47,7 +48,7 @@ def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
             params.pretrain.config(params.seed),
             mean=clip.identity.mean,
             std=clip.identity.std,
-            progress=True,
+            progress=progress,
         )
         source = f"pretrained on the embedded world, seed {params.seed}"
         figures = {"clean_zeroshot_accuracy": round(result.accuracy, 2), "final_loss": round(result.losses[-1], 4)}

@@ -17,6 +17,7 @@ from moder.factory import ExpertFactory
 from moder.features import FeatureTable
 from moder.io import atomic_directory
 from moder.params import Params, ParamsError
+from moder.progress import Progress
 from moder.tasks import Task, dataset_tasks
 from moder.text import TextTower
 from moder.train import class_centroids, prototype_offsets, train_experts
@@ -46,7 +47,9 @@ def anchors_for(earlier: list[Task], centroids: dict[int, torch.Tensor]) -> tupl
     return torch.stack([centroids[c] for c in trained]), torch.arange(len(trained))
 
 
-def train(params: Params, dataset: str, model: Path, features: Path, out: Path) -> dict[str, Experts]:
+def train(
+    params: Params, dataset: str, model: Path, features: Path, out: Path, progress: Progress = True
+) -> dict[str, Experts]:
     """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/split-<i>.safetensors per split."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
@@ -74,6 +77,7 @@ def train(params: Params, dataset: str, model: Path, features: Path, out: Path) 
                 centroids,
                 identity,
                 expert_file(directory, task.step),
+                progress,
             )
     return trained
 
@@ -90,6 +94,7 @@ def _train_task(
     centroids: dict[int, torch.Tensor],
     identity: str,
     out: Path,
+    progress: Progress,
 ) -> Experts:
     """One task's experts, written to `out`; `stored` gains their classes' prototypes and `centroids` their
     mean image features (kept in memory for the dataset's later splits only: statistics, not images)."""
@@ -108,7 +113,7 @@ def _train_task(
         zeroshot=zeroshot,
         negatives=negatives_for(params, task, earlier, stored, classes),
         anchors=anchors_for(earlier, centroids),
-        progress=True,
+        progress=progress,
     )
     centroids.update(zip(task.classes, class_centroids(task_features.float(), labels, len(names)), strict=True))
     own = expert_prototypes(tower, prompts, result.experts)

@@ -64,7 +64,7 @@ def _task_runs(state) -> list:
 
 def _run(params_path: Path | None, out: Path, store: Path, params=None, **runner) -> tuple[dict, dict[str, str]]:
     """Run the flow in this process (settings from `params_path`, or typed `params`); return its metrics and
-    {task run name: final state name}."""
+    {task run name: final state name}. Its log messages are kept in `_run.logs`."""
     from flows.pipeline import moder_pipeline, with_task_runner
 
     state = with_task_runner(moder_pipeline, **runner)(
@@ -76,6 +76,7 @@ def _run(params_path: Path | None, out: Path, store: Path, params=None, **runner
         return_state=True,
     )
     assert state.is_completed(), state.message
+    _run.logs = _log_messages(state)
     return state.result(), {run.name: run.state.name for run in _task_runs(state)}
 
 
@@ -91,6 +92,19 @@ def _latest_flow_run_parameters(deployment: str | None = None) -> dict:
         )
         (run,) = client.read_flow_runs(deployment_filter=deployments, sort=FlowRunSort.START_TIME_DESC, limit=1)
         return run.parameters
+
+
+def _log_messages(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()  # logs reach the server in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
+    return [log.message for log in logs]
 
 
 def _artifacts(keys: tuple[str, ...]) -> list:
@@ -133,6 +147,10 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     }
     assert set(states) == everything and _executed(states) == everything
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
+    # progress bars went to the tasks' logs as plain lines (no terminal codes), the last one complete
+    bars = [m for m in _run.logs if m.startswith(("pretrain CLIP", "train experts"))]
+    assert any(m.startswith("pretrain CLIP: 100%") for m in bars), _run.logs
+    assert any(m.startswith("train experts: 100%") for m in bars) and not any("\x1b" in m or "\r" in m for m in bars)
 
     again, states = _run(params, tmp_path / "run2", store)
     assert again == first and _executed(states) == set() and set(states.values()) == {"Cached"}
@@ -244,11 +262,13 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
         log.close()
 
 
-def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path):
+def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
     root, _ = project
     # a new store, so nothing is cached: every task runs on the workers
     metrics, states = _run(root / "params.yaml", tmp_path / "dask", tmp_path / "store", dask_workers=2)
     assert _executed(states) == set(states) and len(states) == 11  # 9 stages and the two hubs
+    console = "".join(capfd.readouterr())
+    assert "| INFO    | distributed." not in console  # Dask's INFO chatter is off (was ~35 lines)
     assert metrics == json.loads((root / "metrics.json").read_text())
 
 
