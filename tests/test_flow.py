@@ -389,3 +389,53 @@ def test_only_transient_failures_are_retried():
     assert not _retry_unless_user_error(None, None, Failed(data=ParamsError("bad key")))
     assert not _retry_unless_user_error(None, None, Failed(data=FeatureFileError("made by another model")))
     assert not _retry_unless_user_error(None, None, Failed(data=StoreError("blob x does not match its digest")))
+
+
+def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(server, project, tmp_path):
+    """prefect.yaml as a user runs it: create the pool, `prefect deploy`, a process worker in the checkout."""
+    from prefect.client.orchestration import get_client
+
+    root, _ = project
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    bin_dir = Path(sys.executable).parent
+    env = {**server["env"], "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    prefect_cli = str(bin_dir / "prefect")
+
+    def cli(*args: str, **extra: str) -> str:
+        done = subprocess.run([prefect_cli, *args], cwd=root, env={**env, **extra}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    cli("work-pool", "create", "moder-gpu", "--type", "process")
+    cli("--no-prompt", "deploy", "--name", "moder-gpu", MODER_HOME=str(root))  # the checkout on the workers
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("moder-pipeline/moder-gpu")
+    assert deployment.work_pool_name == "moder-gpu" and deployment.entrypoint == "flows/pipeline.py:moder_pipeline"
+    assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [prefect_cli, "worker", "start", "--pool", "moder-gpu"],
+        cwd=tmp_path,  # not the checkout: the deployment's pull step goes there
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        out = tmp_path / "pooled"
+        output = cli(
+            "deployment",
+            "run",
+            "moder-pipeline/moder-gpu",
+            "--param",
+            f"out_dir={out}",
+            "--param",
+            f"store={tmp_path / 'store'}",
+            "--watch",
+        )
+        assert "Completed" in output, output + (tmp_path / "worker.log").read_text()[-3000:]
+        assert json.loads((out / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
