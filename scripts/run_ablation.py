@@ -19,10 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moder.io import atomic_path  # noqa: E402
 from moder.params import ParamsError  # noqa: E402
 from scripts.ablation_table import ROWS  # noqa: E402
-from scripts.run_suite import dvc, run_queued  # noqa: E402
+from scripts.run_suite import dvc, run_queued, write_table  # noqa: E402
 
 
 def main() -> None:
@@ -49,13 +48,7 @@ def main() -> None:
         show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
     except (subprocess.CalledProcessError, ParamsError) as error:
         sys.exit(f"error: {error}")
-    table = subprocess.run([sys.executable, "scripts/ablation_table.py"], input=show, text=True, capture_output=True)
-    sys.stderr.write(table.stderr)
-    if table.returncode != 0:
-        sys.exit(table.returncode)
-    with atomic_path(args.out) as temporary:
-        temporary.write_text(table.stdout)
-    print(f"wrote {args.out}")
+    write_table(["scripts/ablation_table.py"], show, args.out)
 
 
 if __name__ == "__main__":

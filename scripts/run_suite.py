@@ -71,6 +71,17 @@ def run_queued(experiments: list[Experiment], jobs: int) -> str:
     return rev
 
 
+def write_table(script: list[str], show: str, out: Path) -> None:
+    """`out` from a table script fed `dvc exp show --json` output; its complaints passed on, its failure ours."""
+    table = subprocess.run([sys.executable, *script], input=show, text=True, capture_output=True)
+    sys.stderr.write(table.stderr)
+    if table.returncode != 0:
+        sys.exit(table.returncode)
+    with atomic_path(out) as temporary:
+        temporary.write_text(table.stdout)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -91,15 +102,7 @@ def main() -> None:
         show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
     except (subprocess.CalledProcessError, ParamsError) as error:
         sys.exit(f"error: {error}")
-    table = subprocess.run(
-        [sys.executable, "scripts/suite_table.py", "--cases", *args.cases], input=show, text=True, capture_output=True
-    )
-    sys.stderr.write(table.stderr)
-    if table.returncode != 0:
-        sys.exit(table.returncode)
-    with atomic_path(args.out) as temporary:
-        temporary.write_text(table.stdout)
-    print(f"wrote {args.out}")
+    write_table(["scripts/suite_table.py", "--cases", *args.cases], show, args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,14 @@ def server(tmp_path_factory):
                 os.environ[key] = value
 
 
+def _start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Popen:
+    """A long-running process (serving runs, a worker), its output kept in `log` for failure messages."""
+    with log.open("w") as stream:  # the child holds its own copy of the descriptor
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def _write(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -219,15 +227,7 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
 
     root, _ = project
     env = {**server["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    log = (tmp_path / "serve.log").open("w")  # what the served run printed, for the failure message
-    serving = subprocess.Popen(
-        [sys.executable, "-m", "flows.serve", "--name", "test"],
-        cwd=root,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    serving = _start([sys.executable, "-m", "flows.serve", "--name", "test"], root, env, tmp_path / "serve.log")
     try:
         out = tmp_path / "served"
         command = [
@@ -259,7 +259,6 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
     finally:
         serving.terminate()
         serving.wait(timeout=30)
-        log.close()
 
 
 def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
@@ -412,15 +411,8 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(server, 
         deployment = client.read_deployment_by_name("moder-pipeline/moder-gpu")
     assert deployment.work_pool_name == "moder-gpu" and deployment.entrypoint == "flows/pipeline.py:moder_pipeline"
     assert deployment.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(root)}}]
-    log = (tmp_path / "worker.log").open("w")
-    worker = subprocess.Popen(
-        [prefect_cli, "worker", "start", "--pool", "moder-gpu"],
-        cwd=tmp_path,  # not the checkout: the deployment's pull step goes there
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # started outside the checkout: the deployment's pull step goes there
+    worker = _start([prefect_cli, "worker", "start", "--pool", "moder-gpu"], tmp_path, env, tmp_path / "worker.log")
     try:
         out = tmp_path / "pooled"
         output = cli(
@@ -438,4 +430,3 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(server, 
     finally:
         worker.terminate()
         worker.wait(timeout=30)
-        log.close()
