@@ -38,14 +38,16 @@ class SuiteTableError(ValueError):
 def experiments(nodes: object) -> Iterator[tuple[str, dict]]:
     """(name, data) of every experiment in `dvc exp show --json` output, at any depth (baseline commits
     and the workspace are not experiments: only entries under an `experiments` list count). A queued,
-    running or failed experiment has an executor and data that are not its results: it comes with none."""
+    running or failed experiment (its executor's state says so) has data that are not its results: it
+    comes with none. One run from the queue keeps an executor in state "success"."""
     if isinstance(nodes, list):
         for node in nodes:
             yield from experiments(node)
     elif isinstance(nodes, dict):
         for executor in nodes.get("experiments") or []:
             for rev in executor.get("revs") or []:
-                data = {} if executor.get("executor") else rev.get("data") or {}
+                state = (executor.get("executor") or {}).get("state")
+                data = rev.get("data") or {} if state in (None, "success") else {}
                 yield rev.get("name") or rev.get("rev", "?"), data
                 yield from experiments(rev)
 

@@ -34,7 +34,7 @@ SHOW = [
         "name": "main",
         "data": {},
         "experiments": [
-            _exp("embedded-mtil-moder-s0", "embedded-mtil", 60.0),
+            _exp("embedded-mtil-moder-s0", "embedded-mtil", 60.0, executor={"state": "success", "name": "dvc-task"}),
             _exp("embedded-mtil-moder-s1", "embedded-mtil", 70.0, timestamp="2026-11-25T05:00:00"),
             _exp("embedded-mtil-moder-s1", "embedded-mtil", 10.0),  # the same row and seed run earlier: superseded
             _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
