@@ -50,13 +50,18 @@ def queue(experiments: list[Experiment]) -> None:
             temporary.write_text(original)
 
 
-def wait_for_queue(poll: float = 20.0) -> None:
-    """Until no experiment is queued or running; a failed one is reported by the table as left out."""
-    while True:
-        status = dvc("queue", "status", capture=True)
-        if not any(state in status for state in ("Queued", "Running")):
-            return
+def wait_for_queue(jobs: int, poll: float = 20.0) -> None:
+    """Until nothing is queued or running in two polls in a row (between two tasks a worker can show
+    neither: once the ablation's table was written with experiments still queued). DVC's workers also
+    stop now and then with experiments still queued: those are started again. A failed experiment is
+    reported by the table as left out."""
+    quiet = 0
+    while quiet < 2:
         time.sleep(poll)
+        status = dvc("queue", "status", capture=True)
+        quiet = 0 if "Queued" in status or "Running" in status else quiet + 1
+        if "Queued" in status and "Running" not in status:
+            dvc("queue", "start", "-j", str(jobs))
 
 
 def run_queued(experiments: list[Experiment], jobs: int) -> str:
@@ -66,7 +71,7 @@ def run_queued(experiments: list[Experiment], jobs: int) -> str:
     started = time.monotonic()
     queue(experiments)
     dvc("queue", "start", "-j", str(jobs))
-    wait_for_queue()
+    wait_for_queue(jobs)
     print(f"{len(experiments)} experiments in {(time.monotonic() - started) / 60:.0f} min")
     return rev
 
