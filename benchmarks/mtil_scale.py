@@ -1,4 +1,4 @@
-"""Real scale: a real benchmark sequence's shapes through the DVC stage functions, on the CPU, with each stage's cost.
+"""Real scale: a real benchmark sequence's shapes through the DVC stage functions, with each stage's cost.
 
 `--sequence mtil-order1` (11 datasets, 1,201 classes) or `classil-imagenet-r` (200 classes, 80 templates,
 10 tasks). Real: ViT-B-16 (seeded random weights: time and memory do not depend on their values), every
@@ -6,7 +6,7 @@ dataset's catalog class names and CLIP templates, the preset's tasks, params.yam
 and composition settings, and the stage functions dvc.yaml runs (backbone, extract's prototypes, train,
 finetune, hub, evaluate, report), each in a fresh process as under DVC (benchmarks/_stage_runner.py).
 Generated: the image features (a few per class around each class's zero-shot prototype), so the image tower
-never runs.
+never runs. `--device cuda` runs the encoders on a GPU (model.device).
 
 Per stage: wall and CPU time, peak RSS, prompts the text tower encoded (with / without gradient), training
 steps. Then the experts' trainable parameters and size on disk, and ViT-B-16 expert sizes for each form
@@ -57,13 +57,18 @@ SHIFT, NOISE = 1.0, 0.5  # generated features: dataset shift and per-image noise
 
 
 def build_params(
-    sequence: str, work: Path, checkpoint: Path, epochs: int | None, templates_per_step: int | None = None
+    sequence: str,
+    work: Path,
+    checkpoint: Path,
+    epochs: int | None,
+    templates_per_step: int | None = None,
+    device: str = "cpu",
 ) -> Params:
-    """params.yaml with the preset's blocks, as stages.use_benchmark makes it, on a local ViT-B-16 on the CPU."""
+    """params.yaml with the preset's blocks, as stages.use_benchmark makes it, on a local ViT-B-16 on `device`."""
     data = yaml.safe_load((ROOT / "params.yaml").read_text())
     preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
     data.update({block: preset[block] for block in PRESET_BLOCKS})
-    data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": "cpu"}
+    data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": device}
     for spec in data["datasets"].values():  # validation wants a root; no image is read, the features are generated
         spec["root"] = str(work / "no-images")
     if epochs is not None:
@@ -211,7 +216,7 @@ def write_backbone(params: Params, model: Path) -> list[str]:
 def run_sequence(args: argparse.Namespace, work: Path) -> None:
     runner = StageRunner(args.memory_cap_gb)
     model, features, experts = work / "backbone.safetensors", work / "features", work / "experts"
-    params = build_params(args.sequence, work, model, args.epochs, args.templates_per_step)
+    params = build_params(args.sequence, work, model, args.epochs, args.templates_per_step, args.device)
     per_split = {"train": args.train_per_class, "test": args.test_per_class}
     print(describe_run(args, params, work))
     print(header("stage"))
@@ -259,8 +264,9 @@ def describe_run(args: argparse.Namespace, params: Params, work: Path) -> str:
             f"{params.train.batch_size}, templates per step {params.train.templates_per_step or 'all'}, "
             f"negatives {params.train.negatives}; retrieval k={params.retrieval.k}, "
             f"{params.composition.space}-space composition",
-            f"  generated features per class: {args.train_per_class} train, {args.test_per_class} test; CPU, "
-            f"{torch.get_num_threads()} torch threads; memory cap {cap}; work dir {work}",
+            f"  generated features per class: {args.train_per_class} train, {args.test_per_class} test; "
+            f"encoders on {params.model.device}, {torch.get_num_threads()} CPU threads; memory cap {cap}; "
+            f"work dir {work}",
             "  each stage in a fresh process (as under DVC); RSS: its peak (getrusage), imports included; "
             "s/step: inside train_experts",
         ]
@@ -342,6 +348,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--test-per-class", type=int, default=4, help="generated test features per class")
     parser.add_argument("--memory-cap-gb", type=float, default=8.0, help="memory cap per stage process (default 8)")
     parser.add_argument("--work", type=Path, help="working directory (default: a temporary one)")
+    parser.add_argument("--device", default="cpu", help="where the stages run their encoders (model.device)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary working directory")
     parser.add_argument(
         "--sizes-only", action="store_true", help="print the ViT-B-16 expert sizes of every form (no run) and stop"
