@@ -21,7 +21,7 @@ from torch import Tensor
 
 from moder.clip import LoadedClip, ModelIdentity, load_clip
 from moder.compose import seen_prototypes
-from moder.evaluation import EvaluationSettings, calibration_offset, compose_unseen, task_offsets
+from moder.evaluation import EvaluationSettings, calibration_offsets, compose_unseen
 from moder.factory import ExpertFactory, ExpertSpec
 from moder.features import encode_image_files
 from moder.hub import ExpertHub
@@ -121,11 +121,9 @@ class Classifier:
                     self.evaluation,
                 )
                 prototypes[unknown] = composed.prototypes
-        if self.evaluation.calibrate == "task" and known:  # as evaluation calibrates trained classes
-            offsets = task_offsets(self.hub)
-            bias[known] = -torch.tensor([offsets[own[i]] for i in known])  # type: ignore[index]
-        elif self.evaluation.calibrate == "mean" and known and unknown:
-            bias[known] = -calibration_offset(self.hub)
+        if known:  # trained classes lowered as evaluation lowers them
+            rows = [row for row in own if row is not None]
+            bias[known] = -torch.tensor(calibration_offsets(self.evaluation.calibrate, self.hub, rows))
         return Head(prototypes.T.contiguous(), bias, list(class_names))
 
     def prototypes(

@@ -138,7 +138,6 @@ def _build_prototypes(
     settings: EvaluationSettings,
 ) -> _Prototypes:
     own: dict[ClassKey, Tensor] = {}  # each class's own expert's prototype, as evaluation reads it
-    own_offsets: dict[ClassKey, float] = {}  # each class's task's mean offset
     for data, task in zip(sequence, trained, strict=True):
         if task.prototypes.shape != data.zeroshot.shape:
             raise ValueError(
@@ -146,7 +145,6 @@ def _build_prototypes(
                 f"for zero-shot prototypes {list(data.zeroshot.shape)}"
             )
         own.update(zip(_keys(data), task.prototypes, strict=True))
-        own_offsets.update(dict.fromkeys(_keys(data), task.offsets.float().mean().item()))
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
     zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
     own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.alpha) for key in seen}
@@ -162,18 +160,24 @@ def _build_prototypes(
         moder.update(zip(keys, composed.prototypes, strict=True))
         perfect = smooth_toward_zeroshot(torch.stack([own[key] for key in keys]), data.zeroshot, settings.alpha_unseen)
         oracle.update(zip(keys, perfect, strict=True))
-    offsets = calibration_offsets(settings.calibrate, seen, own_offsets, hub)
+    row = {key: r for r, key in enumerate(zip(hub.datasets, hub.class_names, strict=True))}  # the latest expert
+    offsets = dict(zip(seen, calibration_offsets(settings.calibrate, hub, [row[key] for key in seen]), strict=True))
     return _Prototypes(zeroshot, oracle, moder, retrieved, similarity, offsets)
 
 
-def calibration_offsets(
-    calibrate: Calibration, seen: list[ClassKey], task_offsets: dict[ClassKey, float], hub: ExpertHub
-) -> dict[ClassKey, float]:
-    """What each trained class's score is lowered by (see `Calibration`); `task_offsets` maps a class to
-    its task's mean offset."""
-    if calibrate == "task":
-        return {key: task_offsets[key] for key in seen}
-    return dict.fromkeys(seen, calibration_offset(hub) if calibrate == "mean" else 0.0)
+def calibration_offsets(calibrate: Calibration, hub: ExpertHub, rows: list[int]) -> list[float]:
+    """What the score of the trained class at each of the hub's `rows` is lowered by (see `Calibration`):
+    nothing, the mean offset over the hub's classes, or the mean over the class's task; means in float32,
+    as training stored the offsets. Evaluation and `moder classify` both calibrate through this."""
+    if calibrate == "none":
+        return [0.0] * len(rows)
+    if calibrate == "mean":
+        return [torch.tensor(hub.offsets, dtype=torch.float32).mean().item()] * len(rows)
+    groups: dict[tuple[int, str], list[float]] = {}
+    for step, task, offset in zip(hub.steps, hub.tasks, hub.offsets, strict=True):
+        groups.setdefault((step, task), []).append(offset)
+    means = {key: torch.tensor(values, dtype=torch.float32).mean().item() for key, values in groups.items()}
+    return [means[(hub.steps[r], hub.tasks[r])] for r in rows]
 
 
 @dataclass(frozen=True)
@@ -214,21 +218,6 @@ def compose_unseen(
 
 def _keys(data: TaskData) -> list[ClassKey]:
     return [(data.task.dataset, name) for name in data.class_names]
-
-
-def calibration_offset(hub: ExpertHub) -> float:
-    """One offset for every trained prototype, the mean over the hub's classes (their offsets in
-    float32, as training stored them): where only trained classes compete it changes nothing."""
-    return torch.tensor(hub.offsets, dtype=torch.float32).mean().item()
-
-
-def task_offsets(hub: ExpertHub) -> list[float]:
-    """Per hub row, the mean offset of its task's classes (float32, as evaluation computes it)."""
-    groups: dict[tuple[int, str], list[float]] = {}
-    for step, task, offset in zip(hub.steps, hub.tasks, hub.offsets, strict=True):
-        groups.setdefault((step, task), []).append(offset)
-    means = {key: torch.tensor(values, dtype=torch.float32).mean().item() for key, values in groups.items()}
-    return [means[key] for key in zip(hub.steps, hub.tasks, strict=True)]
 
 
 def _describe(composed: Composed, hub: ExpertHub) -> list[str]:

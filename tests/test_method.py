@@ -153,9 +153,7 @@ def test_own_tint_is_a_shift_no_other_domain_shares():
 
 
 def test_calibration_offsets_per_mode(hub):
-    seen = [("data", name) for name in CLASSES]
-    by_task = dict(zip(seen, [0.01] * 3 + [0.035] * 2, strict=True))
-    assert calibration_offsets("task", seen[1:4], by_task, hub) == {seen[1]: 0.01, seen[2]: 0.01, seen[3]: 0.035}
-    mean = calibration_offsets("mean", seen[:2], by_task, hub)
-    assert mean.keys() == {seen[0], seen[1]} and all(v == pytest.approx(0.02) for v in mean.values())
-    assert calibration_offsets("none", seen[:2], by_task, hub) == {seen[0]: 0.0, seen[1]: 0.0}
+    # hub rows 0-2: step 1 (offsets 0, 0.01, 0.02); rows 3-4: step 2 (0.03, 0.04)
+    assert calibration_offsets("task", hub, [1, 2, 3]) == pytest.approx([0.01, 0.01, 0.035])
+    assert calibration_offsets("mean", hub, [0, 4]) == pytest.approx([0.02, 0.02])
+    assert calibration_offsets("none", hub, [0, 1]) == [0.0, 0.0] and calibration_offsets("mean", hub, []) == []
