@@ -25,26 +25,27 @@ from moder.world import seed_for
 from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_cli
 
 
-def negatives_for(
-    params: Params, task: Task, earlier: list[Task], stored: dict[int, torch.Tensor], classes: FeatureTable
-) -> torch.Tensor | None:
-    """The extra logit columns `train.negatives` asks for while training `task` (text embeddings only)."""
+def negatives_and_anchors(
+    params: Params,
+    task: Task,
+    earlier: list[Task],
+    stored: dict[int, torch.Tensor],
+    centroids: dict[int, torch.Tensor],
+    classes: FeatureTable,
+) -> tuple[torch.Tensor | None, tuple[torch.Tensor, torch.Tensor] | None]:
+    """While training `task`: the extra logit columns `train.negatives` asks for (text embeddings only: the
+    earlier splits' stored prototypes first, then, for `dataset`, the untrained classes' zero-shot ones),
+    and the anchors, the earlier classes' mean image features with the columns of their own prototypes."""
     if params.train.negatives == "none":
-        return None
+        return None, None
     trained = [c for t in earlier for c in t.classes]
     columns = [stored[c] for c in trained]
     if params.train.negatives == "dataset":
         untrained = set(range(len(classes.class_names))) - set(trained) - set(task.classes)
         columns += [classes.vectors[c] for c in sorted(untrained)]
-    return torch.stack(columns) if columns else None
-
-
-def anchors_for(earlier: list[Task], centroids: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Earlier classes' mean image features and their columns in `negatives_for` (which lists them first)."""
-    trained = [c for t in earlier for c in t.classes]
-    if not trained:
-        return None
-    return torch.stack([centroids[c] for c in trained]), torch.arange(len(trained))
+    negatives = torch.stack(columns) if columns else None
+    anchors = (torch.stack([centroids[c] for c in trained]), torch.arange(len(trained))) if trained else None
+    return negatives, anchors
 
 
 def train(
@@ -103,6 +104,7 @@ def _train_task(
     zeroshot = classes.vectors[task.classes]
     prompts = factory.prompts(names)
     generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task.dataset, str(task.step)))
+    negatives, anchors = negatives_and_anchors(params, task, earlier, stored, centroids, classes)
     result = train_experts(
         tower,
         prompts,
@@ -111,8 +113,8 @@ def _train_task(
         labels,
         params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))),
         zeroshot=zeroshot,
-        negatives=negatives_for(params, task, earlier, stored, classes),
-        anchors=anchors_for(earlier, centroids),
+        negatives=negatives,
+        anchors=anchors,
         progress=progress,
     )
     centroids.update(zip(task.classes, class_centroids(task_features.float(), labels, len(names)), strict=True))

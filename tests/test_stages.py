@@ -270,25 +270,31 @@ def test_finetune_baseline_scores_every_task_after_every_step(mtil_run):
 def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained_zeroshot_ones(tmp_path):
     from moder.features import FeatureTable
     from moder.tasks import Task
-    from stages.train import negatives_for
+    from stages.train import negatives_and_anchors
 
     classes = FeatureTable(torch.eye(6), torch.arange(6), [str(i) for i in range(6)], "p", "m")
     tasks = [Task("p split 1", 1, "p", [0, 1]), Task("p split 2", 2, "p", [2, 3]), Task("p split 3", 3, "p", [4, 5])]
     stored = {0: torch.full((6,), 7.0), 1: torch.full((6,), 8.0)}
+    centroids = {0: torch.full((6,), 0.5), 1: torch.full((6,), 0.25)}
     for mode, first, second in (
         ("none", None, None),
         ("earlier", None, [7.0, 8.0]),
         ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5]),
     ):
         params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode, "anchor_earlier": 0.0}})
-        got = negatives_for(params, tasks[0], [], {}, classes)
+        got, anchors = negatives_and_anchors(params, tasks[0], [], {}, {}, classes)
         assert (got is None) if first is None else torch.equal(got, torch.eye(6)[first])
-        got = negatives_for(params, tasks[1], tasks[:1], stored, classes)
+        assert anchors is None  # no earlier split
+        got, anchors = negatives_and_anchors(params, tasks[1], tasks[:1], stored, centroids, classes)
         if second is None:
-            assert got is None
+            assert got is None and anchors is None
         else:
             expected = [torch.full((6,), v) if isinstance(v, float) else torch.eye(6)[v] for v in second]
             assert torch.equal(got, torch.stack(expected))
+            # each earlier class's centroid is anchored to its own stored prototype's column
+            features, columns = anchors
+            assert torch.equal(features, torch.stack([centroids[0], centroids[1]]))
+            assert torch.equal(got[columns], torch.stack([stored[0], stored[1]]))
 
 
 def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_classes(tmp_path):
