@@ -47,6 +47,7 @@ from stages.extract import extract
 from stages.finetune import finetune
 from stages.hub import hub
 from stages.report import report, summary_text
+from stages.scan import scan
 from stages.train import train
 
 GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
@@ -76,10 +77,12 @@ class StageRun:
     outputs: tuple[str, ...]  # what it writes, to store
     gpu: bool = True  # uses the accelerator: tagged `gpu`
     progress: bool = False  # takes `progress`: its bars go to the task's log, not the terminal
+    always: bool = False  # runs every time, as `always_changed` in dvc.yaml (its output, not its run, is cached)
 
 
 _MODEL = "backbone/clip.safetensors"
 STAGE_RUNS: dict[str, StageRun] = {
+    "scan": StageRun(scan, ("scans",), ("scans",), gpu=False, always=True),
     "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports"), progress=True),
     "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
     "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",), progress=True),
@@ -153,12 +156,12 @@ def run_stage(
     there, store what it wrote and cache its record."""
     artifacts = Store(store)
     key = cache_key(call, inputs)
-    cached = artifacts.lookup(key)
+    run = STAGE_RUNS[call.stage]
+    cached = None if run.always else artifacts.lookup(key)
     if cached is not None:
         get_run_logger().info("%s cached in %s", call.label, artifacts.record(key))
         return Completed(name="Cached", data=cached)  # how Prefect names a cache hit
     params = parse_params(params_data)
-    run = STAGE_RUNS[call.stage]
     with tempfile.TemporaryDirectory(prefix=f"moder-{call.stage}-") as scratch:
         root = Path(scratch)
         for name, artifact in inputs.items():
@@ -209,12 +212,14 @@ def moder_pipeline(
     artifacts = Store(store)
     url = artifacts.url  # absolute, so that workers in other directories find the same store
 
-    def submit(label: str, inputs: dict[str, PrefectFuture]) -> PrefectFuture:
+    def submit(label: str, inputs: dict[str, PrefectFuture | ArtifactRecord]) -> PrefectFuture:
         return stage_task(calls[label]).submit(calls[label], params_data, inputs, url)
 
     model = submit("backbone", {})
+    listings = submit("scan", {}).result()  # seconds: it lists files
+    # as in dvc.yaml, an extract reads its own dataset's listing: changed images re-run that extract alone
     features = {
-        d: submit(f"extract@{d}", {"backbone": model})
+        d: submit(f"extract@{d}", {"backbone": model, "scan": listings.only(f"scans/{d}.json")})
         for d in params.datasets
         if any(t.dataset == d for t in params.tasks.values())
     }

@@ -85,6 +85,12 @@ class ArtifactRecord:
     def to_json(self) -> bytes:
         return json.dumps({"files": self.files, "digest": self.digest}, sort_keys=True).encode()
 
+    def only(self, path: str) -> ArtifactRecord:
+        """The record of one of these files (as dvc.yaml depends on one file of a stage's output directory)."""
+        if path not in self.files:
+            raise StoreError(f"no {path} among the files of this record ({', '.join(sorted(self.files))})")
+        return ArtifactRecord.of({path: self.files[path]})
+
     @classmethod
     def from_json(cls, content: bytes, source: str) -> ArtifactRecord:
         """Parse and check a stored record; anything else (a pickle, another program's JSON) is refused."""

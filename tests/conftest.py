@@ -1,4 +1,5 @@
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -101,6 +102,19 @@ def run_command(args: list[str], cwd: Path, check: bool = True) -> subprocess.Co
 
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run_command([str(Path(sys.executable).parent / "dvc"), *args], cwd)
+
+
+ALWAYS_RUN = {"scan"}  # always_changed in dvc.yaml: it lists the datasets' files at every repro
+
+
+def stale_stages(cwd: Path) -> set[str]:
+    """What `dvc status` says must re-run, besides the stages that always run."""
+    return set(json.loads(dvc(cwd, "status", "--json").stdout)) - ALWAYS_RUN
+
+
+def ran_stages(output: str) -> set[str]:
+    """The stages a `dvc repro` / `dvc exp run` output says it ran."""
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
 
 
 def copy_code(root: Path) -> Path:

@@ -14,7 +14,7 @@ from moder.datasets import DatasetNotFound, catalog, load_split
 from moder.features import read_features
 from moder.params import parse_params
 from stages.extract import extract
-from tests.conftest import copy_code, dvc, run_command
+from tests.conftest import ALWAYS_RUN, copy_code, dvc, ran_stages, run_command, stale_stages
 from tests.layouts import imagefolder, mnist
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -53,6 +53,7 @@ def real_project(tmp_path_factory):
 def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
     root, _, _, repro = real_project
     for stage in (
+        "scan",
         "backbone",
         "extract@shapes",
         "extract@mnist",
@@ -67,7 +68,7 @@ def test_every_stage_runs_and_a_second_repro_is_a_no_op(real_project):
     summary = json.loads((root / "reports" / "backbone.json").read_text())
     assert summary["architecture"] == "ViT-B-16" and summary["weights"].startswith("file:")
     assert set(json.loads((root / "metrics.json").read_text())) == {"zeroshot", "finetune", "oracle", "moder", "hub"}
-    assert "Data and pipelines are up to date." in dvc(root, "repro").stdout
+    assert ran_stages(dvc(root, "repro").stdout) == ALWAYS_RUN  # it lists files; nothing changed, nothing else runs
 
 
 def test_features_carry_each_datasets_classes_and_templates(real_project):
@@ -112,3 +113,20 @@ def test_saved_backbone_keeps_the_tags_activation_and_preprocessing(tmp_path):
     rebuilt = load_clip("moder-micro-clip", checkpoint=tmp_path / "clip.safetensors")
     assert rebuilt.quick_gelu and type(rebuilt.model.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
     assert rebuilt.identity.mean == clip.identity.mean
+
+
+def test_a_changed_image_makes_only_its_datasets_extract_stale(real_project):
+    """`scan` lists each dataset's files; extract@<dataset> depends on its own listing."""
+    root, _, data, _ = real_project
+    image = sorted((data / "shapes").rglob("*.png"))[0]
+    original = image.read_bytes()
+    try:
+        image.write_bytes(original + b"\0")  # one more byte: another size, a new mtime
+        dvc(root, "repro", "scan")
+        assert stale_stages(root) == {"extract@shapes"}
+        listing = json.loads((root / "data" / "tiny-real" / "scans" / "shapes.json").read_text())
+        assert listing["files"] == len(list((data / "shapes").rglob("*.*"))) and listing["source"] == "imagefolder"
+    finally:
+        image.write_bytes(original)
+        dvc(root, "repro", "scan")
+    assert stale_stages(root) == {"extract@shapes"}  # restored bytes, but a newer mtime: re-extract to be sure
