@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -53,6 +54,17 @@ def _start(command: list[str], cwd: Path, env: dict, log: Path) -> subprocess.Po
         return subprocess.Popen(
             command, cwd=cwd, env=env, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True
         )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Ask a process started by `_start` to stop; a Prefect worker on a loaded machine can take longer than
+    half a minute to shut down gracefully, so then its whole session is killed."""
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -260,8 +272,7 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
             digest = hashlib.sha256((root / "data" / "mini-mtil" / "hub" / f"{step}.parquet").read_bytes()).hexdigest()
             assert (tmp_path / "store" / "blobs" / digest).is_file()
     finally:
-        serving.terminate()
-        serving.wait(timeout=30)
+        _stop(serving)
 
 
 def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
@@ -431,5 +442,4 @@ def test_prefect_yaml_deploys_to_a_work_pool_whose_worker_runs_the_flow(server, 
         assert "Completed" in output, output + (tmp_path / "worker.log").read_text()[-3000:]
         assert json.loads((out / "metrics.json").read_text()) == json.loads((root / "metrics.json").read_text())
     finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        _stop(worker)
