@@ -177,7 +177,8 @@ def run_stage(
             message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
             raise type(error)(message) if isinstance(error, USER_ERRORS) else RuntimeError(message) from error
         record = artifacts.put(root, [root / path.format(key=call.name) for path in run.outputs])
-    artifacts.save(key, record)
+    if not run.always:  # an always-run stage's record would never be looked up
+        artifacts.save(key, record)
     return record
 
 
