@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.suite_table import SuiteTableError, _file_data, _value, experiments, spread  # noqa: E402
+from scripts.suite_table import SuiteTableError, experiments, file_data, gain, metric_value, spread  # noqa: E402
 
 BOTH = ("embedded-mtil", "embedded-classil")
 CLASSIL = ("embedded-classil",)  # one task per dataset in MTIL: negatives and calibration cannot act there
@@ -76,7 +76,7 @@ def collect(show: object) -> tuple[dict[str, dict[str, dict[int, dict]]], list[s
         match = NAME.match(name)
         if not match or match["row"] not in ROWS:
             continue
-        params, metrics = _file_data(data, "params", "params.yaml"), _file_data(data, "metrics", "metrics.json")
+        params, metrics = file_data(data, "params", "params.yaml"), file_data(data, "metrics", "metrics.json")
         if (params.get("benchmark") or {}).get("name") != match["sequence"] or not all(
             isinstance(metrics.get(m), dict) for m in (*BASELINES, "moder")
         ):
@@ -124,7 +124,7 @@ def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
             runs = list(reference.values())
             lines.append(
                 f"| {method} | "
-                + " | ".join(spread([_value(r, method, m) for r in runs]) for m in metrics)
+                + " | ".join(spread([metric_value(r, method, m) for r in runs]) for m in metrics)
                 + " |"
                 + " |" * len(metrics)
             )
@@ -132,10 +132,10 @@ def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
             if row not in rows:
                 continue
             runs = list(rows[row].values())
-            deltas = [statistics.mean(_value(r, "moder", m) - _value(r, "zeroshot", m) for r in runs) for m in metrics]
+            deltas = [statistics.mean(gain(r, m) for r in runs) for m in metrics]
             lines.append(
                 f"| moder: {row} — {description} | "
-                + " | ".join(spread([_value(r, "moder", m) for r in runs]) for m in metrics)
+                + " | ".join(spread([metric_value(r, "moder", m) for r in runs]) for m in metrics)
                 + " | "
                 + " | ".join(f"{d:+.1f}" for d in deltas)
                 + " |"

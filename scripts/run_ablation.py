@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moder.params import ParamsError  # noqa: E402
-from scripts.ablation_table import ROWS  # noqa: E402
+from scripts.ablation_table import BOTH, ROWS  # noqa: E402
 from scripts.run_suite import dvc, run_queued, write_table  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
             # --jobs), the later ones restore it from DVC's run cache
             ablation = [
                 (f"{sequence}-{row}-s{seed}", sequence, [f"seed={seed}", *ROWS[row][2]])
-                for sequence in ("embedded-mtil", "embedded-classil")
+                for sequence in BOTH
                 for row in args.rows
                 for seed in args.seeds
                 if sequence in ROWS[row][1]

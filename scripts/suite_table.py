@@ -52,7 +52,7 @@ def experiments(nodes: object) -> Iterator[tuple[str, dict]]:
                 yield from experiments(rev)
 
 
-def _file_data(data: dict, kind: str, name: str) -> dict:
+def file_data(data: dict, kind: str, name: str) -> dict:
     return ((data.get(kind) or {}).get(name) or {}).get("data") or {}
 
 
@@ -61,7 +61,7 @@ def collect(show: object, cases: tuple[str, ...]) -> tuple[dict[str, dict[int, d
     runs: dict[str, dict[int, dict]] = {case: {} for case in cases}
     skipped = []
     for name, data in experiments(show):
-        params, metrics = _file_data(data, "params", "params.yaml"), _file_data(data, "metrics", "metrics.json")
+        params, metrics = file_data(data, "params", "params.yaml"), file_data(data, "metrics", "metrics.json")
         case = (params.get("benchmark") or {}).get("name")
         if case not in runs:
             continue
@@ -78,11 +78,16 @@ def collect(show: object, cases: tuple[str, ...]) -> tuple[dict[str, dict[int, d
     return runs, skipped
 
 
-def _value(metrics: dict, method: str, metric: str) -> float:
+def metric_value(metrics: dict, method: str, metric: str) -> float:
     value = metrics[method][metric]
     if not isinstance(value, int | float) or not math.isfinite(value):
         raise SuiteTableError(f"{method}.{metric} is {value!r}, not a finite number")
     return float(value)
+
+
+def gain(metrics: dict, metric: str) -> float:
+    """MoDER minus zero-shot in one run."""
+    return metric_value(metrics, "moder", metric) - metric_value(metrics, "zeroshot", metric)
 
 
 def spread(values: list[float]) -> str:
@@ -113,11 +118,8 @@ def render(runs: dict[str, dict[int, dict]], configs: Path) -> str:
         "|---|---|---|---|---|---|",
     ]
     for case, seeds in runs.items():
-        zeroshot = [_value(m, "zeroshot", "transfer") for m in seeds.values()]
-        deltas = {
-            metric: [_value(m, "moder", metric) - _value(m, "zeroshot", metric) for m in seeds.values()]
-            for metric in ("transfer", "avg", "last")
-        }
+        zeroshot = [metric_value(m, "zeroshot", "transfer") for m in seeds.values()]
+        deltas = {metric: [gain(m, metric) for m in seeds.values()] for metric in ("transfer", "avg", "last")}
         out.append(
             f"| {case} | {', '.join(map(str, sorted(seeds)))} | {min(zeroshot):.1f}-{max(zeroshot):.1f} | "
             + " | ".join(
@@ -132,15 +134,11 @@ def render(runs: dict[str, dict[int, dict]], configs: Path) -> str:
         for method in METHODS:
             out.append(
                 f"| {method} | "
-                + " | ".join(spread([_value(s, method, m) for s in seeds.values()]) for m in metrics)
+                + " | ".join(spread([metric_value(s, method, m) for s in seeds.values()]) for m in metrics)
                 + " |"
             )
         out.append(
-            "| MoDER − zero-shot | "
-            + " | ".join(
-                spread([_value(s, "moder", m) - _value(s, "zeroshot", m) for s in seeds.values()]) for m in metrics
-            )
-            + " |"
+            "| MoDER − zero-shot | " + " | ".join(spread([gain(s, m) for s in seeds.values()]) for m in metrics) + " |"
         )
     return "\n".join(out) + "\n"
 
