@@ -185,7 +185,9 @@ def run_stage(
 def stage_task(call: StageCall) -> Task:
     """`run_stage` named after the stage instance, tagged `gpu` if the stage uses the accelerator."""
     tags = [GPU_TAG] if STAGE_RUNS[call.stage].gpu else []
-    return run_stage.with_options(name=call.stage, task_run_name=call.label, tags=tags)
+    # The task's name too: Prefect applies task_run_name only when a run starts, so a run blocked by a failed
+    # upstream keeps the name "<task name>-<3 hex digits>" (train@mine-d30, not train-d30).
+    return run_stage.with_options(name=call.label, task_run_name=call.label, tags=tags)
 
 
 # persist_result=False: the returned metrics stay in memory, nothing is left for a client to unpickle later.

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -313,8 +314,15 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
         Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"
     ):
         state.result()
-    backbone_run = next(run for run in _task_runs(state) if run.name == "backbone")
+    runs = _task_runs(state)
+    backbone_run = next(run for run in runs if run.name == "backbone")
     assert backbone_run.run_count == 1  # a bad input is not retried
+    # the runs it blocked never start, so Prefect names them after the task, plus 3 hex digits: the stage instance
+    blocked = {run.name for run in runs if run.state.name == "NotReady"}
+    assert {name[:-4] for name in blocked} == {"extract@a", "extract@b", "train@a", "train@b", "finetune"} | {
+        f"{stage}@{task}" for stage in ("hub", "evaluate") for task in "ab"
+    }
+    assert all(re.fullmatch(r"-[0-9a-f]{3}", name[-4:]) for name in blocked)
 
 
 def _plant(store, key: str, kind: str, payload: bytes) -> str:
