@@ -19,8 +19,10 @@ $(PLOTS_PAGE): $(STAMP) scripts/plots.py
 
 venv: $(STAMP) $(PLOTS_PAGE)
 
+# params.yaml from conf/ first (stages/compose.py: it refuses to drop a hand edit of params.yaml).
 # DVC runs each stage's `python -m stages.<name>`: the environment's python must come first on PATH.
 run: $(STAMP) $(PLOTS_PAGE)
+	$(BIN)/python -m stages.compose
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m stages.report --summary-only --reports reports
 
@@ -52,7 +54,7 @@ clean:
 # Every experiment (dvc exp run, the queue) as one Markdown table of what matters: the params that
 # differ most often and each method's metrics. Add a param with KEEP='...|retrieval\.k'; experiments
 # made on earlier commits with ARGS=-A (DVC shows those of the current commit by default).
-KEEP ?= seed|expert\.kind|train\.(templates_per_step|negatives)|retrieval\.(k|temperature)|benchmark\.name
+KEEP ?= seed|expert\.kind|train\.(templates_per_step|negatives)|retrieval\.(k|temperature)|benchmark\.preset
 compare: $(STAMP)
 	COLUMNS=400 $(BIN)/dvc exp show --no-pager --md --drop '.*' \
 		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters' $(ARGS)

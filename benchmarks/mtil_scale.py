@@ -41,6 +41,7 @@ from moder.tasks import dataset_tasks
 from moder.text import TextTower
 from moder.world import seed_for
 from stages.common import expert_file, load_frozen_clip, read_classes
+from stages.compose import compose_text
 from stages.evaluate import evaluate
 from stages.extract import templates_of
 from stages.finetune import finetune
@@ -50,7 +51,6 @@ from stages.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = ("mtil-order1", "classil-imagenet-r")
-PRESET_BLOCKS = ("model", "extract", "benchmark", "datasets", "tasks")  # what stages.use_benchmark replaces
 TARGET_RSS_GB = 6.0
 TARGET_MTIL_MINUTES = 20.0
 SHIFT, NOISE = 1.0, 0.5  # generated features: dataset shift and per-image noise, in units of the class spread
@@ -64,10 +64,8 @@ def build_params(
     templates_per_step: int | None = None,
     device: str = "cpu",
 ) -> Params:
-    """params.yaml with the preset's blocks, as stages.use_benchmark makes it, on a local ViT-B-16 on `device`."""
-    data = yaml.safe_load((ROOT / "params.yaml").read_text())
-    preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
-    data.update({block: preset[block] for block in PRESET_BLOCKS})
+    """params.yaml as `dvc exp run -S benchmark=<sequence>` composes it, on a local ViT-B-16 on `device`."""
+    data = yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={sequence}"]))
     data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": device}
     for spec in data["datasets"].values():  # validation wants a root; no image is read, the features are generated
         spec["root"] = str(work / "no-images")
@@ -75,7 +73,7 @@ def build_params(
         data["train"] = {**data["train"], "epochs": epochs}
     if templates_per_step is not None:
         data["train"] = {**data["train"], "templates_per_step": templates_per_step}
-    return parse_params(data, f"params.yaml with configs/{sequence}.yaml")
+    return parse_params(data, f"conf/ with benchmark={sequence}")
 
 
 def generated_features(
@@ -163,7 +161,7 @@ def experts_on_disk(directory: Path) -> tuple[int, int, int]:
 
 
 def sequence_classes(sequence: str) -> int:
-    preset = yaml.safe_load((ROOT / "configs" / f"{sequence}.yaml").read_text())
+    preset = yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={sequence}"]))
     return sum(len(catalog(spec["source"]).class_names) for spec in preset["datasets"].values())
 
 
@@ -356,7 +354,7 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     splits = max(
         s.get("splits", 1)
-        for s in yaml.safe_load((ROOT / "configs" / f"{args.sequence}.yaml").read_text())["datasets"].values()
+        for s in yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={args.sequence}"]))["datasets"].values()
     )
     if args.limit_classes is not None and args.limit_classes < max(splits, 2):
         parser.error(

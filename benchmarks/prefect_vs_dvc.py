@@ -34,7 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="moder-bench-") as scratch:
         root = Path(scratch) / "project"
         root.mkdir()
-        for name in ("dvc.yaml", "params.yaml", "moder", "stages", "flows", "configs"):
+        for name in ("dvc.yaml", "params.yaml", "moder", "stages", "flows", "conf"):
             source = REPO / name
             shutil.copytree(source, root / name) if source.is_dir() else shutil.copy(source, root / name)
         (root / ".gitignore").write_text("/data/\n/out/\n")

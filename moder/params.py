@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import ErrorDetails
 
 from moder.datasets import ADAPTERS
@@ -327,12 +327,13 @@ class ExtractParams(_Section):
 
 class BenchmarkParams(_Section):
     name: str = "embedded-mtil"
+    preset: str = "embedded-mtil"  # the file of conf/benchmark/ this block came from (stages/compose.py)
     protocol: Literal["mtil", "classil"] = "mtil"
 
-    @field_validator("name")
+    @field_validator("name", "preset")
     @classmethod
-    def _path_safe(cls, name: str) -> str:
-        return path_name(name, "benchmark name")
+    def _path_safe(cls, name: str, info: ValidationInfo) -> str:
+        return path_name(name, f"benchmark {info.field_name}")
 
 
 class TaskParams(_Section):

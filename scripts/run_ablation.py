@@ -5,9 +5,8 @@ seeds, queued and run `--jobs` at a time, then docs/ablation.md.
     python scripts/run_ablation.py --rows no-anchors --seeds 0                    # some rows, some seeds
     python scripts/run_ablation.py --table-only --rev <commit>                    # the table alone
 
-One row, one seed, by hand: `python -m stages.use_benchmark embedded-classil`, then
-`dvc exp run -S seed=1 <the row's overrides>`. Experiments run on the code in the workspace; params.yaml is
-put back as it was afterwards (scripts/run_suite.py).
+One row, one seed, by hand: `dvc exp run -S benchmark=embedded-classil -S seed=1 -S <each of the row's
+overrides>`. Experiments run on the code in the workspace (scripts/run_suite.py).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
-"""The suite as DVC experiments: every case (a preset in configs/) over the test seeds, queued and run
+"""The suite as DVC experiments: every case (a preset in conf/benchmark/) over the test seeds, queued and run
 `--jobs` at a time, then docs/suite.md from `dvc exp show --json` (scripts/suite_table.py).
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 8 cases x seeds 0 1 2
     python scripts/run_suite.py --table-only    # rewrite docs/suite.md from the experiments already run
 
-Each experiment is queued from params.yaml with its case's preset in place of the benchmark block (as
-stages.use_benchmark writes it) and `-S seed=<seed>`; params.yaml is put back as it was afterwards, edits
-included. Experiments run on the code in the workspace; the backbone of a seed is pre-trained once and
+Each experiment is queued as `dvc exp run --queue -S benchmark=<case> -S seed=<seed>`: DVC composes its
+params.yaml from conf/ (Hydra), the workspace's params.yaml is left alone. Experiments run on the code in
+the workspace; the backbone of a seed is pre-trained once and
 restored from DVC's run cache for the other cases. On 2 cores, run two experiments at once with one
 thread each (as `make suite` does): two of PyTorch's default two-thread processes on two cores run about
 2.5x slower than one. CPU float results depend on the thread count, so the suite's seed-0 row of the
@@ -26,9 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from moder.io import atomic_path  # noqa: E402
 from moder.params import ParamsError  # noqa: E402
 from scripts.suite_table import SUITE  # noqa: E402
-from stages.use_benchmark import use_benchmark  # noqa: E402
-
-PARAMS = Path("params.yaml")
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -36,18 +33,13 @@ def dvc(*args: str, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-Experiment = tuple[str, str, list[str]]  # name, preset in configs/, `dvc exp run -S` overrides
+Experiment = tuple[str, str, list[str]]  # name, preset in conf/benchmark/, more `dvc exp run -S` overrides
 
 
 def queue(experiments: list[Experiment]) -> None:
-    original = PARAMS.read_text()
-    try:
-        for name, preset, overrides in experiments:
-            use_benchmark(preset, PARAMS)
-            dvc("exp", "run", "--queue", "-n", name, *(arg for override in overrides for arg in ("-S", override)))
-    finally:
-        with atomic_path(PARAMS) as temporary:
-            temporary.write_text(original)
+    for name, preset, overrides in experiments:
+        settings = [f"benchmark={preset}", *overrides]
+        dvc("exp", "run", "--queue", "-n", name, *(arg for override in settings for arg in ("-S", override)))
 
 
 def wait_for_queue(jobs: int, poll: float = 20.0) -> None:

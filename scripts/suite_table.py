@@ -1,7 +1,7 @@
 """docs/suite.md from `dvc exp show --json`: per suite case, mean ± sd over seeds of every method's metrics
 and MoDER's gain over zero-shot, with each case's purpose (the leading comment of its preset).
 
-    dvc exp show --json | python scripts/suite_table.py --configs configs > docs/suite.md
+    dvc exp show --json | python scripts/suite_table.py --configs conf/benchmark > docs/suite.md
 
 Experiments are matched to cases by params.yaml's `benchmark.name`; an experiment without metrics (failed,
 or still queued) is named on stderr and left out, and a case with no finished seed is an error.
@@ -101,7 +101,8 @@ def purpose(preset: Path) -> str:
     for line in preset.read_text().splitlines():
         if not line.startswith("#"):
             break
-        lines.append(line.lstrip("#").strip())
+        if "@package" not in line:  # Hydra's directive, not prose
+            lines.append(line.lstrip("#").strip())
     return " ".join(lines) or "(no description in the preset)"
 
 
@@ -145,7 +146,7 @@ def render(runs: dict[str, dict[int, dict]], configs: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", type=Path, default=Path("configs"), help="where the presets are")
+    parser.add_argument("--configs", type=Path, default=Path("conf/benchmark"), help="where the presets are")
     parser.add_argument("--cases", nargs="+", default=list(SUITE))
     args = parser.parse_args()
     try:

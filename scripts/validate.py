@@ -32,6 +32,7 @@ from moder.metrics import summarize  # noqa: E402
 from moder.params import Params, parse_params  # noqa: E402
 from scripts.suite_table import SUITE  # noqa: E402
 from stages.backbone import backbone  # noqa: E402
+from stages.compose import compose_text  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.extract import extract  # noqa: E402
 from stages.hub import hub  # noqa: E402
@@ -40,18 +41,10 @@ from stages.train import train  # noqa: E402
 METHODS = ("zeroshot", "oracle", "moder")
 
 
-def case_params(base: dict, preset: dict, seed: int, overrides: str) -> Params:
-    """params.yaml with the preset's benchmark block, the seed and `key=value` overrides (values read as YAML)."""
-    raw = {**base, **preset, "seed": seed}
-    raw = json.loads(json.dumps(raw))
-    for item in overrides.split():
-        key, _, value = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = raw
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return parse_params(raw, f"{preset['benchmark']['name']} seed {seed} {overrides}")
+def case_params(case: str, seed: int, overrides: str) -> Params:
+    """conf/ composed with the case's preset, the seed and space-separated Hydra overrides (as `dvc exp run -S`)."""
+    settings = [f"benchmark={case}", f"seed={seed}", *overrides.split()]
+    return parse_params(yaml.safe_load(compose_text(Path("conf"), settings)), " ".join(settings))
 
 
 def digest(*parts: object) -> str:
@@ -100,28 +93,26 @@ def run_case(params: Params, out: Path) -> dict[str, dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="validation seeds")
-    parser.add_argument("--cases", nargs="+", default=list(SUITE), help="presets in configs/")
+    parser.add_argument("--cases", nargs="+", default=list(SUITE), help="presets in conf/benchmark/")
     parser.add_argument(
         "--candidate",
         nargs=2,
         action="append",
         metavar=("NAME", "OVERRIDES"),
         required=True,
-        help='a name and space-separated key=value params overrides ("" for params.yaml as it is)',
+        help='a name and space-separated Hydra overrides, key=value ("" for conf/ as it is)',
     )
     parser.add_argument("--out", type=Path, default=Path("out/validate"))
     args = parser.parse_args()
     if set(args.seeds) & {0, 1, 2}:
         parser.error("seeds 0-2 are the reported (test) seeds; validate on others")
-    base = yaml.safe_load(Path("params.yaml").read_text())
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for name, overrides in args.candidate:
         per_case: dict[str, dict[str, list[float]]] = {}
         for case in args.cases:
-            preset = yaml.safe_load(Path("configs", f"{case}.yaml").read_text())
             deltas: dict[str, list[float]] = {"zeroshot_transfer": [], "transfer": [], "last": [], "oracle_last": []}
             for seed in args.seeds:
-                metrics = run_case(case_params(base, preset, seed, overrides), args.out)
+                metrics = run_case(case_params(case, seed, overrides), args.out)
                 deltas["zeroshot_transfer"].append(metrics["zeroshot"]["transfer"])
                 deltas["transfer"].append(metrics["moder"]["transfer"] - metrics["zeroshot"]["transfer"])
                 deltas["last"].append(metrics["moder"]["last"] - metrics["zeroshot"]["last"])

@@ -9,9 +9,15 @@ here, in seconds, instead of in its extract stage after the backbone's weights w
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import yaml
+
 from moder.datasets import SPLITS, DatasetFormatError, DatasetNotFound, load_split
 from moder.params import Params
 from stages.common import parser, run_cli
+from stages.compose import conf_dir, departures
 
 
 def check_datasets(params: Params) -> list[str]:
@@ -32,11 +38,27 @@ def check_datasets(params: Params) -> list[str]:
     return lines
 
 
+def departure_notes(path: Path) -> list[str]:
+    """One line per value of the params file that its conf/ does not compose (none without a conf/): an
+    experiment's `-S` override or a hand edit, which `dvc exp run` and `make run` would not keep."""
+    conf = conf_dir(path)
+    if not (conf / "config.yaml").is_file():
+        return []
+    found = departures(yaml.safe_load(path.read_text(encoding="utf-8")), conf)
+    return [
+        f"note: {path}: {key} = {here!r}, {conf}/ composes {there!r} (an override of this run or an edit; "
+        f"`dvc exp run` rewrites {path} from {conf}/)"
+        for key, (here, there) in sorted(found.items())
+    ]
+
+
 def check(params: Params, path: str) -> None:
     lines = check_datasets(params)
     print(f"{path}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, {len(params.tasks)} tasks)")
     for line in lines:
         print(line)
+    for note in departure_notes(Path(path)):
+        print(note, file=sys.stderr)
 
 
 def main() -> None:

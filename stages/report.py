@@ -41,9 +41,13 @@ def read_matrices(params: Params, evaluation: Path, finetune: Path) -> dict[str,
     return matrices
 
 
+# metrics.json's order, which is `dvc exp show`'s column order: what the method gives and what it must beat first
+METRICS_ORDER = ("moder", "zeroshot", "oracle", "finetune")
+
+
 def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
     return {
-        m: {k: round(v, 2) for k, v in summarize(a, params.benchmark.protocol).items()} for m, a in matrices.items()
+        m: {k: round(v, 2) for k, v in summarize(matrices[m], params.benchmark.protocol).items()} for m in METRICS_ORDER
     }
 
 

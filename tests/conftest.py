@@ -77,7 +77,7 @@ MINI = {
     "train": {"epochs": 2, "batch_size": 8, "negatives": "none", "anchor_earlier": 0.0},
     "retrieval": {"k": 3, "temperature": 0.05},
     "composition": {"calibrate": "none", "alpha": 1.0, "alpha_unseen": 1.0},
-    "benchmark": {"name": "mini-mtil", "protocol": "mtil"},
+    "benchmark": {"name": "mini-mtil", "preset": "mini-mtil", "protocol": "mtil"},
     "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
     "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
 }
@@ -90,7 +90,20 @@ def full_params(data: dict) -> dict:
     return parse_params(data).model_dump(mode="json")
 
 
-FULL = full_params(MINI)
+PRESET_BLOCKS = ("model", "extract", "benchmark", "datasets", "tasks")  # what a file of conf/benchmark/ holds
+# in the order Hydra composes conf/config.yaml and then the preset, so that params_text(FULL) is the composition
+_PARSED = full_params(MINI)
+FULL = {
+    **{key: value for key, value in _PARSED.items() if key not in PRESET_BLOCKS},
+    **{k: _PARSED[k] for k in PRESET_BLOCKS},
+}
+
+
+def params_text(data: dict) -> str:
+    """`data` as params.yaml, written as Hydra's composition writes it (OmegaConf's YAML)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
 def run_command(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -118,9 +131,9 @@ def ran_stages(output: str) -> set[str]:
 
 
 def copy_code(root: Path) -> Path:
-    """The pipeline's code (dvc.yaml, moder, stages, flows) copied into `root`, a new project directory."""
+    """The pipeline's code (dvc.yaml, conf, moder, stages, flows) copied into `root`, a new project directory."""
     root.mkdir(parents=True, exist_ok=True)
-    for name in ("dvc.yaml", "moder", "stages", "flows"):
+    for name in ("dvc.yaml", "conf", "moder", "stages", "flows"):
         source = REPO / name
         (
             shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("__pycache__"))
@@ -130,16 +143,42 @@ def copy_code(root: Path) -> Path:
     return root
 
 
+def write_conf(root: Path, data: dict, variants: dict[str, dict] | None = None) -> None:
+    """conf/ as the repository lays it out: `data` split into conf/config.yaml and the preset it names,
+    plus one more preset per variant (name -> its datasets)."""
+    preset = data["benchmark"]["preset"]
+    presets = {preset: {key: data[key] for key in PRESET_BLOCKS}}
+    for name, datasets in (variants or {}).items():
+        presets[name] = {**presets[preset], "benchmark": {**data["benchmark"], "preset": name}, "datasets": datasets}
+    (root / "conf" / "benchmark").mkdir(parents=True, exist_ok=True)
+    general = {key: value for key, value in data.items() if key not in PRESET_BLOCKS}
+    (root / "conf" / "config.yaml").write_text(
+        yaml.safe_dump({"defaults": ["_self_", {"benchmark": preset}], **general}, sort_keys=False)
+    )
+    for name, blocks in presets.items():
+        text = "# @package _global_\n" + yaml.safe_dump(blocks, sort_keys=False)
+        (root / "conf" / "benchmark" / f"{name}.yaml").write_text(text)
+
+
+# A second preset of the same benchmark (same data directory, as MTIL's two orders are): dataset b shifted
+# otherwise, so that switching to it re-runs what reads dataset b and no more.
+MINI_B = {**FULL["datasets"], "b": {**FULL["datasets"]["b"], "outline": 0.2}}
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory):
-    """A copy of the code with the miniature params, run once through `dvc repro` and committed."""
+    """A copy of the code with the miniature params composed from conf/ (DVC's Hydra composition on, as in
+    the repository), run once through `dvc repro` and committed."""
     root = copy_code(tmp_path_factory.mktemp("project"))
     (root / ".gitignore").write_text("/data/\n__pycache__/\n")
-    (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
+    write_conf(root, FULL, {"mini-mtil-b": MINI_B})
+    run_command([sys.executable, "-m", "stages.compose"], root)
+    assert (root / "params.yaml").read_text() == params_text(FULL)
     run_command(["git", "init", "-q"], root)
     run_command(["git", "config", "user.email", "test@example.com"], root)
     run_command(["git", "config", "user.name", "test"], root)
     dvc(root, "init", "-q")
+    dvc(root, "config", "hydra.enabled", "true")
     shutil.copytree(REPO / ".dvc" / "plots", root / ".dvc" / "plots")
     repro = dvc(root, "repro")
     run_command(["git", "add", "-A"], root)

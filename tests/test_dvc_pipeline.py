@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from moder.params import parse_params
-from tests.conftest import ALWAYS_RUN, FULL, MINI, dvc, ran_stages, run_command, stale_stages
+from tests.conftest import ALWAYS_RUN, FULL, MINI, MINI_B, dvc, params_text, ran_stages, run_command, stale_stages
 
 
 def _changed(cwd: Path, params: dict) -> set[str]:
-    (cwd / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (cwd / "params.yaml").write_text(params_text(params))
     return stale_stages(cwd)
 
 
@@ -97,6 +97,55 @@ def test_exp_run_with_a_new_k_reruns_only_evaluation_and_report(project):
     assert expected <= ran <= expected | {"report"}
 
 
+def test_exp_run_switches_the_benchmark_with_S_and_reruns_only_what_reads_the_change(project):
+    root, _ = project
+    dvc(root, "exp", "run")  # params.yaml composed from conf/ again (the test above left k=2 in the workspace)
+    switched = dvc(root, "exp", "run", "-S", "benchmark=mini-mtil-b")
+    assert yaml.safe_load((root / "params.yaml").read_text()) == {
+        **FULL,
+        "benchmark": {**FULL["benchmark"], "preset": "mini-mtil-b"},
+        "datasets": MINI_B,
+    }
+    # mini-mtil-b shifts dataset b otherwise: its features and experts are made again and everything that reads
+    # them (hubs and evaluation read every dataset's features); the backbone and dataset a's are kept
+    assert ran_stages(switched.stdout) - ALWAYS_RUN == {
+        "params",
+        "extract@b",
+        "train@b",
+        "finetune",
+        "hub@a",
+        "hub@b",
+        "evaluate@a",
+        "evaluate@b",
+        "report",
+    }
+    back = dvc(root, "exp", "run", "-S", "benchmark=mini-mtil")
+    # DVC's run cache restores every stage but the two whose outputs it does not cache (params has none,
+    # report's metrics and plots are git-tracked, cache: false); report then writes the same files
+    assert ran_stages(back.stdout) - ALWAYS_RUN == {"params", "report"}
+    assert yaml.safe_load((root / "params.yaml").read_text()) == FULL
+
+
+def test_a_benchmark_sweep_queues_one_experiment_per_preset(project):
+    root, _ = project
+    dvc(root, "exp", "run", "--queue", "-S", "benchmark=mini-mtil,mini-mtil-b", "-S", "retrieval.k=2")
+    try:
+        shown = json.loads(dvc(root, "exp", "show", "--json").stdout)
+        queued = [
+            experiment["revs"][0]["data"]["params"]["params.yaml"]["data"]
+            for baseline in shown
+            for experiment in baseline.get("experiments") or []
+            if (experiment.get("executor") or {}).get("state") == "queued"
+        ]
+        assert sorted((p["benchmark"]["preset"], p["retrieval"]["k"]) for p in queued) == [
+            ("mini-mtil", 2),
+            ("mini-mtil-b", 2),
+        ]
+        assert {p["datasets"]["b"].get("outline") for p in queued} == {0.5, 0.2}
+    finally:
+        dvc(root, "queue", "remove", "--queued")
+
+
 def test_a_typo_anywhere_fails_repro_even_when_no_stage_reads_the_section(project):
     root, _ = project
     text = (root / "params.yaml").read_text()
@@ -142,7 +191,7 @@ def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results
 def test_appending_a_task_adds_one_hub_and_leaves_the_earlier_hubs_byte_identical(project):
     """The earlier hubs re-run (they read the task list) but give the same bytes, so nothing reads them anew."""
     root, _ = project
-    (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))  # earlier tests may have left others
+    (root / "params.yaml").write_text(params_text(FULL))  # earlier tests may have left others
     dvc(root, "repro")
     hubs = root / "data" / "mini-mtil" / "hub"
     before = {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")}
@@ -153,11 +202,11 @@ def test_appending_a_task_adds_one_hub_and_leaves_the_earlier_hubs_byte_identica
         "datasets": {**FULL["datasets"], **added["datasets"]},
         "tasks": {**FULL["tasks"], **added["tasks"]},
     }
-    (root / "params.yaml").write_text(yaml.safe_dump(appended, sort_keys=False))
+    (root / "params.yaml").write_text(params_text(appended))
     try:
         dvc(root, "repro")
         assert {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")} == before
         assert (hubs / "c.parquet").is_file()
     finally:
-        (root / "params.yaml").write_text(yaml.safe_dump(FULL, sort_keys=False))
+        (root / "params.yaml").write_text(params_text(FULL))
         dvc(root, "repro")

@@ -231,7 +231,7 @@ def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
         "composition.alpha": FULL["composition"]["alpha"],
         "datasets.a": FULL["datasets"]["a"],
     }
-    assert set(calls["report"].params) == {"benchmark", "tasks"}
+    assert set(calls["report"].params) == {"benchmark.name", "benchmark.protocol", "tasks"}
     (tmp_path / "stages" / "train.py").write_text((tmp_path / "stages" / "train.py").read_text() + "\n# edited\n")
     edited = stage_calls(tmp_path / "dvc.yaml", FULL)
     changed = {name for name in calls if calls[name].code != edited[name].code}

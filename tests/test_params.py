@@ -1,10 +1,14 @@
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from moder.params import ParamsError, load_params, parse_params
-from stages.use_benchmark import use_benchmark
+from stages.check_params import departure_notes
+from stages.compose import compose_params, compose_text
 
 
 def test_repository_params_are_valid():
@@ -80,30 +84,111 @@ def test_bad_files(tmp_path):
         load_params(latin)
 
 
-def test_params_yaml_holds_the_embedded_mtil_preset_verbatim():
-    text = Path("params.yaml").read_text()
-    marker = "# Benchmark preset: configs/embedded-mtil.yaml\n"
-    assert text[text.index(marker) + len(marker) :] == Path("configs/embedded-mtil.yaml").read_text()
+CONF = Path("conf")
+PRESETS = sorted(path.stem for path in (CONF / "benchmark").glob("*.yaml"))
 
 
-def test_use_benchmark_swaps_the_block_and_keeps_the_rest(tmp_path):
+def test_params_yaml_is_conf_composed_as_dvc_exp_run_composes_it(tmp_path):
+    from dvc.utils.hydra import compose_and_dump
+
+    assert compose_text(CONF, []) == Path("params.yaml").read_text()
+    dumped = tmp_path / "params.yaml"
+    compose_and_dump(dumped, str(CONF.resolve()), None, "config", str(tmp_path), ["benchmark=embedded-classil"])
+    assert compose_text(CONF, ["benchmark=embedded-classil"]) == dumped.read_text()
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_valid_params_and_names_itself(preset):
+    params = parse_params(yaml.safe_load(compose_text(CONF, [f"benchmark={preset}"])), preset)
+    assert params.benchmark.preset == preset
+
+
+def _edited_project(tmp_path: Path) -> Path:
+    """A project directory with the repository's conf/ and params.yaml, retrieval.k edited by hand to 5."""
+    shutil.copytree(CONF, tmp_path / "conf")
     target = tmp_path / "params.yaml"
-    edited = re.sub(r"\n  k: \d+\n", "\n  k: 5\n", Path("params.yaml").read_text(), count=1)
-    target.write_text(edited)
-    use_benchmark("embedded-classil", target, Path("configs"))
+    target.write_text(Path("params.yaml").read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))
+    return target
+
+
+def test_compose_switches_the_preset_and_refuses_to_drop_a_hand_edit(tmp_path):
+    target = _edited_project(tmp_path)
+    edited = target.read_text()
+    with pytest.raises(ParamsError) as error:
+        compose_params(target, ["benchmark=embedded-classil"])
+    assert str(error.value) == (
+        f"{target} holds values {tmp_path / 'conf'}/ does not, which composing would drop: retrieval.k=5; "
+        f"put them in {tmp_path / 'conf'}/, give them again as overrides, or pass --discard"
+    )
+    assert target.read_text() == edited  # nothing written
+    compose_params(target, ["benchmark=embedded-classil", "retrieval.k=5"])
     params = load_params(target)
-    assert params.benchmark.protocol == "classil" and list(params.tasks) == ["paint-1", "paint-2", "paint-3", "paint-4"]
-    assert params.retrieval.k == 5  # the rest of the file is untouched
-    use_benchmark("embedded-mtil", target, Path("configs"))
-    assert target.read_text() == edited
+    assert params.benchmark.preset == "embedded-classil" and list(params.tasks) == [f"paint-{i}" for i in (1, 2, 3, 4)]
+    assert params.retrieval.k == 5
+    compose_params(target, ["benchmark=embedded-mtil", "retrieval.k=5"])
+    assert target.read_text() == edited  # the same edit, the same file: nothing else was lost
+    compose_params(target, [], discard=True)
+    assert target.read_text() == Path("params.yaml").read_text()
+
+
+def test_compose_keeps_the_preset_in_use_and_takes_edits_of_conf(tmp_path):
+    target = _edited_project(tmp_path)
+    (tmp_path / ".dvc").mkdir()  # a DVC project: the last composition is kept in .dvc/tmp/
+    compose_params(target, ["benchmark=embedded-classil", "retrieval.k=5"])
+    config = tmp_path / "conf" / "config.yaml"
+    for gate in (0.9, 0.8):  # conf/ edited twice, composed after each edit: nothing edited params.yaml
+        config.write_text(re.sub(r"\n  gate: \S+", f"\n  gate: {gate}", config.read_text(), count=1))
+        compose_params(target, [])
+        params = load_params(target)
+        assert params.benchmark.preset == "embedded-classil" and params.retrieval.gate == gate
+    assert params.retrieval.k == 16  # the override was not repeated: conf/'s value
+    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 7\n", 1))
+    with pytest.raises(ParamsError, match="would drop: retrieval.k=7;"):
+        compose_params(target, [])  # edited since: the edit is kept
+
+
+def test_a_fresh_clone_takes_edits_of_conf(tmp_path):
+    """The committed params.yaml is a composition nobody edited: `make run` after editing conf/ composes it."""
+    target = _edited_project(tmp_path)
+    target.write_text(Path("params.yaml").read_text())
+    for command in (
+        ["init", "-q"],
+        ["add", "params.yaml"],
+        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
+    ):
+        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+    config = tmp_path / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("\n  gate: null", "\n  gate: 0.9", 1))
+    compose_params(target, [])
+    assert load_params(target).retrieval.gate == 0.9
+
+
+def test_compose_errors_name_the_preset_or_key(tmp_path):
+    target = _edited_project(tmp_path)
     with pytest.raises(
         ParamsError,
-        match="no benchmark preset configs/nope.yaml; presets: classil-cifar100, classil-cub200, classil-imagenet-r, "
-        "embedded-classil, embedded-classil-few-tasks, embedded-classil-many-tasks, embedded-classil-sequential, "
-        "embedded-mtil, embedded-mtil-novel, embedded-mtil-own-shifts, embedded-mtil-recurring, "
-        "mtil-order1, mtil-order2",
+        match=r"with benchmark=nope: In 'config': Could not find 'benchmark/nope' "
+        r"Available options in 'benchmark': classil-cifar100 .* mtil-order2$",
     ):
-        use_benchmark("nope", target, Path("configs"))
+        compose_params(target, ["benchmark=nope"])
+    with pytest.raises(ParamsError, match="Could not override 'retrieval.kk'"):
+        compose_params(target, ["retrieval.kk=3"], discard=True)
+    with pytest.raises(ParamsError, match=r"key 'retrieval.k': Input should be greater than or equal to 1 \(got 0\)"):
+        compose_params(target, ["retrieval.k=0"], discard=True)
+    with pytest.raises(ParamsError, match="conf/config.yaml not found"):
+        compose_params(tmp_path / "elsewhere" / "params.yaml", [])
+
+
+def test_check_params_names_each_departure_from_conf(tmp_path):
+    target = _edited_project(tmp_path)
+    assert departure_notes(target) == [
+        f"note: {target}: retrieval.k = 5, {tmp_path / 'conf'}/ composes 16 (an override of this run or an edit; "
+        f"`dvc exp run` rewrites {target} from {tmp_path / 'conf'}/)"
+    ]
+    assert departure_notes(Path("params.yaml")) == []
+    (tmp_path / "alone").mkdir()
+    shutil.copy(target, tmp_path / "alone" / "params.yaml")
+    assert departure_notes(tmp_path / "alone" / "params.yaml") == []  # no conf/ beside it: nothing to compare
 
 
 @pytest.mark.parametrize(
