@@ -17,7 +17,6 @@ the stage, the slice of params it reads and the digest of its code — both reso
 by DVC itself, so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
 """
 
-import hashlib
 import json
 import logging
 import sys
@@ -27,16 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dvc.dependency.param import ParamsDependency
-from dvc.fs import MemoryFileSystem
-from dvc.repo import Repo
 from prefect import Task, flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
-from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError, files_below
+from flows.calls import BACKBONE, BACKBONE_SUMMARY, StageCall, cache_key, stage_calls
+from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError
 from moder.params import Params, ParamsError, load_params, parse_params
 from moder.progress import LogLines
 from stages.backbone import backbone
@@ -54,20 +51,6 @@ GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps 
 
 
 @dataclass(frozen=True)
-class StageCall:
-    """One stage instance as DVC defines it: its name, the params it reads, the digest of its code."""
-
-    stage: str
-    name: str  # the foreach key ("" for stages without foreach)
-    params: dict[str, Any]
-    code: str
-
-    @property
-    def label(self) -> str:
-        return f"{self.stage}@{self.name}" if self.name else self.stage
-
-
-@dataclass(frozen=True)
 class StageRun:
     """How a task runs one stage of `dvc.yaml` in its scratch directory. Paths are relative to that directory and
     `{key}` is the foreach key, which stages with a foreach also take as their argument after params."""
@@ -80,10 +63,10 @@ class StageRun:
     always: bool = False  # runs every time, as `always_changed` in dvc.yaml (its output, not its run, is cached)
 
 
-_MODEL = "backbone/clip.safetensors"
+_MODEL = BACKBONE
 STAGE_RUNS: dict[str, StageRun] = {
     "scan": StageRun(scan, ("scans",), ("scans",), gpu=False, always=True),
-    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports"), progress=True),
+    "backbone": StageRun(backbone, (_MODEL, BACKBONE_SUMMARY), ("backbone", "reports"), progress=True),
     "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
     "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",), progress=True),
     "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
@@ -100,46 +83,6 @@ STAGE_RUNS: dict[str, StageRun] = {
         gpu=False,
     ),
 }
-
-
-def _digest_paths(root: Path, paths: list[str]) -> str:
-    digest = hashlib.sha256()
-    for relative in sorted(paths):
-        for file in files_below(root / relative):
-            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes())
-    return digest.hexdigest()
-
-
-def stage_calls(dvc_yaml: Path, params_data: dict) -> dict[str, StageCall]:
-    """Every stage instance of `dvc.yaml` with its params slice and code digest, keyed by its DVC name."""
-    # DVC resolves a dvc.yaml against the params.yaml beside it, but the flow's params may come from another file and
-    # its code may be a copy without .dvc/: so DVC reads this dvc.yaml with `params_data` as params.yaml, in memory.
-    fs = MemoryFileSystem(global_store=False)
-    fs.pipe({"/dvc.yaml": dvc_yaml.read_bytes(), "/params.yaml": json.dumps(params_data).encode()})  # JSON is YAML
-    calls = {}
-    with Repo("/", fs=fs, uninitialized=True) as repo:
-        for stage in repo.index.stages:
-            group, _, key = stage.name.partition("@")
-            params = {name: value for dep in stage.params for name, value in dep.read_params().items()}
-            # Stage outputs (under data/) are inputs, in the cache key by their digests; every other dep is code.
-            code = [
-                dep.def_path
-                for dep in stage.deps
-                if not isinstance(dep, ParamsDependency) and not dep.def_path.startswith("data/")
-            ]
-            calls[stage.name] = StageCall(group, key, params, _digest_paths(dvc_yaml.parent, code))
-    return calls
-
-
-def cache_key(call: StageCall, inputs: dict[str, ArtifactRecord]) -> str:
-    """The stage instance, its params slice, its code digest and the digests of its inputs."""
-    payload = {
-        "stage": call.label,
-        "params": call.params,
-        "code": call.code,
-        "inputs": {name: artifact.digest for name, artifact in sorted(inputs.items())},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _retry_unless_user_error(task: Any, task_run: TaskRun, state: State) -> bool:

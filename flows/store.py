@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,14 @@ from fsspec.core import url_to_fs
 from moder.io import atomic_path, is_temporary
 
 DEFAULT_STORE = "out/store"
+
+
+def project_store() -> str:
+    """The store of the DVC project a stage runs in: DEFAULT_STORE below DVC_ROOT, which DVC sets for every
+    stage (to the workspace's root also for queued experiments, which run in copies), else below here."""
+    return str(Path(os.environ.get("DVC_ROOT", ".")) / DEFAULT_STORE)
+
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -127,16 +136,20 @@ class Store:
 
     def put(self, root: Path, paths: list[Path]) -> ArtifactRecord:
         """Store every file at or below `paths` (by path relative to `root`); identical content is stored once."""
-        files = {}
-        for file in (f for path in paths for f in files_below(path)):
+        return self.put_files({f.relative_to(root).as_posix(): f for path in paths for f in files_below(path)})
+
+    def put_files(self, files: dict[str, Path]) -> ArtifactRecord:
+        """Store each file under its name (a relative POSIX path in the artifact)."""
+        digests = {}
+        for name, file in files.items():
             with file.open("rb") as handle:
                 digest = _sha256(handle)
             if not self.fs.exists(self.blob(digest)):
                 temporary = f"{self.blob(digest)}.{uuid.uuid4().hex}.tmp"
                 self.fs.put_file(str(file), temporary)
                 self.fs.mv(temporary, self.blob(digest))
-            files[file.relative_to(root).as_posix()] = digest
-        return ArtifactRecord.of(files)
+            digests[_checked_name(name)] = digest
+        return ArtifactRecord.of(digests)
 
     def verify(self, record: ArtifactRecord, label: str) -> None:
         """Hash every blob `record` names; `label` (the artifact) goes into the error."""

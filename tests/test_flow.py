@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FULL, MINI, REPO, full_params
+from tests.conftest import FULL, MINI, REPO, dvc, full_params
 
 prefect = pytest.importorskip("prefect")
 
@@ -274,6 +274,30 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
             assert (tmp_path / "store" / "blobs" / digest).is_file()
     finally:
         _stop(serving)
+
+
+def test_the_flow_and_dvc_repro_make_the_backbone_once_between_them(server, project, tmp_path):
+    from flows.calls import BACKBONE, cache_key, stage_calls
+    from flows.store import Store
+    from moder.params import parse_params
+
+    root, _ = project
+    store = root / "out" / "store"  # the project's store, where its `dvc repro` put the backbone it pre-trained
+    _, states = _run(root / "params.yaml", tmp_path / "flow", store)
+    assert states["backbone"] == "Cached"
+    # the other way round: the flow pre-trains the backbone of seed 1, `dvc exp run` restores it
+    seed1 = {**FULL, "seed": 1}
+    _, states = _run(None, tmp_path / "flow-seed1", store, params=parse_params(seed1))
+    assert states["backbone"] == "Completed"
+    ran = dvc(root, "exp", "run", "-S", "seed=1", "backbone")
+    assert "backbone: restored from" in ran.stdout and "pretrain CLIP" not in ran.stdout + ran.stderr
+    record = Store(str(store)).lookup(cache_key(stage_calls(REPO / "dvc.yaml", seed1)["backbone"], {}))
+    made = hashlib.sha256((root / "data" / "backbone" / "clip.safetensors").read_bytes()).hexdigest()
+    assert record is not None and made == record.files[BACKBONE]
+    dvc(root, "exp", "run", "-S", "seed=0", "backbone")  # the workspace back at the fixture's backbone
+    seed0 = Store(str(store)).lookup(cache_key(stage_calls(REPO / "dvc.yaml", FULL)["backbone"], {}))
+    made = hashlib.sha256((root / "data" / "backbone" / "clip.safetensors").read_bytes()).hexdigest()
+    assert seed0 is not None and made == seed0.files[BACKBONE]
 
 
 def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
