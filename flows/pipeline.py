@@ -15,6 +15,8 @@ in the store: `records/<cache key>.json`, JSON only, every blob verified before 
 a Completed state named "Cached", as Prefect's own caching does. Cache keys are content-addressed:
 the stage, the slice of params it reads and the digest of its code — both resolved from `dvc.yaml`
 by DVC itself, so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
+The stages `dvc repro` runs compute the same keys and use the same store (flows/calls.py), so neither
+tool redoes what the other made.
 """
 
 import json
@@ -32,7 +34,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
-from flows.calls import BACKBONE, BACKBONE_SUMMARY, StageCall, cache_key, stage_calls
+from flows.calls import StageCall, cache_key, stage_calls, stage_inputs
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError
 from moder.params import Params, ParamsError, load_params, parse_params
 from moder.progress import LogLines
@@ -63,10 +65,10 @@ class StageRun:
     always: bool = False  # runs every time, as `always_changed` in dvc.yaml (its output, not its run, is cached)
 
 
-_MODEL = BACKBONE
+_MODEL = "backbone/clip.safetensors"
 STAGE_RUNS: dict[str, StageRun] = {
     "scan": StageRun(scan, ("scans",), ("scans",), gpu=False, always=True),
-    "backbone": StageRun(backbone, (_MODEL, BACKBONE_SUMMARY), ("backbone", "reports"), progress=True),
+    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports"), progress=True),
     "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
     "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",), progress=True),
     "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
@@ -161,35 +163,19 @@ def moder_pipeline(
     def submit(label: str, inputs: dict[str, PrefectFuture | ArtifactRecord]) -> PrefectFuture:
         return stage_task(calls[label]).submit(calls[label], params_data, inputs, url)
 
-    model = submit("backbone", {})
-    listings = submit("scan", {}).result()  # seconds: it lists files
-    # as in dvc.yaml, an extract reads its own dataset's listing: changed images re-run that extract alone
-    features = {
-        d: submit(f"extract@{d}", {"backbone": model, "scan": listings.only(f"scans/{d}.json")})
-        for d in params.datasets
-        if any(t.dataset == d for t in params.tasks.values())
-    }
-    experts = {d: submit(f"train@{d}", {"backbone": model, f"extract@{d}": f}) for d, f in features.items()}
-    all_features = {f"extract@{d}": f for d, f in features.items()}
-    baseline = submit("finetune", {"backbone": model, **all_features})
-    # the hub after a step reads the experts (and keys) of the datasets trained by then
-    hubs, seen = {}, {}
-    for name, step in params.tasks.items():
-        seen |= {f"extract@{step.dataset}": features[step.dataset], f"train@{step.dataset}": experts[step.dataset]}
-        hubs[name] = submit(f"hub@{name}", {"backbone": model, **seen})
-    # every step reads every task's experts: the oracle scores tasks not yet trained with their own
-    trained = {f"train@{d}": e for d, e in experts.items()}
-    evaluations = {
-        name: submit(f"evaluate@{name}", {"backbone": model, **all_features, **trained, f"hub@{name}": hubs[name]})
-        for name in params.tasks
-    }
+    futures: dict[str, PrefectFuture] = {}
+    for label, wiring in stage_inputs(params).items():  # in dependency order
+        inputs = {
+            # a stage reading one file of another's outputs (an extract, its dataset's listing) waits for that one
+            name: futures[upstream].result().only(only) if only else futures[upstream]
+            for name, (upstream, only) in wiring.items()
+        }
+        futures[label] = submit(label, inputs)
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
-    for future in [model, *features.values(), *experts.values(), baseline, *hubs.values(), *evaluations.values()]:
+    for future in futures.values():
         future.result()
-    last = list(params.tasks)[-1]  # the report prices the hub after the last step
-    evaluated = {f"evaluate@{t}": e for t, e in evaluations.items()}
-    reported = submit("report", {"finetune": baseline, **evaluated, f"hub@{last}": hubs[last], **trained}).result()
+    reported = futures["report"].result()
 
     out = Path(out_dir)
     artifacts.materialise(reported, out, "report")

@@ -4,27 +4,21 @@ With `model.pretrained` (an open_clip tag) or `model.checkpoint` (a local file) 
 are loaded (a tag is fetched into `model.cache_dir`); otherwise the embedded benchmark's tiny CLIP
 is pre-trained contrastively on the clean rendered domain.
 
-`dvc repro` runs it through the content-addressed store the Prefect flow uses (`--store`, out/store of
-the project): when the flow, or an earlier run of this stage, made the backbone for the same params and
-code, its files are restored from there instead of pre-training again; otherwise what this stage makes
-is put there, and the flow finds it.
+Under `dvc repro` it runs through the store shared with the Prefect flow (stages.common.run_shared_cli).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-from flows.calls import BACKBONE, BACKBONE_SUMMARY, reuse_or_run, stage_calls
-from flows.store import Store, StoreError, project_store
 from moder.clip import LoadedClip, ModelLoadError, load_clip, save_backbone
 from moder.io import atomic_path
 from moder.params import Params
 from moder.pretrain import pretrain_clip
 from moder.progress import Progress
 from moder.text import TextTower
-from stages.common import parser, run_cli
+from stages.common import parser, run_shared_cli
 
 
 def backbone(params: Params, out: Path, summary: Path, progress: Progress = True) -> LoadedClip:
@@ -67,28 +61,9 @@ def backbone(params: Params, out: Path, summary: Path, progress: Progress = True
     return clip
 
 
-def backbone_through_store(params: Params, out: Path, summary: Path, store: str, dvc_yaml: Path) -> bool:
-    """`backbone`, or its files restored from `store` when it holds them for the same params and code (the
-    flow's cache key for this stage of `dvc_yaml`); True when restored."""
-    call = stage_calls(dvc_yaml, params.model_dump(mode="json"))["backbone"]
-    files = {BACKBONE: out, BACKBONE_SUMMARY: summary}
-    try:
-        restored = reuse_or_run(call, Store(store), files, lambda: backbone(params, out, summary))
-    except StoreError as error:  # a tampered or damaged store: one line naming the file, nothing written
-        sys.exit(f"error: {error}")
-    if restored:
-        print(f"backbone: restored from {store} (made by the Prefect flow or an earlier run, same params and code)")
-    return restored
-
-
 def main() -> None:
     cli = parser(__doc__, ("out", "the checkpoint to write", ".safetensors"), ("summary", "what it is", ".json"))
-    cli.add_argument("--store", default=project_store(), help="the store shared with the flow (default: %(default)s)")
-    cli.add_argument("--dvc-yaml", default=Path("dvc.yaml"), type=Path, help="the pipeline the cache key comes from")
-    run_cli(
-        lambda args, params: backbone_through_store(params, args.out, args.summary, args.store, args.dvc_yaml),
-        cli.parse_args(),
-    )
+    run_shared_cli(lambda args, params: backbone(params, args.out, args.summary), cli.parse_args())
 
 
 if __name__ == "__main__":

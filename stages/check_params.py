@@ -5,6 +5,7 @@ Every stage validates the whole file too, but when a typo lands in a section no 
 for, only this stage (which depends on params.yaml as a file) notices it. `make run` and the
 Prefect flow call it first as well. Datasets are listed, not decoded: a missing or empty one fails
 here, in seconds, instead of in its extract stage after the backbone's weights were fetched.
+It also notes every value of the params file that conf/ does not compose (stages/compose.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def check_datasets(params: Params) -> list[str]:
 
 def departure_notes(path: Path) -> list[str]:
     """One line per value of the params file that its conf/ does not compose (none without a conf/): an
-    experiment's `-S` override or a hand edit, which `dvc exp run` and `make run` would not keep."""
+    experiment's `-S` override or a hand edit. `dvc exp run` rewrites the file from conf/ without them;
+    `make run` (stages.compose) refuses to drop them."""
     conf = conf_dir(path)
     if not (conf / "config.yaml").is_file():
         return []

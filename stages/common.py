@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from flows.calls import SHARED_STAGES, run_through_store
+from flows.store import Store, StoreError, project_store
 from moder.clip import LoadedClip, ModelLoadError, load_clip
 from moder.datasets import DatasetFormatError, DatasetNotFound
 from moder.evaluation import TrainedTask
@@ -44,6 +47,7 @@ USER_ERRORS = (
     OutputError,
     PromptError,
     TrainingDiverged,
+    StoreError,
 )
 
 
@@ -91,6 +95,25 @@ def run_cli(main: Callable[[argparse.Namespace, Params], object], args: argparse
         main(args, load_params(args.params))
     except USER_ERRORS as error:
         sys.exit(f"error: {error}")
+
+
+def run_shared_cli(main: Callable[[argparse.Namespace, Params], object], args: argparse.Namespace) -> None:
+    """run_cli for a stage worth not running twice. Under `dvc repro` (DVC names the stage instance in
+    DVC_STAGE and runs it at the project's root) it goes through the content-addressed store it shares
+    with the Prefect flow (out/store of the project, flows/calls.py): when the flow or an earlier run made
+    this instance's outputs from the same params, code and inputs, they are restored from there; else it
+    runs and stores them, for the flow to find. Run by hand, it just runs."""
+    label = os.environ.get("DVC_STAGE", "")
+
+    def through_store(args: argparse.Namespace, params: Params) -> None:
+        if label.partition("@")[0] not in SHARED_STAGES:
+            main(args, params)
+            return
+        store = project_store()
+        if run_through_store(label, params, Path("dvc.yaml"), Store(store), lambda: main(args, params)):
+            print(f"{label}: restored from {store} (the flow's or an earlier run's: same params, code and inputs)")
+
+    run_cli(through_store, args)
 
 
 def expert_file(dataset_experts: Path, split: int) -> Path:

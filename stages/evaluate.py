@@ -17,7 +17,7 @@ from stages.common import (
     made_by,
     parser,
     read_task_experts,
-    run_cli,
+    run_shared_cli,
     write_rows,
 )
 
@@ -68,7 +68,7 @@ def main() -> None:
         ("unseen-out", "the per-class report of classes not yet trained", ".parquet"),
     )
     cli.add_argument("--step", required=True, help="the task after whose training to evaluate")
-    run_cli(
+    run_shared_cli(
         lambda args, params: evaluate(
             params, args.step, args.model, args.features, args.experts, args.hub, args.out, args.unseen_out
         ),

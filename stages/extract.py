@@ -22,7 +22,7 @@ from moder.pretrain import normalize_images
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 from moder.world import dataset_classes, render, seed_for
-from stages.common import load_frozen_clip, parser, run_cli
+from stages.common import load_frozen_clip, parser, run_shared_cli
 
 SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
@@ -119,7 +119,7 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
 def main() -> None:
     cli = parser(__doc__, ("model", "the backbone CLIP checkpoint"), ("out", "the dataset's feature directory"))
     cli.add_argument("--dataset", required=True)
-    run_cli(lambda args, params: extract(params, args.dataset, args.model, args.out), cli.parse_args())
+    run_shared_cli(lambda args, params: extract(params, args.dataset, args.model, args.out), cli.parse_args())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from moder.factory import ExpertFactory
 from moder.params import Params
 from moder.text import TextTower
 from moder.world import seed_for
-from stages.common import load_frozen_clip, load_sequence, parser, read_split, run_cli, write_rows
+from stages.common import load_frozen_clip, load_sequence, parser, read_split, run_shared_cli, write_rows
 
 
 def finetune(params: Params, model: Path, features: Path, out: Path) -> list[AccuracyRow]:
@@ -44,7 +44,7 @@ def main() -> None:
         ("features", "the directory of feature directories"),
         ("out", "the accuracy rows to write", ".parquet"),
     )
-    run_cli(lambda args, params: finetune(params, args.model, args.features, args.out), cli.parse_args())
+    run_shared_cli(lambda args, params: finetune(params, args.model, args.features, args.out), cli.parse_args())
 
 
 if __name__ == "__main__":

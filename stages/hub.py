@@ -17,7 +17,7 @@ from stages.common import (
     parser,
     read_classes,
     read_task_experts,
-    run_cli,
+    run_shared_cli,
 )
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         ("out", "the hub index to write", ".parquet"),
     )
     cli.add_argument("--step", required=True, help="the task after whose training the hub is built")
-    run_cli(
+    run_shared_cli(
         lambda args, params: hub(params, args.step, args.model, args.features, args.experts, args.out), cli.parse_args()
     )
 

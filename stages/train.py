@@ -22,7 +22,7 @@ from moder.tasks import Task, dataset_tasks
 from moder.text import TextTower
 from moder.train import class_centroids, prototype_offsets, train_experts
 from moder.world import seed_for
-from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_cli
+from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_shared_cli
 
 
 def negatives_and_anchors(
@@ -145,7 +145,9 @@ def main() -> None:
         ("out", "the dataset's experts directory (one .safetensors per task)"),
     )
     cli.add_argument("--dataset", required=True)
-    run_cli(lambda args, params: train(params, args.dataset, args.model, args.features, args.out), cli.parse_args())
+    run_shared_cli(
+        lambda args, params: train(params, args.dataset, args.model, args.features, args.out), cli.parse_args()
+    )
 
 
 if __name__ == "__main__":

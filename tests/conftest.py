@@ -117,6 +117,11 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return run_command([str(Path(sys.executable).parent / "dvc"), *args], cwd)
 
 
+# every stage instance of the miniature project, as dvc.yaml names them
+MINI_STAGES = frozenset(
+    {"params", "scan", "backbone", "finetune", "report"}
+    | {f"{stage}@{key}" for stage in ("extract", "train", "hub", "evaluate") for key in "ab"}
+)
 ALWAYS_RUN = {"scan"}  # always_changed in dvc.yaml: it lists the datasets' files at every repro
 
 

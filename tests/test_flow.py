@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import FULL, MINI, REPO, dvc, full_params
+from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params
 
 prefect = pytest.importorskip("prefect")
 
@@ -154,20 +154,7 @@ def _executed(states: dict[str, str]) -> set[str]:
 def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches(server, tmp_path):
     params, store = _write(tmp_path / "params.yaml", FULL), tmp_path / "store"
     first, states = _run(params, tmp_path / "run1", store)
-    everything = {
-        "scan",
-        "backbone",
-        "extract@a",
-        "extract@b",
-        "train@a",
-        "train@b",
-        "finetune",
-        "hub@a",
-        "hub@b",
-        "evaluate@a",
-        "evaluate@b",
-        "report",
-    }
+    everything = MINI_STAGES - {"params"}  # the flow validates params itself, not as a task
     assert set(states) == everything and _executed(states) == everything - {"scan"}
     assert json.loads((tmp_path / "run1" / "metrics.json").read_text()) == first
     # progress bars went to the tasks' logs as plain lines (no terminal codes), the last one complete
@@ -276,28 +263,26 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
         _stop(serving)
 
 
-def test_the_flow_and_dvc_repro_make_the_backbone_once_between_them(server, project, tmp_path):
-    from flows.calls import BACKBONE, cache_key, stage_calls
-    from flows.store import Store
+def test_the_flow_and_dvc_repro_run_each_stage_once_between_them(server, project, tmp_path):
+    from flows.calls import SHARED_STAGES
     from moder.params import parse_params
 
     root, _ = project
-    store = root / "out" / "store"  # the project's store, where its `dvc repro` put the backbone it pre-trained
-    _, states = _run(root / "params.yaml", tmp_path / "flow", store)
-    assert states["backbone"] == "Cached"
-    # the other way round: the flow pre-trains the backbone of seed 1, `dvc exp run` restores it
-    seed1 = {**FULL, "seed": 1}
-    _, states = _run(None, tmp_path / "flow-seed1", store, params=parse_params(seed1))
-    assert states["backbone"] == "Completed"
-    ran = dvc(root, "exp", "run", "-S", "seed=1", "backbone")
-    assert "backbone: restored from" in ran.stdout and "pretrain CLIP" not in ran.stdout + ran.stderr
-    record = Store(str(store)).lookup(cache_key(stage_calls(REPO / "dvc.yaml", seed1)["backbone"], {}))
-    made = hashlib.sha256((root / "data" / "backbone" / "clip.safetensors").read_bytes()).hexdigest()
-    assert record is not None and made == record.files[BACKBONE]
-    dvc(root, "exp", "run", "-S", "seed=0", "backbone")  # the workspace back at the fixture's backbone
-    seed0 = Store(str(store)).lookup(cache_key(stage_calls(REPO / "dvc.yaml", FULL)["backbone"], {}))
-    made = hashlib.sha256((root / "data" / "backbone" / "clip.safetensors").read_bytes()).hexdigest()
-    assert seed0 is not None and made == seed0.files[BACKBONE]
+    shared = {label for label in MINI_STAGES if label.partition("@")[0] in SHARED_STAGES}
+    store = root / "out" / "store"  # where the project's `dvc repro` put what those stages made
+    metrics, states = _run(root / "params.yaml", tmp_path / "flow", store)
+    assert {label for label, state in states.items() if state == "Cached"} == shared
+    assert _executed(states) == {"report"} and metrics == json.loads((root / "metrics.json").read_text())
+    # the other way round: the flow makes everything for seed 1, then `dvc exp run` restores it all
+    flow_metrics, states = _run(None, tmp_path / "flow-seed1", store, params=parse_params({**FULL, "seed": 1}))
+    assert _executed(states) == MINI_STAGES - {"params", "scan"}
+    ran = dvc(root, "exp", "run", "-S", "seed=1")
+    for label in shared:
+        assert f"{label}: restored from" in ran.stdout
+    assert "pretrain CLIP" not in ran.stderr and "train experts" not in ran.stderr  # no progress bar: nothing trained
+    assert json.loads((root / "metrics.json").read_text()) == flow_metrics
+    dvc(root, "exp", "run", "-S", "seed=0")  # the workspace back at the fixture's run
+    assert json.loads((root / "metrics.json").read_text()) == metrics
 
 
 def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
@@ -343,9 +328,7 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
     assert backbone_run.run_count == 1  # a bad input is not retried
     # the runs it blocked never start, so Prefect names them after the task, plus 3 hex digits: the stage instance
     blocked = {run.name for run in runs if run.state.name == "NotReady"}
-    assert {name[:-4] for name in blocked} == {"extract@a", "extract@b", "train@a", "train@b", "finetune"} | {
-        f"{stage}@{task}" for stage in ("hub", "evaluate") for task in "ab"
-    }
+    assert {name[:-4] for name in blocked} == MINI_STAGES - {"params", "scan", "backbone"}
     assert all(re.fullmatch(r"-[0-9a-f]{3}", name[-4:]) for name in blocked)
 
 

@@ -129,3 +129,65 @@ def test_a_record_whose_digest_does_not_cover_its_files_is_refused(stored):
     forged["files"]["metrics.json"] = hashlib.sha256(b"other").hexdigest()
     with pytest.raises(StoreError, match="forged.json is not a valid artifact record .*digest does not match"):
         ArtifactRecord.from_json(json.dumps(forged).encode(), "forged.json")
+
+
+def test_a_stage_run_through_the_store_is_restored_elsewhere_and_a_tampered_blob_stops_it(tmp_path):
+    from flows.calls import run_through_store
+    from moder.params import parse_params
+    from tests.conftest import FULL, copy_code
+
+    params, store = parse_params(FULL), Store(str(tmp_path / "store"))
+    runs = []
+
+    def backbone(root: Path):  # stands in for the stage: writes its two outputs where dvc.yaml puts them
+        def run() -> None:
+            runs.append(root)
+            (root / "data" / "backbone").mkdir(parents=True, exist_ok=True)
+            (root / "data" / "backbone" / "clip.safetensors").write_bytes(b"weights")
+            (root / "reports").mkdir(exist_ok=True)
+            (root / "reports" / "backbone.json").write_text("{}")
+
+        return run
+
+    first, second, third = (copy_code(tmp_path / name) for name in ("first", "second", "third"))
+    assert run_through_store("backbone", params, first / "dvc.yaml", store, backbone(first)) is False
+    # the same code, params and (no) inputs in another project: restored, with the flow's names in the store
+    assert run_through_store("backbone", params, second / "dvc.yaml", store, backbone(second)) is True
+    assert runs == [first] and (second / "data" / "backbone" / "clip.safetensors").read_bytes() == b"weights"
+    assert (second / "reports" / "backbone.json").read_text() == "{}"
+    # another seed is another key: it runs
+    other = parse_params({**FULL, "seed": 1})
+    assert run_through_store("backbone", other, second / "dvc.yaml", store, backbone(second)) is False
+    Path(store.blob(hashlib.sha256(b"weights").hexdigest())).write_bytes(b"tampered")
+    with pytest.raises(StoreError, match="does not match its digest"):
+        run_through_store("backbone", params, third / "dvc.yaml", store, backbone(third))
+    assert not (third / "data").exists() and runs == [first, second]  # nothing restored, nothing run
+
+
+def test_a_record_that_does_not_fill_the_stage_outputs_is_not_restored():
+    from flows.calls import _placement
+
+    targets = {"features/a": Path("/p/data/b/features/a")}
+    assert _placement(["features/a/train.parquet"], targets) == {
+        "features/a/train.parquet": Path("/p/data/b/features/a/train.parquet")
+    }
+    assert _placement(["features/ab/train.parquet"], targets) is None  # not below the output
+    assert _placement([], targets) is None
+    two = {**targets, "features/b": Path("/p/data/b/features/b")}
+    assert _placement(["features/a/train.parquet"], two) is None  # features/b left empty
+
+
+def test_the_wiring_is_in_dependency_order_and_leaves_out_datasets_no_task_uses():
+    from flows.calls import stage_inputs
+    from moder.params import parse_params
+    from tests.conftest import FULL
+
+    params = parse_params({**FULL, "datasets": {**FULL["datasets"], "c": {"classes": 3}}})  # no task uses c
+    wiring = stage_inputs(params)
+    assert list(wiring) == [
+        "backbone", "scan", "extract@a", "extract@b", "train@a", "train@b", "finetune",
+        "hub@a", "hub@b", "evaluate@a", "evaluate@b", "report",
+    ]  # fmt: skip
+    assert wiring["extract@a"] == {"backbone": ("backbone", None), "scan": ("scan", "scans/a.json")}
+    assert set(wiring["hub@a"]) == {"backbone", "extract@a", "train@a"}  # the datasets trained by step a
+    assert set(wiring["evaluate@a"]) == {"backbone", "extract@a", "extract@b", "train@a", "train@b", "hub@a"}
