@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
 from _stage_runner import GB, StageResult, StageRunner, group_rows, header, memory_now
 from safetensors import safe_open
 
@@ -41,7 +40,7 @@ from moder.tasks import dataset_tasks
 from moder.text import TextTower
 from moder.world import seed_for
 from stages.common import expert_file, load_frozen_clip, read_classes
-from stages.compose import compose_text
+from stages.compose import compose_data
 from stages.evaluate import evaluate
 from stages.extract import templates_of
 from stages.finetune import finetune
@@ -65,7 +64,7 @@ def build_params(
     device: str = "cpu",
 ) -> Params:
     """params.yaml as `dvc exp run -S benchmark=<sequence>` composes it, on a local ViT-B-16 on `device`."""
-    data = yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={sequence}"]))
+    data = compose_data(ROOT / "conf", [f"benchmark={sequence}"])
     data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": device}
     for spec in data["datasets"].values():  # validation wants a root; no image is read, the features are generated
         spec["root"] = str(work / "no-images")
@@ -161,7 +160,7 @@ def experts_on_disk(directory: Path) -> tuple[int, int, int]:
 
 
 def sequence_classes(sequence: str) -> int:
-    preset = yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={sequence}"]))
+    preset = compose_data(ROOT / "conf", [f"benchmark={sequence}"])
     return sum(len(catalog(spec["source"]).class_names) for spec in preset["datasets"].values())
 
 
@@ -353,8 +352,7 @@ def parse_args() -> argparse.Namespace:
     )
     args = parser.parse_args()
     splits = max(
-        s.get("splits", 1)
-        for s in yaml.safe_load(compose_text(ROOT / "conf", [f"benchmark={args.sequence}"]))["datasets"].values()
+        s.get("splits", 1) for s in compose_data(ROOT / "conf", [f"benchmark={args.sequence}"])["datasets"].values()
     )
     if args.limit_classes is not None and args.limit_classes < max(splits, 2):
         parser.error(

@@ -18,7 +18,7 @@ from dvc.dependency.param import ParamsDependency
 from dvc.fs import MemoryFileSystem
 from dvc.repo import Repo
 
-from flows.store import ArtifactRecord, Store, files_below
+from flows.store import ArtifactRecord, Store, digest_files, files_below
 from moder.params import Params
 
 
@@ -128,14 +128,6 @@ def workspace_files(call: StageCall, root: Path, benchmark: str) -> dict[str, Pa
     }
 
 
-def _digests(files: dict[str, Path]) -> ArtifactRecord:
-    digests = {}
-    for name, file in files.items():
-        with file.open("rb") as handle:
-            digests[name] = hashlib.file_digest(handle, "sha256").hexdigest()
-    return ArtifactRecord.of(digests)
-
-
 def _placement(names: list[str], targets: dict[str, Path]) -> dict[str, Path] | None:
     """Where each file of a record goes among a stage's outputs (flow name -> project path); None unless the
     record fills every output and holds nothing else."""
@@ -164,7 +156,7 @@ def run_through_store(label: str, params: Params, dvc_yaml: Path, store: Store, 
     inputs = {}
     for name, (upstream, only) in wiring[label].items():
         files = workspace_files(calls[upstream], root, benchmark)
-        inputs[name] = _digests({k: v for k, v in files.items() if k == only} if only else files)
+        inputs[name] = digest_files({k: v for k, v in files.items() if k == only} if only else files)
     key = cache_key(call, inputs)
     record = store.lookup(key)  # every blob verified; a tampered one is an error naming it
     targets = {flow_name(out, benchmark): root / out for out in call.outs}

@@ -76,6 +76,15 @@ def _checked_digest(digest: str) -> str:
     return digest
 
 
+def digest_files(files: dict[str, Path]) -> ArtifactRecord:
+    """The record of these files under their names (relative POSIX paths), without storing them."""
+    digests = {}
+    for name, file in files.items():
+        with file.open("rb") as handle:
+            digests[name] = _sha256(handle)
+    return ArtifactRecord.of(digests)
+
+
 @dataclass(frozen=True)
 class ArtifactRecord:
     """The files one stage instance wrote, by path relative to its output root, with one digest over all of them."""
@@ -140,16 +149,13 @@ class Store:
 
     def put_files(self, files: dict[str, Path]) -> ArtifactRecord:
         """Store each file under its name (a relative POSIX path in the artifact)."""
-        digests = {}
-        for name, file in files.items():
-            with file.open("rb") as handle:
-                digest = _sha256(handle)
+        record = digest_files(files)
+        for name, digest in record.files.items():
             if not self.fs.exists(self.blob(digest)):
                 temporary = f"{self.blob(digest)}.{uuid.uuid4().hex}.tmp"
-                self.fs.put_file(str(file), temporary)
+                self.fs.put_file(str(files[name]), temporary)
                 self.fs.mv(temporary, self.blob(digest))
-            digests[_checked_name(name)] = digest
-        return ArtifactRecord.of(digests)
+        return record
 
     def verify(self, record: ArtifactRecord, label: str) -> None:
         """Hash every blob `record` names; `label` (the artifact) goes into the error."""

@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -32,7 +31,7 @@ from moder.metrics import summarize  # noqa: E402
 from moder.params import Params, parse_params  # noqa: E402
 from scripts.suite_table import SUITE  # noqa: E402
 from stages.backbone import backbone  # noqa: E402
-from stages.compose import compose_text  # noqa: E402
+from stages.compose import compose_data  # noqa: E402
 from stages.evaluate import evaluate  # noqa: E402
 from stages.extract import extract  # noqa: E402
 from stages.hub import hub  # noqa: E402
@@ -44,7 +43,7 @@ METHODS = ("zeroshot", "oracle", "moder")
 def case_params(case: str, seed: int, overrides: str) -> Params:
     """conf/ composed with the case's preset, the seed and space-separated Hydra overrides (as `dvc exp run -S`)."""
     settings = [f"benchmark={case}", f"seed={seed}", *overrides.split()]
-    return parse_params(yaml.safe_load(compose_text(Path("conf"), settings)), " ".join(settings))
+    return parse_params(compose_data(Path("conf"), settings), " ".join(settings))
 
 
 def digest(*parts: object) -> str:

@@ -56,6 +56,11 @@ def compose_text(conf: Path, overrides: Sequence[str]) -> str:
     return OmegaConf.to_yaml(config)
 
 
+def compose_data(conf: Path, overrides: Sequence[str]) -> dict[str, Any]:
+    """The composition `compose_text` writes, as data."""
+    return yaml.safe_load(compose_text(conf, overrides))
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """Dotted keys to leaf values (lists are leaves), as `-S` names them."""
     if not isinstance(data, dict) or not data:
@@ -83,8 +88,7 @@ def departures(data: dict, conf: Path) -> dict[str, tuple[Any, Any]]:
     """key -> (value in `data`, value conf/ composes with the same preset) wherever they differ; ABSENT
     stands for a key the side does not have."""
     preset = preset_of(data)
-    composed = yaml.safe_load(compose_text(conf, [f"benchmark={preset}"] if preset else []))
-    here, there = flatten(data), flatten(composed)
+    here, there = flatten(data), flatten(compose_data(conf, [f"benchmark={preset}"] if preset else []))
     found = {key: (here.get(key, ABSENT), there.get(key, ABSENT)) for key in {**here, **there}}
     return {key: pair for key, pair in found.items() if pair[0] != pair[1]}
 
@@ -125,7 +129,8 @@ def compose_params(path: Path, overrides: Sequence[str], discard: bool = False) 
     if preset_of(current) and not any(item.split("=", 1)[0].lstrip("+~") == "benchmark" for item in overrides):
         overrides.insert(0, f"benchmark={preset_of(current)}")
     text = compose_text(conf, overrides)
-    composed = flatten(yaml.safe_load(text))
+    data = yaml.safe_load(text)
+    composed = flatten(data)
     if current and not discard and not composed_unchanged(path, before):
         lost = {
             key: value
@@ -138,7 +143,7 @@ def compose_params(path: Path, overrides: Sequence[str], discard: bool = False) 
                 f"{', '.join(as_override(key, value) for key, value in sorted(lost.items()))}; "
                 f"put them in {conf}/, give them again as overrides, or pass --discard"
             )
-    parse_params(yaml.safe_load(text), f"{conf}/ with {' '.join(overrides)}")
+    parse_params(data, f"{conf}/ with {' '.join(overrides)}")
     if before != text:
         with atomic_path(path) as temporary:
             temporary.write_text(text, encoding="utf-8")

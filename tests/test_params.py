@@ -4,11 +4,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
 
 from moder.params import ParamsError, load_params, parse_params
 from stages.check_params import departure_notes
-from stages.compose import compose_params, compose_text
+from stages.compose import compose_data, compose_params, compose_text
 
 
 def test_repository_params_are_valid():
@@ -99,7 +98,7 @@ def test_params_yaml_is_conf_composed_as_dvc_exp_run_composes_it(tmp_path):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_valid_params_and_names_itself(preset):
-    params = parse_params(yaml.safe_load(compose_text(CONF, [f"benchmark={preset}"])), preset)
+    params = parse_params(compose_data(CONF, [f"benchmark={preset}"]), preset)
     assert params.benchmark.preset == preset
 
 
