@@ -57,12 +57,12 @@ clean:
 KEEP ?= seed|expert\.kind|train\.(templates_per_step|negatives)|retrieval\.(k|temperature)|benchmark\.preset
 compare: $(STAMP)
 	COLUMNS=400 $(BIN)/dvc exp show --no-pager --md --drop '.*' \
-		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder)\.(transfer|avg|last|future)|hub\.parameters' $(ARGS)
+		--keep 'Experiment|$(KEEP)|(zeroshot|finetune|oracle|moder|no_composition)\.(transfer|transfer_new|avg|last|future)|composition\.transfer(_new)?|hub\.parameters' $(ARGS)
 
 
-# The suite (docs/suite.md): 8 embedded worlds x test seeds 0-2 as queued DVC experiments, two at a time with
-# one thread each (scripts/run_suite.py says why), then the table. Defaults are chosen on other seeds:
-# scripts/validate.py.
+# The suite (docs/suite.md, docs/suite.csv): 9 embedded worlds x test seeds 0-4 as queued DVC experiments, two at
+# a time with one thread each (scripts/run_suite.py says why), one run again at two threads, then the table.
+# Defaults are chosen on other seeds: scripts/validate.py.
 .PHONY: suite
 suite: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python scripts/run_suite.py --jobs 2

@@ -38,6 +38,7 @@ from flows.calls import StageCall, cache_key, stage_calls, stage_inputs
 from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError
 from moder.params import Params, ParamsError, load_params, parse_params
 from moder.progress import LogLines
+from moder.results import METHODS
 from stages.backbone import backbone
 from stages.check_params import check_datasets
 from stages.common import USER_ERRORS
@@ -185,17 +186,27 @@ def moder_pipeline(
     return metrics
 
 
-METRIC_METHODS = ("zeroshot", "finetune", "oracle", "moder")
-
-
 def publish_results(params: Params, metrics: dict, out: Path) -> None:
     """The run's results in Prefect's UI (its Artifacts tab), also when every stage came from the cache:
-    a table of each method's metrics and MoDER's gain, and the summary `make run` prints."""
-    rows = [{"method": method, **metrics[method]} for method in METRIC_METHODS]
+    a table of each method's metrics, MoDER's gain, composition's and calibration's own effects and the
+    share of the oracle's headroom taken, and the summary `make run` prints."""
     gain = {name: round(value - metrics["zeroshot"][name], 2) for name, value in metrics["moder"].items()}
+    headroom, shares = metrics["headroom"], (("transfer", ""), ("transfer_new", "_new"))
+    effects = [
+        {"method": "moder - zeroshot", **gain},
+        {"method": "composition (moder - no_composition)", **metrics["composition"]},
+        {"method": "calibration (moder - no_calibration)", **metrics["calibration"]},
+        *(
+            {
+                "method": f"{what}: share of the oracle's headroom",
+                **{key: headroom[f"{what}{suffix}"] for key, suffix in shares if f"{what}{suffix}" in headroom},
+            }
+            for what in ("moder", "composition")
+        ),
+    ]
     create_table_artifact(
         key="moder-metrics",
-        table=[*rows, {"method": "moder - zeroshot", **gain}],
+        table=[*({"method": method, **metrics[method]} for method in METHODS), *effects],
         description=f"{params.benchmark.name}, seed {params.seed}: accuracy (%) per method",
     )
     create_markdown_artifact(

@@ -16,7 +16,8 @@ from torch import Tensor
 from moder.compose import compose_prototypes, smooth_toward_zeroshot
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT, ExpertHub, Retrieval
-from moder.metrics import Protocol, accuracy, class_accuracy, label_space
+from moder.metrics import Protocol, class_accuracy, label_space, predict
+from moder.names import normalized
 from moder.prompts import PromptSet
 from moder.tasks import TaskData
 
@@ -53,6 +54,12 @@ class TrainedTask:
     offsets: Tensor  # [n_classes]
 
 
+# Which of a task's test images a row scores (docs/design.md, "What a gain is made of"): all of them, or, for a
+# task not yet trained, those of classes whose name no step so far has trained in any dataset (new: only
+# composition can help them) and those whose name some earlier step trained (recurring: retrieval finds it).
+Names = Literal["all", "new", "recurring"]
+
+
 @dataclass(frozen=True)
 class AccuracyRow:
     step: str
@@ -60,6 +67,7 @@ class AccuracyRow:
     method: str
     accuracy: float
     n_test: int
+    names: str = "all"  # Names
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class UnseenClassRow:
     step: str
     task: str
     class_name: str
+    names: str  # new, or recurring (its name trained by an earlier step, in any dataset)
     zeroshot: float  # percent of the class's test images right, in the task's label space
     moder: float
     similarity: float  # cosine of its zero-shot prototype to the closest hub class's key
@@ -82,12 +91,13 @@ class StepEvaluation:
 
 
 @dataclass(frozen=True)
-class _Prototypes:
+class StepPrototypes:
     """Every class's prototype per method after one step, and what each untrained class retrieved."""
 
     zeroshot: dict[ClassKey, Tensor]
     oracle: dict[ClassKey, Tensor]  # MoDER with perfect retrieval: untrained classes use their own task's experts
     moder: dict[ClassKey, Tensor]  # own experts for trained classes, composed for the others
+    no_composition: dict[ClassKey, Tensor]  # MoDER with the untrained classes left at their zero-shot prototypes
     retrieved: dict[ClassKey, str]
     similarity: dict[ClassKey, float]  # each untrained class's closest hub class (cosine of zero-shot prototypes)
     offsets: dict[ClassKey, float]  # subtracted from trained classes' scores (calibration), MoDER's and the oracle's
@@ -103,16 +113,21 @@ def evaluate_step(
     step: int,
     settings: EvaluationSettings,
 ) -> StepEvaluation:
-    """Accuracy of every task after training sequence[step] (0-based), for three methods:
+    """Accuracy of every task after training sequence[step] (0-based), for five methods:
 
     - `zeroshot`: every class's zero-shot prototype;
     - `moder`: tasks 0..step use their own experts (seen classes); the classes of later tasks
       get prototypes composed from `hub` (the experts of tasks 0..step), retrieved by zero-shot prototype;
     - `oracle`: MoDER with perfect retrieval: each class not yet trained uses its own task's expert
       (trained ahead of time) where MoDER composes one, smoothed toward zero-shot and calibrated exactly
-      as MoDER's composed prototypes are, so it bounds what composition could reach (the upper bound
-      composition could reach), which is why `trained` holds every task of the sequence.
-    Each class of a later task also gets an `UnseenClassRow`.
+      as MoDER's composed prototypes are, so it bounds what composition could reach, which is why
+      `trained` holds every task of the sequence;
+    - `no_composition`: MoDER with every class not yet trained left at its zero-shot prototype (own
+      experts, smoothing and calibration unchanged): MoDER minus it is composition's own effect;
+    - `no_calibration`: MoDER's prototypes scored without calibration offsets: MoDER minus it is
+      calibration's effect.
+    Tasks not yet trained are also scored over their new and their recurring names (`Names`), and each
+    of their classes gets an `UnseenClassRow`.
     Trained prototypes are read from `trained`, never re-encoded: a step costs the composition of the
     classes not trained yet, so the whole sequence costs O(tasks), not O(tasks^2).
     """
@@ -120,23 +135,27 @@ def evaluate_step(
         raise ValueError(f"step {step} with experts of {len(trained)} tasks for a sequence of {len(sequence)}")
     if sorted(set(hub.steps)) != [data.task.step for data in sequence[: step + 1]]:
         raise ValueError(f"the hub holds steps {sorted(set(hub.steps))}, not those of tasks 1..{step + 1}")
-    prototypes = _build_prototypes(factory, sequence, trained, hub, step, settings)
+    prototypes = step_prototypes(factory, sequence, trained, hub, step, settings)
+    protocol, offsets = settings.protocol, prototypes.offsets
     rows = [
-        *accuracy_rows(sequence, step, settings.protocol, "zeroshot", prototypes.zeroshot),
-        *accuracy_rows(sequence, step, settings.protocol, "oracle", prototypes.oracle, prototypes.offsets),
-        *accuracy_rows(sequence, step, settings.protocol, "moder", prototypes.moder, prototypes.offsets),
+        *accuracy_rows(sequence, step, protocol, "zeroshot", prototypes.zeroshot),
+        *accuracy_rows(sequence, step, protocol, "oracle", prototypes.oracle, offsets),
+        *accuracy_rows(sequence, step, protocol, "moder", prototypes.moder, offsets),
+        *accuracy_rows(sequence, step, protocol, "no_composition", prototypes.no_composition, offsets),
+        *accuracy_rows(sequence, step, protocol, "no_calibration", prototypes.moder),
     ]
     return StepEvaluation(rows, _unseen_class_rows(sequence, step, settings.protocol, prototypes))
 
 
-def _build_prototypes(
+def step_prototypes(
     factory: ExpertFactory,
     sequence: list[TaskData],
     trained: list[TrainedTask],
     hub: ExpertHub,
     step: int,
     settings: EvaluationSettings,
-) -> _Prototypes:
+) -> StepPrototypes:
+    """Every class's prototype per method after `step` (see `evaluate_step`), and the calibration offsets."""
     own: dict[ClassKey, Tensor] = {}  # each class's own expert's prototype, as evaluation reads it
     for data, task in zip(sequence, trained, strict=True):
         if task.prototypes.shape != data.zeroshot.shape:
@@ -148,7 +167,7 @@ def _build_prototypes(
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
     zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
     own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.alpha) for key in seen}
-    moder, oracle = dict(own_seen), dict(own_seen)
+    moder, oracle, no_composition = dict(own_seen), dict(own_seen), {**zeroshot, **own_seen}
     retrieved: dict[ClassKey, str] = {}
     similarity: dict[ClassKey, float] = {}
     for data in sequence[step + 1 :]:
@@ -162,7 +181,7 @@ def _build_prototypes(
         oracle.update(zip(keys, perfect, strict=True))
     row = {key: r for r, key in enumerate(zip(hub.datasets, hub.class_names, strict=True))}  # the latest expert
     offsets = dict(zip(seen, calibration_offsets(settings.calibrate, hub, [row[key] for key in seen]), strict=True))
-    return _Prototypes(zeroshot, oracle, moder, retrieved, similarity, offsets)
+    return StepPrototypes(zeroshot, oracle, moder, no_composition, retrieved, similarity, offsets)
 
 
 def calibration_offsets(calibrate: Calibration, hub: ExpertHub, rows: list[int]) -> list[float]:
@@ -238,7 +257,7 @@ def _describe(composed: Composed, hub: ExpertHub) -> list[str]:
 
 
 def _unseen_class_rows(
-    sequence: list[TaskData], step: int, protocol: Protocol, prototypes: _Prototypes
+    sequence: list[TaskData], step: int, protocol: Protocol, prototypes: StepPrototypes
 ) -> list[UnseenClassRow]:
     """Every class not yet trained: its zero-shot and composed accuracy, and what it retrieved."""
     rows = []
@@ -255,11 +274,13 @@ def _unseen_class_rows(
             )
         }
         position = {key: i for i, key in enumerate(keys)}
+        trained = trained_names(sequence, step)
         rows += [
             UnseenClassRow(
                 sequence[step].task.name,
                 data.task.name,
                 key[1],
+                "recurring" if normalized(key[1]) in trained else "new",
                 float(per_class["zeroshot"][position[key]]),
                 float(per_class["moder"][position[key]]),
                 prototypes.similarity[key],
@@ -283,6 +304,11 @@ def _shift(keys: list[ClassKey], offsets: dict[ClassKey, float] | None) -> Tenso
     return None if not offsets else torch.tensor([offsets.get(key, 0.0) for key in keys])
 
 
+def trained_names(sequence: list[TaskData], step: int) -> set[str]:
+    """The names (normalised: moder.names.normalized) of every class trained in steps 0..step, in any dataset."""
+    return {normalized(name) for data in sequence[: step + 1] for name in data.class_names}
+
+
 def accuracy_rows(
     sequence: list[TaskData],
     step: int,
@@ -292,12 +318,29 @@ def accuracy_rows(
     offsets: dict[ClassKey, float] | None = None,
 ) -> list[AccuracyRow]:
     """Every task's accuracy after `step` (0-based) with one prototype per (dataset, class), in the
-    protocol's label spaces; `offsets` are subtracted from their classes' scores."""
+    protocol's label spaces; `offsets` are subtracted from their classes' scores. A task not yet trained
+    is also scored over the test images of its new names and of its recurring ones (`Names`), each
+    where it has any."""
     rows = []
+    trained = trained_names(sequence, step)
     for index, data in enumerate(sequence):
         keys, labels = _label_space(sequence, step, protocol, index)
-        score = accuracy(
-            data.test_features, labels, torch.stack([prototypes[key] for key in keys]), _shift(keys, offsets)
-        )
-        rows.append(AccuracyRow(sequence[step].task.name, data.task.name, method, score, len(labels)))
+        right = predict(data.test_features, torch.stack([prototypes[key] for key in keys]), _shift(keys, offsets))
+        right = right == labels
+        subsets: dict[str, Tensor] = {"all": torch.ones_like(right)}
+        if index > step:
+            recurring = torch.tensor([normalized(name) in trained for name in data.class_names])[data.test_labels]
+            subsets |= {"new": ~recurring, "recurring": recurring}
+        rows += [
+            AccuracyRow(
+                sequence[step].task.name,
+                data.task.name,
+                method,
+                100.0 * right[members].float().mean().item(),
+                int(members.sum()),
+                names,
+            )
+            for names, members in subsets.items()
+            if members.any()
+        ]
     return rows

@@ -52,6 +52,24 @@ def future(matrix: ArrayLike) -> float:
     return float(np.mean([a[i, i + 1 :].mean() for i in range(a.shape[0] - 1)]))
 
 
+def transfer_over(matrix: ArrayLike) -> float | None:
+    """Transfer over a subset of each task's test images (docs/design.md, "What a gain is made of"): A[i][j]
+    is NaN where task j has no image of the subset after step i; those cells are left out, then the
+    columns with no cell left. None when no cell is left; equal to `transfer` when none is NaN."""
+    a = np.asarray(matrix, dtype=float)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"accuracy matrix must be square T x T, got shape {a.shape}")
+    columns = [a[:j, j][~np.isnan(a[:j, j])] for j in range(1, a.shape[0])]
+    means = [cells.mean() for cells in columns if len(cells)]
+    return float(np.mean(means)) if means else None
+
+
+def headroom_share(method: float, base: float, bound: float) -> float | None:
+    """How much of the way from `base` to `bound` `method` goes: (method - base) / (bound - base); None where
+    the bound is not above the base (no headroom to share)."""
+    return (method - base) / (bound - base) if bound > base else None
+
+
 def summarize(matrix: ArrayLike, protocol: Protocol) -> dict[str, float]:
     """The metrics.json entry of one method."""
     summary = {"transfer": transfer(matrix), "avg": average(matrix), "last": last(matrix)}

@@ -207,6 +207,10 @@ class DatasetParams(DomainParams):
     root: str | None = None  # where an image dataset lies on disk (see docs/datasets.md)
     templates: list[str] | None = None  # None: the dataset's catalog templates, else params.yaml templates
     classes: int | None = Field(None, ge=2)  # embedded: how many of the world's classes; None: all
+    # embedded: None draws the dataset's classes for it alone; an integer takes positions class_offset ..
+    # class_offset + classes - 1 of one seeded order of the world's classes shared by every dataset, so
+    # datasets with ranges that do not overlap share no class name (moder.world.dataset_classes)
+    class_offset: int | None = Field(None, ge=0)
     splits: int = Field(1, ge=1)  # Class-IL: into how many tasks its classes are cut
     class_order: Literal["shuffled", "sequential"] = "shuffled"  # sequential: label order, as mammoth's splits
 
@@ -227,13 +231,15 @@ class DatasetParams(DomainParams):
         if self.source == "embedded":
             if self.root is not None:
                 raise ValueError("root is for image datasets read from disk; source embedded renders its images")
+            if self.class_offset is not None and self.classes is None:
+                raise ValueError("class_offset takes a range of `classes` classes: set classes too")
             return self
         if self.root is None:
             raise ValueError(f"source {self.source} needs root: the directory that holds the dataset")
         # compared with the defaults, not "was it given": a full dump of the params must parse again
         rendering = [
             name
-            for name in (*DomainParams.model_fields, "classes")
+            for name in (*DomainParams.model_fields, "classes", "class_offset")
             if getattr(self, name) != DatasetParams.model_fields[name].default
         ]
         if rendering:
@@ -373,6 +379,21 @@ class Params(_Section):
         for name in entries:
             path_name(name, f"{info.field_name} key")
         return entries
+
+    @model_validator(mode="after")
+    def _datasets_fit_world(self) -> Params:
+        total = len(self.world.colours) * len(self.world.shapes)
+        for name, spec in self.datasets.items():
+            if spec.source != "embedded" or spec.classes is None:
+                continue
+            end = (spec.class_offset or 0) + spec.classes
+            if end > total:
+                key = "classes" if spec.class_offset is None else "class_offset"
+                raise ValueError(
+                    f"datasets.{name}.{key}: classes {(spec.class_offset or 0) + 1}..{end} asked of a world of "
+                    f"{total} classes ({len(self.world.colours)} colours x {len(self.world.shapes)} shapes)"
+                )
+        return self
 
     @model_validator(mode="after")
     def _tasks_fit_protocol(self) -> Params:

@@ -213,12 +213,16 @@ def class_splits(n_classes: int, splits: int, seed: int, dataset_name: str, shuf
     return [part.sort().values for part in torch.tensor_split(order, splits)]
 
 
-def dataset_classes(world: World, count: int | None, dataset_name: str) -> Tensor:
-    """The class subset a dataset draws from the world (all classes when `count` is None)."""
+def dataset_classes(world: World, count: int | None, dataset_name: str, offset: int | None = None) -> Tensor:
+    """The class subset a dataset draws from the world: all classes when `count` is None; else `count` of
+    them drawn for this dataset alone, or with `offset` the positions offset..offset+count-1 of one order
+    of the world's classes that every dataset shares (so datasets whose ranges do not overlap share no class)."""
     total = len(world.class_names)
-    if count is None or count == total:
+    if count is None or (count == total and offset is None):
         return torch.arange(total)
-    if not 1 <= count <= total:
-        raise ValueError(f"a dataset needs between 1 and {total} classes, got {count}")
-    generator = torch.Generator().manual_seed(seed_for(world.seed, "classes", dataset_name))
-    return torch.randperm(total, generator=generator)[:count].sort().values
+    start = 0 if offset is None else offset
+    if not (1 <= count and 0 <= start and start + count <= total):
+        raise ValueError(f"cannot take {count} classes from position {start} of a world of {total}")
+    names = ("classes",) if offset is not None else ("classes", dataset_name)
+    generator = torch.Generator().manual_seed(seed_for(world.seed, *names))
+    return torch.randperm(total, generator=generator)[start : start + count].sort().values

@@ -1,21 +1,23 @@
 """The suite as DVC experiments: every case (a preset in conf/benchmark/) over the test seeds, queued and run
-`--jobs` at a time, then docs/suite.md from `dvc exp show --json` (scripts/suite_table.py).
+`--jobs` at a time, then one seed of the first case again at two threads, then docs/suite.md and docs/suite.csv
+from `dvc exp show --json` (scripts/suite_table.py).
 
-    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 8 cases x seeds 0 1 2
-    python scripts/run_suite.py --table-only    # rewrite docs/suite.md from the experiments already run
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 9 cases x seeds 0-4
+    python scripts/run_suite.py --table-only    # rewrite docs/suite.md and docs/suite.csv from the experiments run
 
 Each experiment is queued as `dvc exp run --queue -S benchmark=<case> -S seed=<seed>`: DVC composes its
 params.yaml from conf/ (Hydra), the workspace's params.yaml is left alone. Experiments run on the code in
-the workspace; the backbone of a seed is pre-trained once and
-restored from DVC's run cache for the other cases. On 2 cores, run two experiments at once with one
-thread each (as `make suite` does): two of PyTorch's default two-thread processes on two cores run about
-2.5x slower than one. CPU float results depend on the thread count, so the suite's seed-0 row of the
-default world differs slightly from `make run`'s.
+the workspace; the backbone of a seed is pre-trained once and restored from DVC's run cache for the other
+cases. On 2 cores, run two experiments at once with one thread each (as `make suite` does): two of PyTorch's
+default two-thread processes on two cores run about 2.5x slower than one. CPU float results depend on the
+thread count: `<case>-s<seed>-threads2` repeats one run with every stage forced at two threads, and the table
+says how far its figures moved.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -68,6 +70,17 @@ def run_queued(experiments: list[Experiment], jobs: int) -> str:
     return rev
 
 
+def run_at_two_threads(case: str, seed: int) -> None:
+    """The experiment `<case>-s<seed>-threads2`: that run again in a temporary copy, every stage forced
+    (pre-training included) with two threads, to measure how far thread count alone moves the figures."""
+    started = time.monotonic()
+    settings = [f"benchmark={case}", f"seed={seed}"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+    command = ["dvc", "exp", "run", "--temp", "--force", "-n", f"{case}-s{seed}-threads2"]
+    subprocess.run([*command, *(arg for item in settings for arg in ("-S", item))], check=True, env=environment)
+    print(f"{case} seed {seed} at two threads in {(time.monotonic() - started) / 60:.0f} min")
+
+
 def write_table(script: list[str], show: str, out: Path) -> None:
     """`out` from a table script fed `dvc exp show --json` output; its complaints passed on, its failure ours."""
     table = subprocess.run([sys.executable, *script], input=show, text=True, capture_output=True)
@@ -81,11 +94,12 @@ def write_table(script: list[str], show: str, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cases", nargs="+", default=list(SUITE))
     parser.add_argument("--table-only", action="store_true", help="only rewrite docs/suite.md")
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
     parser.add_argument("--out", type=Path, default=Path("docs/suite.md"))
+    parser.add_argument("--csv", type=Path, default=Path("docs/suite.csv"), help="every seed's figures")
     parser.add_argument(
         "--rev", default="HEAD", help="with --table-only: the commit the experiments were queued on (default: HEAD)"
     )
@@ -96,10 +110,11 @@ def main() -> None:
             # the later ones restore it from DVC's run cache
             suite = [(f"{case}-s{seed}", case, [f"seed={seed}"]) for case in args.cases for seed in args.seeds]
             args.rev = run_queued(suite, args.jobs)
+            run_at_two_threads(args.cases[0], args.seeds[0])
         show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
     except (subprocess.CalledProcessError, ParamsError) as error:
         sys.exit(f"error: {error}")
-    write_table(["scripts/suite_table.py", "--cases", *args.cases], show, args.out)
+    write_table(["scripts/suite_table.py", "--cases", *args.cases, "--csv", str(args.csv)], show, args.out)
 
 
 if __name__ == "__main__":

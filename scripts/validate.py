@@ -10,8 +10,10 @@ composition re-run only the hub and evaluation.
     python scripts/validate.py --seeds 100 101 102 \\
         --candidate committed "" --candidate gated "retrieval.gate=0.9 composition.alpha_unseen=0.5"
 
-Prints one row per candidate: per case, MoDER - zero-shot Transfer and Last (mean over seeds), then the
-worst case and the mean over cases; writes the same as JSON to <out>/validation.json.
+Prints one row per candidate and case (means over seeds): MoDER - zero-shot Transfer (dT) and over new names
+(dT_new), composition's own effect (MoDER - MoDER without composition) on both (comp, comp_new; per seed too)
+and MoDER - zero-shot Last (dL); then the mean over cases and the worst case; writes the per-seed figures as
+JSON to <out>/validation.json.
 """
 
 from __future__ import annotations
@@ -23,12 +25,10 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from moder.metrics import summarize  # noqa: E402
 from moder.params import Params, parse_params  # noqa: E402
+from moder.results import METHODS, accuracy_matrices, effects, method_figures  # noqa: E402
 from scripts.suite_table import SUITE  # noqa: E402
 from stages.backbone import backbone  # noqa: E402
 from stages.compose import compose_data  # noqa: E402
@@ -36,8 +36,6 @@ from stages.evaluate import evaluate  # noqa: E402
 from stages.extract import extract  # noqa: E402
 from stages.hub import hub  # noqa: E402
 from stages.train import train  # noqa: E402
-
-METHODS = ("zeroshot", "oracle", "moder")
 
 
 def case_params(case: str, seed: int, overrides: str) -> Params:
@@ -68,9 +66,8 @@ def run_case(params: Params, out: Path) -> dict[str, dict[str, float]]:
         if not (experts / dataset).exists():
             train(params, dataset, model, features, experts / dataset)
     key = digest(key, p["retrieval"], p["composition"], p["benchmark"])
-    tasks = list(params.tasks)
-    matrices = {method: np.zeros((len(tasks), len(tasks))) for method in METHODS}
-    for step in tasks:
+    rows = []
+    for step in params.tasks:
         hub_index = out / "hub" / key / f"{step}.parquet"
         if not hub_index.exists():
             hub(params, step, model, features, experts, hub_index)
@@ -84,9 +81,21 @@ def run_case(params: Params, out: Path) -> dict[str, dict[str, float]]:
             out / "eval" / key / f"{step}.parquet",
             out / "unseen" / key / f"{step}.parquet",
         )
-        for row in evaluation.rows:
-            matrices[row.method][tasks.index(row.step), tasks.index(row.task)] = row.accuracy
-    return {method: summarize(matrix, params.benchmark.protocol) for method, matrix in matrices.items()}
+        rows += evaluation.rows
+    matrices = accuracy_matrices(rows, list(params.tasks))
+    figures = {method: method_figures(matrices, method, params.benchmark.protocol) for method in METHODS}
+    return {**figures, **effects(figures)}
+
+
+# what each candidate is judged on, per case (mean over seeds): MoDER - zero-shot Transfer, over all images and
+# over new names; composition's own effect (MoDER - MoDER without composition) on both; MoDER - zero-shot Last
+FIGURES = {
+    "dT": lambda m: m["moder"]["transfer"] - m["zeroshot"]["transfer"],
+    "dT_new": lambda m: m["moder"]["transfer_new"] - m["zeroshot"]["transfer_new"],
+    "comp": lambda m: m["composition"]["transfer"],
+    "comp_new": lambda m: m["composition"]["transfer_new"],
+    "dL": lambda m: m["moder"]["last"] - m["zeroshot"]["last"],
+}
 
 
 def main() -> None:
@@ -109,27 +118,29 @@ def main() -> None:
     for name, overrides in args.candidate:
         per_case: dict[str, dict[str, list[float]]] = {}
         for case in args.cases:
-            deltas: dict[str, list[float]] = {"zeroshot_transfer": [], "transfer": [], "last": [], "oracle_last": []}
+            found: dict[str, list[float]] = {"zeroshot_transfer": [], **{figure: [] for figure in FIGURES}}
             for seed in args.seeds:
                 metrics = run_case(case_params(case, seed, overrides), args.out)
-                deltas["zeroshot_transfer"].append(metrics["zeroshot"]["transfer"])
-                deltas["transfer"].append(metrics["moder"]["transfer"] - metrics["zeroshot"]["transfer"])
-                deltas["last"].append(metrics["moder"]["last"] - metrics["zeroshot"]["last"])
-                deltas["oracle_last"].append(metrics["oracle"]["last"] - metrics["zeroshot"]["last"])
-            per_case[case] = deltas
-            per_seed = " ".join(f"{v:+.1f}" for v in deltas["transfer"])
+                found["zeroshot_transfer"].append(metrics["zeroshot"]["transfer"])
+                for figure, of in FIGURES.items():
+                    found[figure].append(of(metrics))
+            per_case[case] = found
             print(
-                f"{name:24s} {case:30s} zero-shot T {statistics.mean(deltas['zeroshot_transfer']):5.1f}  "
-                f"dT {statistics.mean(deltas['transfer']):+5.1f} ({per_seed})  "
-                f"dL {statistics.mean(deltas['last']):+5.1f}",
+                f"{name:24s} {case:30s} zero-shot T {statistics.mean(found['zeroshot_transfer']):5.1f}  "
+                + "  ".join(
+                    f"{figure} {statistics.mean(found[figure]):+5.1f}"
+                    + (f" ({' '.join(f'{v:+.1f}' for v in found[figure])})" if figure == "comp_new" else "")
+                    for figure in FIGURES
+                ),
                 flush=True,
             )
         results[name] = per_case
-        transfer = [statistics.mean(d["transfer"]) for d in per_case.values()]
-        last = [statistics.mean(d["last"]) for d in per_case.values()]
+        means = {figure: [statistics.mean(d[figure]) for d in per_case.values()] for figure in FIGURES}
         print(
-            f"{name:24s} {'ALL':30s} dT mean {statistics.mean(transfer):+5.2f} worst {min(transfer):+5.2f}  "
-            f"dL mean {statistics.mean(last):+5.2f} worst {min(last):+5.2f}",
+            f"{name:24s} {'ALL':30s} "
+            + "  ".join(
+                f"{figure} mean {statistics.mean(v):+5.2f} worst {min(v):+5.2f}" for figure, v in means.items()
+            ),
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)

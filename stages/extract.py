@@ -32,7 +32,7 @@ def rendered_splits(
 ) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
     """An embedded dataset: its class names, and per split (features, labels) of freshly rendered images."""
     world, spec = params.world.world(params.seed), params.datasets[dataset]
-    classes = dataset_classes(world, spec.classes, dataset)
+    classes = dataset_classes(world, spec.classes, dataset, spec.class_offset)
     splits = {}
     for split, per_class in zip(SPLITS, (params.extract.train_per_class, params.extract.test_per_class), strict=True):
         labels = torch.arange(len(classes)).repeat_interleave(per_class)

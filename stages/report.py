@@ -12,26 +12,26 @@ from moder.evaluation import AccuracyRow
 from moder.experts import ExpertFileError
 from moder.hub import HubCost, HubFileError, hub_cost
 from moder.io import atomic_files, csv_text
-from moder.metrics import summarize
 from moder.params import Params
+from moder.results import METHODS, accuracy_matrices, effects, method_figures
 from stages.common import MissingInput, parser, path_with_suffix, run_cli
 
-METHODS = ("zeroshot", "finetune", "oracle", "moder")
+Matrices = dict[tuple[str, str], np.ndarray]  # (method, names) -> A[i][j], moder.results.accuracy_matrices
 
 
-def read_matrices(params: Params, evaluation: Path, finetune: Path) -> dict[str, np.ndarray]:
-    """A[i][j] per method: accuracy on task j after step i, from each step's evaluation rows and the
-    finetune baseline's rows."""
+def read_matrices(params: Params, evaluation: Path, finetune: Path) -> Matrices:
+    """A[i][j] per (method, names): accuracy on task j after step i, from each step's evaluation rows and the
+    finetune baseline's rows; every method's matrix over all images must be complete."""
     tasks = list(params.tasks)
-    matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
     sources = [(evaluation / f"{step}.parquet", f"evaluate@{step}") for step in tasks] + [(finetune, "finetune")]
+    rows = []
     for path, stage in sources:
         if not path.is_file():
             raise MissingInput(f"evaluation rows not found: {path} (run {stage})")
-        for row in (AccuracyRow(**r) for r in pq.read_table(path).to_pylist()):
-            if row.method in matrices and row.task in tasks and row.step in tasks:
-                matrices[row.method][tasks.index(row.step), tasks.index(row.task)] = row.accuracy
-    for method, matrix in matrices.items():
+        rows += [AccuracyRow(**r) for r in pq.read_table(path).to_pylist()]
+    matrices = accuracy_matrices(rows, tasks)
+    for method in METHODS:
+        matrix = matrices.get((method, "all"), np.full((len(tasks), len(tasks)), np.nan))
         missing = [f"{tasks[i]}/{tasks[j]}" for i, j in zip(*np.nonzero(np.isnan(matrix)), strict=True)]
         if missing:
             raise MissingInput(
@@ -41,20 +41,16 @@ def read_matrices(params: Params, evaluation: Path, finetune: Path) -> dict[str,
     return matrices
 
 
-# metrics.json's order, which is `dvc exp show`'s column order: what the method gives and what it must beat first
-METRICS_ORDER = ("moder", "zeroshot", "oracle", "finetune")
-
-
-def metrics_of(params: Params, matrices: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
-    return {
-        m: {k: round(v, 2) for k, v in summarize(matrices[m], params.benchmark.protocol).items()} for m in METRICS_ORDER
-    }
+def metrics_of(params: Params, matrices: Matrices) -> dict[str, dict[str, float]]:
+    """metrics.json's figures: every method's, then the effects that separate the causes of MoDER's gain."""
+    figures = {m: method_figures(matrices, m, params.benchmark.protocol) for m in METHODS}
+    return {**figures, **effects(figures)}
 
 
 def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
     """Every class not yet trained after each step: zero-shot vs composed accuracy, the similarity of its
     closest hub class (what the gate reads) and what was retrieved."""
-    rows: list[list] = [["step", "task", "class", "zeroshot", "moder", "diff", "similarity", "retrieved"]]
+    rows: list[list] = [["step", "task", "class", "names", "zeroshot", "moder", "diff", "similarity", "retrieved"]]
     for step in params.tasks:
         path = unseen / f"{step}.parquet"
         if not path.is_file():
@@ -65,6 +61,7 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
                     row["step"],
                     row["task"],
                     row["class_name"],
+                    row["names"],
                     f"{row['zeroshot']:.2f}",
                     f"{row['moder']:.2f}",
                     f"{row['moder'] - row['zeroshot']:+.2f}",
@@ -75,6 +72,10 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
     return rows
 
 
+# the methods drawn (reports/accuracy.json, seen.csv, unseen.csv); MoDER without calibration is only a figure
+PLOTTED = ("zeroshot", "finetune", "oracle", "no_composition", "moder")
+
+
 def step_curves(tasks: list[str], matrices: dict[str, np.ndarray]) -> dict[str, list[list]]:
     """Mean accuracy after each step over the tasks already trained ("seen") and those not yet ("unseen"),
     one row per step and method (the plots colour by method)."""
@@ -83,7 +84,7 @@ def step_curves(tasks: list[str], matrices: dict[str, np.ndarray]) -> dict[str, 
         rows: list[list] = [["step", "method", "accuracy"]]
         for i, step in enumerate(tasks):
             if columns(i).start < len(tasks):
-                rows += [[f"{i + 1}. {step}", m, f"{matrices[m][i, columns(i)].mean():.2f}"] for m in METHODS]
+                rows += [[f"{i + 1}. {step}", m, f"{a[i, columns(i)].mean():.2f}"] for m, a in matrices.items()]
         curves[name] = rows
     return curves
 
@@ -134,8 +135,9 @@ def report(
         "hub": {"classes": cost.classes, "parameters": cost.parameters, "megabytes": round(cost.bytes / 1e6, 2)},
     }
     tasks = list(params.tasks)
-    cells, deltas = accuracy_cells(tasks, matrices)
-    curves = step_curves(tasks, matrices)
+    plotted = {method: matrices[(method, "all")] for method in PLOTTED}
+    cells, deltas = accuracy_cells(tasks, plotted)
+    curves = step_curves(tasks, plotted)
     contents = {
         metrics: json.dumps(figures, indent=2) + "\n",
         reports / "accuracy.json": json.dumps(cells, indent=1) + "\n",
@@ -152,8 +154,27 @@ def report(
     return figures
 
 
-def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, dict[str, float]]) -> str:
-    """Per task: accuracy before it is trained (mean over earlier steps) and after the last step; then the metrics."""
+LABELS = {
+    "zeroshot": "zero-shot",
+    "finetune": "finetune",
+    "oracle": "oracle",
+    "no_composition": "no comp.",
+    "no_calibration": "no calib.",
+    "moder": "MoDER",
+}
+ROWS = {
+    "transfer": "Transfer",
+    "transfer_new": "  new names",
+    "transfer_recurring": "  recurring",
+    "avg": "Avg",
+    "last": "Last",
+    "future": "Future",
+}
+
+
+def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict) -> str:
+    """Per task: accuracy before it is trained (mean over earlier steps) and after the last step; then each
+    method's metrics, MoDER's gain, composition's and calibration's own effects, and the headroom taken."""
     tasks = list(params.tasks)
     zs, md = matrices["zeroshot"], matrices["moder"]
     out = [
@@ -168,13 +189,34 @@ def summary(params: Params, matrices: dict[str, np.ndarray], figures: dict[str, 
             else f"{zs[:j, j].mean():>10.1f}{md[:j, j].mean():>8.1f}{md[:j, j].mean() - zs[:j, j].mean():>+8.1f}"
         )
         out.append(f"{task:<14}{before:<26}  {zs[-1, j]:>10.1f}{md[-1, j]:>8.1f}{md[-1, j] - zs[-1, j]:>+8.1f}")
-    out.append(f"\n{'metric':<14}{'zero-shot':>10}{'finetune':>10}{'oracle':>8}{'MoDER':>8}{'diff':>8}")
-    for name in figures["zeroshot"]:
-        z, f, o, m = (figures[method][name] for method in METHODS)
-        out.append(f"{name.capitalize():<14}{z:>10.1f}{f:>10.1f}{o:>8.1f}{m:>8.1f}{m - z:>+8.1f}")
+    columns = ("zeroshot", "finetune", "oracle", "no_composition", "no_calibration", "moder")
     out.append(
-        "(diff: MoDER - zero-shot; oracle: MoDER with perfect retrieval, each untrained class using its own experts)"
+        f"\n{'metric':<14}" + "".join(f"{LABELS[m]:>10}" for m in columns) + f"{'diff':>8}{'comp.':>8}{'calib.':>8}"
     )
+    for key, label in ROWS.items():
+        if key not in figures["moder"]:
+            continue
+        values = "".join(f"{figures[m][key]:>10.1f}" if key in figures[m] else f"{'-':>10}" for m in columns)
+        gain = figures["moder"][key] - figures["zeroshot"][key] if key in figures["zeroshot"] else None
+        parts = [gain, figures["composition"].get(key), figures["calibration"].get(key)]
+        out.append(f"{label:<14}{values}" + "".join(f"{'':>8}" if v is None else f"{v:>+8.1f}" for v in parts))
+    headroom = figures["headroom"]
+    shares = [
+        f"{what} {headroom[key]:.0%}"
+        for key, what in (
+            ("moder", "MoDER"),
+            ("composition", "composition alone"),
+            ("moder_new", "MoDER on new names"),
+            ("composition_new", "composition alone on new names"),
+        )
+        if key in headroom
+    ]
+    out += [
+        "(diff: MoDER - zero-shot; comp.: MoDER - MoDER without composition, whose untrained classes keep their",
+        " zero-shot prototypes; calib.: MoDER - MoDER without calibration; oracle: MoDER with perfect retrieval,",
+        " each untrained class using its own experts; new names: classes whose name no step so far has trained)",
+        f"share of the oracle's Transfer headroom taken: {', '.join(shares) or 'none (no headroom)'}",
+    ]
     return "\n".join(out)
 
 
@@ -188,27 +230,25 @@ def cost_line(hub: dict) -> str:
 
 
 def summary_text(params: Params, reports: Path, metrics: Path) -> str:
-    """The summary of the last run from its reports/accuracy.json, with the settings that produced it and
-    the hub's cost from metrics.json (printed by `make run`, and a Prefect artifact of every flow run)."""
+    """The summary of the last run, from its reports/accuracy.json (per task) and metrics.json (the figures
+    and the hub's cost), with the settings that produced it (printed by `make run`, and a Prefect artifact
+    of every flow run)."""
     path = reports / "accuracy.json"
-    if not path.is_file():
-        raise MissingInput(f"{path} not found: run the pipeline first (dvc repro)")
+    for needed in (path, metrics):
+        if not needed.is_file():
+            raise MissingInput(f"{needed} not found: run the pipeline first (dvc repro)")
     tasks = list(params.tasks)
     labels = [f"{i + 1}. {t}" for i, t in enumerate(tasks)]
-    matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in METHODS}
+    matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in ("zeroshot", "moder")}
     for cell in json.loads(path.read_text()):
         if cell["step"] in labels and cell["task"] in labels and cell["method"] in matrices:
             matrices[cell["method"]][labels.index(cell["step"]), labels.index(cell["task"])] = cell["accuracy"]
     if any(np.isnan(matrix).any() for matrix in matrices.values()):
         raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
-    hub = json.loads(metrics.read_text()).get("hub") if metrics.is_file() else None
-    return "\n".join(
-        [
-            summary(params, matrices, metrics_of(params, matrices)),
-            f"\n{settings_line(params)}",
-            cost_line(hub) if isinstance(hub, dict) else f"hub cost: not in {metrics} (run dvc repro)",
-        ]
-    )
+    figures = json.loads(metrics.read_text())
+    if not all(isinstance(figures.get(key), dict) for key in (*METHODS, "composition", "calibration", "headroom")):
+        raise MissingInput(f"{metrics} was written by an older version: run dvc repro")
+    return "\n".join([summary(params, matrices, figures), f"\n{settings_line(params)}", cost_line(figures["hub"])])
 
 
 def settings_line(params: Params) -> str:

@@ -53,8 +53,9 @@ def test_rows_average_over_seeds_and_skip_unfinished_or_mismatched_experiments()
     text = ablation_table.markdown(table)
     assert "## embedded-mtil (seeds 0, 1)" in text
     moder = next(line for line in text.splitlines() if line.startswith("| moder: moder"))
-    # Last: mean of 60 and 70 with its sample standard deviation; delta against zero-shot's 50
-    assert "| 65.0 ± 7.1 |" in moder and moder.endswith("| +2.0 | +10.0 | +15.0 |")
+    # Last: mean of 60 and 70 with the half-width of its 95% interval (t, 1 degree of freedom: 12.706 * 5);
+    # deltas against zero-shot's 50, bold where the interval excludes 0
+    assert "| 65.0 ± 63.5 |" in moder and moder.endswith("| **+2.0 ± 0.0** | **+10.0 ± 0.0** | +15.0 ± 63.5 |")
     assert "| zeroshot | 40.0 ± 0.0 | 45.0 ± 0.0 | 50.0 ± 0.0 |" in text
 
 

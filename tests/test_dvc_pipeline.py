@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from moder.params import parse_params
+from moder.results import METHODS
 from tests.conftest import (
     ALWAYS_RUN,
     FULL,
@@ -36,11 +37,8 @@ def test_repro_runs_every_stage_and_writes_metrics_and_plots(project):
     for stage in MINI_STAGES:
         assert f"Running stage '{stage}'" in repro.stdout
     metrics = json.loads((root / "metrics.json").read_text())
-    assert set(metrics) == {"zeroshot", "finetune", "oracle", "moder", "hub"} and set(metrics["moder"]) == {
-        "transfer",
-        "avg",
-        "last",
-    }
+    assert set(metrics) == {*METHODS, "composition", "calibration", "headroom", "hub"}
+    assert set(metrics["moder"]) == {"transfer", "transfer_new", "transfer_recurring", "avg", "last"}
     shown = json.loads(dvc(root, "metrics", "show", "--json").stdout)
     assert json.dumps(metrics["moder"]["last"]) in json.dumps(shown)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moder.results import METHODS
 from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params, run_command
 
 prefect = pytest.importorskip("prefect")
@@ -166,9 +167,19 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     assert again == first and _executed(states) == set() and states.pop("scan") == "Completed"
     assert set(states.values()) == {"Cached"}
     table, summary = _artifacts(("moder-metrics", "moder-summary"))  # the cached run's own
-    assert [row["method"] for row in table] == ["zeroshot", "finetune", "oracle", "moder", "moder - zeroshot"]
-    assert table[3]["transfer"] == first["moder"]["transfer"]
-    assert table[4]["last"] == pytest.approx(first["moder"]["last"] - first["zeroshot"]["last"], abs=0.006)
+    assert [row["method"] for row in table] == [
+        *METHODS,
+        "moder - zeroshot",
+        "composition (moder - no_composition)",
+        "calibration (moder - no_calibration)",
+        "moder: share of the oracle's headroom",
+        "composition: share of the oracle's headroom",
+    ]
+    assert table[0]["transfer"] == first["moder"]["transfer"]
+    assert table[6]["last"] == pytest.approx(first["moder"]["last"] - first["zeroshot"]["last"], abs=0.006)
+    assert table[7]["transfer_new"] == first["composition"]["transfer_new"]
+    if "moder" in first["headroom"]:
+        assert table[9]["transfer"] == first["headroom"]["moder"]
     assert summary.startswith("```\nMoDER on mini-mtil") and "hub after the last step:" in summary
     assert json.loads((tmp_path / "run2" / "metrics.json").read_text()) == first
     prefect_results = [f for f in (server["home"] / "storage").rglob("*") if f.is_file()]

@@ -386,7 +386,7 @@ def test_class_names_with_commas_quotes_and_newlines_stay_one_csv_field(run):
         run / "reports",
     )
     rows = list(csv.reader(io.StringIO((run / "reports" / "unseen_classes.csv").read_text())))
-    assert {len(row) for row in rows} == {8} and rows[1][2] == odd[0]
+    assert {len(row) for row in rows} == {9} and rows[1][2] == odd[0]
 
 
 # --- deterministic under concurrency -------------------------------------------------------------

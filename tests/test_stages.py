@@ -16,6 +16,7 @@ from moder.experts import load_experts
 from moder.features import FeatureFileError, read_features
 from moder.metrics import accuracy, summarize
 from moder.params import parse_params
+from moder.results import METHODS
 from stages.backbone import backbone
 from stages.report import read_matrices
 from stages.train import train
@@ -71,19 +72,32 @@ def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_
     root, figures = mtil_run
     params = parse_params(MINI)
     rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
-    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in "ab" for m in ("zeroshot", "oracle", "moder")}
+    scored = ("zeroshot", "oracle", "moder", "no_composition", "no_calibration")
+    assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in "ab" for m in scored}
     # zero-shot on task b, recomputed here from the feature files alone
     test = read_features(root / "features" / "b" / "test.parquet")
     prototypes = read_features(root / "features" / "b" / "classes.parquet").vectors
     expected = accuracy(test.vectors, test.labels, prototypes)
-    assert [r["accuracy"] for r in rows if r["task"] == "b" and r["method"] == "zeroshot"] == [pytest.approx(expected)]
-    matrices = read_matrices(params, root / "eval", root / "finetune.parquet")
+    zeroshot_b = [r["accuracy"] for r in rows if (r["task"], r["method"], r["names"]) == ("b", "zeroshot", "all")]
+    assert zeroshot_b == [pytest.approx(expected)]
+    found = read_matrices(params, root / "eval", root / "finetune.parquet")
+    matrices = {m: a for (m, names), a in found.items() if names == "all"}
     methods = {m: {k: round(v, 2) for k, v in summarize(a, "mtil").items()} for m, a in matrices.items()}
-    assert {m: figures[m] for m in methods} == methods and set(figures) == {*methods, "hub"}
+    # every method's metrics, then Transfer over new and over recurring names (task b after step a)
+    for m in methods:
+        assert {k: figures[m][k] for k in methods[m]} == methods[m]
+        assert (figures[m]["transfer_new"], figures[m]["transfer_recurring"]) == tuple(
+            round(float(found[(m, names)][0, 1]), 2) for names in ("new", "recurring")
+        )
+    assert set(figures) == {*methods, "composition", "calibration", "headroom", "hub"}
+    assert figures["composition"]["transfer_new"] == round(
+        figures["moder"]["transfer_new"] - figures["no_composition"]["transfer_new"], 2
+    )
     assert json.loads((root / "metrics.json").read_text()) == figures
     cells = json.loads((root / "reports" / "accuracy.json").read_text())
-    assert len(cells) == 4 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
-    methods = ("zeroshot", "finetune", "oracle", "moder")
+    assert len(cells) == 5 * 4 and {c["step"] for c in cells} == {"1. a", "2. b"}
+    methods = ("zeroshot", "finetune", "oracle", "no_composition", "moder")
+    assert [c["method"] for c in cells[::4]] == list(methods)
     seen = "".join(
         f"{i + 1}. {t},{m},{matrices[m][i, : i + 1].mean():.2f}\n" for i, t in enumerate("ab") for m in methods
     )
@@ -110,7 +124,9 @@ def test_same_seed_gives_identical_metrics(mtil_run, tmp_path):
 
 def test_classil_label_spaces_grow_with_the_steps(tmp_path):
     figures = run_pipeline(MINI_CLASSIL, tmp_path)
-    assert set(figures["zeroshot"]) == {"transfer", "avg", "last", "future"}
+    # Class-IL: one dataset, so every name of a task not yet trained is new
+    assert set(figures["zeroshot"]) == {"transfer", "transfer_new", "avg", "last", "future"}
+    assert all(figures[m]["transfer_new"] == figures[m]["transfer"] for m in ("zeroshot", "moder", "oracle"))
     test = read_features(tmp_path / "features" / "p" / "test.parquet")
     classes = read_features(tmp_path / "features" / "p" / "classes.parquet")
     experts, names, _, _ = load_experts(tmp_path / "experts" / "p" / "split-1.safetensors")
@@ -121,7 +137,9 @@ def test_classil_label_spaces_grow_with_the_steps(tmp_path):
     among_seen = accuracy(test.vectors[keep], remap[test.labels[keep]], classes.vectors[own])  # after step 1
     among_all = accuracy(test.vectors[keep], test.labels[keep], classes.vectors)  # task 1 before... all classes
     rows = {s: pq.read_table(tmp_path / "eval" / f"{s}.parquet").to_pylist() for s in ("p1", "p3")}
-    pick = lambda step: [r["accuracy"] for r in rows[step] if r["task"] == "p1" and r["method"] == "zeroshot"][0]  # noqa: E731
+    pick = lambda step: next(  # noqa: E731
+        r["accuracy"] for r in rows[step] if (r["task"], r["method"], r["names"]) == ("p1", "zeroshot", "all")
+    )
     assert pick("p1") == pytest.approx(among_seen) and pick("p3") == pytest.approx(among_all)
 
 
@@ -197,14 +215,23 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
         "datasets": {"a": {"classes": 4}, "c": {}},
         "tasks": {"a": {"dataset": "a"}, "c": {"dataset": "c"}},
     }
-    result = stage_cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    metrics = ("--metrics", str(root / "metrics.json"))
+    result = stage_cli("report", renamed, tmp_path, "--summary-only", "--reports", str(root / "reports"), *metrics)
     assert (
         result.returncode == 1
         and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
     )
-    options = ("--summary-only", "--reports", str(root / "reports"), "--metrics", str(root / "metrics.json"))
-    shown = stage_cli("report", MINI, tmp_path, *options)
+    shown = stage_cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"), *metrics)
     assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
+    figures = json.loads((root / "metrics.json").read_text())
+    transfer = "".join(
+        f"{figures[m]['transfer']:>10.1f}"
+        for m in ("zeroshot", "finetune", "oracle", "no_composition", "no_calibration", "moder")
+    )
+    assert f"Transfer      {transfer}" in shown.stdout
+    assert f"{figures['composition']['transfer']:>+8.1f}{figures['calibration']['transfer']:>+8.1f}" in shown.stdout
+    no_metrics = stage_cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"))
+    assert no_metrics.returncode == 1 and "metrics.json not found: run the pipeline first" in no_metrics.stderr
     hub = json.loads((root / "metrics.json").read_text())["hub"]
     assert f"hub after the last step: {hub['parameters']:,} trainable parameters" in shown.stdout
 
@@ -223,7 +250,7 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
         and experts.rank == 2
         and set(experts.a) == {"1.attn_in", "1.attn_out", "1.mlp_fc", "1.mlp_proj"}
     )
-    assert set(figures) == {"zeroshot", "finetune", "oracle", "moder", "hub"}
+    assert set(figures) == {*METHODS, "composition", "calibration", "headroom", "hub"}
     per_class = sum(p[0].numel() for p in experts.parameters())  # what one class's expert trains
     classes = sum(spec["classes"] for spec in MINI["datasets"].values())
     assert figures["hub"]["classes"] == classes and figures["hub"]["parameters"] == classes * per_class
@@ -232,12 +259,14 @@ def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_pa
 def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
     root, _ = mtil_run
     lines = (root / "reports" / "unseen_classes.csv").read_text().splitlines()
-    assert lines[0] == "step,task,class,zeroshot,moder,diff,similarity,retrieved"
+    assert lines[0] == "step,task,class,names,zeroshot,moder,diff,similarity,retrieved"
     rows = [line.split(",") for line in lines[1:]]
     names = read_features(root / "features" / "b" / "classes.parquet").class_names
-    assert [(r[0], r[1], r[2]) for r in rows] == [("a", "b", name) for name in names]  # after step a, task b is unseen
     task_a = read_features(root / "features" / "a" / "classes.parquet").class_names
-    for row in rows:
+    # after step a, task b is unseen: each class's name is recurring if task a trained it
+    expected = [("a", "b", name, "recurring" if name in task_a else "new") for name in names]
+    assert [tuple(r[:4]) for r in rows] == expected and {r[3] for r in rows} == {"new", "recurring"}
+    for row in [r[:3] + r[4:] for r in rows]:
         entries = row[7].split("; ")
         assert len(entries) == 3  # k = 3, no null expert
         assert all(entry.rsplit(" [", 1)[0] in task_a and entry.split("] ")[0].endswith("[a") for entry in entries)
@@ -246,15 +275,25 @@ def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
         assert -1 <= float(row[6]) <= 1
     # a balanced test set: the mean of the per-class accuracies is the task's accuracy
     task_rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
-    for column, method in ((3, "zeroshot"), (4, "moder")):
-        task_accuracy = next(r["accuracy"] for r in task_rows if r["task"] == "b" and r["method"] == method)
-        assert sum(float(r[column]) for r in rows) / len(rows) == pytest.approx(task_accuracy, abs=0.01)
+    for column, method in ((4, "zeroshot"), (5, "moder")):
+        for names in ("all", "new", "recurring"):
+            task_accuracy = next(
+                r["accuracy"] for r in task_rows if (r["task"], r["method"], r["names"]) == ("b", method, names)
+            )
+            group = [float(r[column]) for r in rows if names in ("all", r[3])]
+            assert sum(group) / len(group) == pytest.approx(task_accuracy, abs=0.01)
 
 
 def test_oracle_scores_every_task_with_its_own_experts_and_equals_moder_once_trained(mtil_run):
     root, _ = mtil_run
-    after_a = {(r["task"], r["method"]): r["accuracy"] for r in pq.read_table(root / "eval" / "a.parquet").to_pylist()}
-    after_b = {(r["task"], r["method"]): r["accuracy"] for r in pq.read_table(root / "eval" / "b.parquet").to_pylist()}
+    after_a, after_b = (
+        {
+            (r["task"], r["method"]): r["accuracy"]
+            for r in pq.read_table(root / "eval" / f).to_pylist()
+            if r["names"] == "all"
+        }
+        for f in ("a.parquet", "b.parquet")
+    )
     assert after_a[("a", "oracle")] == after_a[("a", "moder")]
     assert after_a[("b", "oracle")] == after_b[("b", "moder")]  # b's own experts, before and after b is trained
 
@@ -262,9 +301,17 @@ def test_oracle_scores_every_task_with_its_own_experts_and_equals_moder_once_tra
 def test_finetune_baseline_scores_every_task_after_every_step(mtil_run):
     root, figures = mtil_run
     rows = pq.read_table(root / "finetune.parquet").to_pylist()
-    assert sorted((r["step"], r["task"]) for r in rows) == [("a", "a"), ("a", "b"), ("b", "a"), ("b", "b")]
+    # every task after every step, and task b before it is trained over its new and its recurring names too
+    assert sorted((r["step"], r["task"], r["names"]) for r in rows) == [
+        ("a", "a", "all"),
+        ("a", "b", "all"),
+        ("a", "b", "new"),
+        ("a", "b", "recurring"),
+        ("b", "a", "all"),
+        ("b", "b", "all"),
+    ]
     assert {r["method"] for r in rows} == {"finetune"}
-    assert set(figures["finetune"]) == {"transfer", "avg", "last"}
+    assert set(figures["finetune"]) == {"transfer", "transfer_new", "transfer_recurring", "avg", "last"}
 
 
 def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained_zeroshot_ones(tmp_path):

@@ -1,5 +1,7 @@
 """scripts/suite_table.py on hand-made `dvc exp show --json` output."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -10,12 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.suite_table import SuiteTableError, collect, render  # noqa: E402
+from scripts.suite_table import SuiteTableError, cell, collect, interval, per_seed_csv, render  # noqa: E402
 
 
-def _metrics(zeroshot: float, moder: float) -> dict:
-    row = lambda v: {"transfer": v, "avg": v + 1, "last": v + 2}  # noqa: E731
-    return {"zeroshot": row(zeroshot), "finetune": row(10.0), "oracle": row(90.0), "moder": row(moder)}
+def _metrics(zeroshot: float, moder: float, composition: float = 0.5) -> dict:
+    row = lambda v: {"transfer": v, "transfer_new": v - 1, "avg": v + 1, "last": v + 2}  # noqa: E731
+    metrics = {m: row(v) for m, v in (("zeroshot", zeroshot), ("finetune", 10.0), ("oracle", 90.0), ("moder", moder))}
+    metrics |= {"no_composition": row(moder - composition), "no_calibration": row(moder)}
+    metrics["composition"] = {"transfer": composition, "transfer_new": composition}
+    metrics["calibration"] = {"transfer": 0.0, "transfer_new": 0.0}
+    metrics["headroom"] = {"moder": (moder - zeroshot) / (90.0 - zeroshot)}
+    return metrics
 
 
 def _experiment(name: str, case: str, seed: int, metrics: dict | None) -> dict:
@@ -42,27 +49,59 @@ SHOW = [
         "experiments": [
             _experiment("a-s0", "a", 0, _metrics(40.0, 44.0)),
             _experiment("a-s1", "a", 1, _metrics(50.0, 52.0)),
+            _experiment("a-s2", "a", 2, _metrics(45.0, 48.0, composition=-0.5)),
+            _experiment("a-s0-threads2", "a", 0, _metrics(41.0, 44.5)),
             _experiment("b-s0", "b", 0, _metrics(30.0, 29.0)),
             _experiment("b-s1", "b", 1, None),
+            _experiment("old", "b", 2, {m: {"transfer": 1.0} for m in ("zeroshot", "finetune", "oracle", "moder")}),
             _experiment("other", "not-in-suite", 0, _metrics(0.0, 0.0)),
         ],
     },
 ]
 
 
-def test_means_spreads_and_deltas_per_case(tmp_path):
+def test_interval_is_students_t_over_the_seeds():
+    mean, half = interval([4.0, 2.0, 3.0])  # sd 1, n 3: t(0.975, 2) = 4.303
+    assert mean == 3.0 and half == pytest.approx(4.3027 / 3**0.5, abs=1e-4)
+    assert interval([1.5]) == (1.5, None)
+    assert cell([4.0, 2.0, 3.0]) == "**+3.0 ± 2.5**"  # excludes 0
+    assert cell([1.0, -0.5, 0.5]) == "+0.3 ± 1.9"  # does not
+    assert cell([4.0, 2.0, 3.0], difference=False) == "3.0 ± 2.5" and cell([1.0, None]) == "-"
+
+
+def test_gains_effects_and_every_method_per_case(tmp_path):
     (tmp_path / "a.yaml").write_text("# Case a: shared shifts.\n# Two lines.\nbenchmark: {}\n")
     (tmp_path / "b.yaml").write_text("benchmark: {}\n")
-    runs, skipped = collect(SHOW, ("a", "b"))
-    assert sorted(runs["a"]) == [0, 1] and sorted(runs["b"]) == [0]  # the workspace is not an experiment
-    assert skipped == ["b-s1"]
-    table = render(runs, tmp_path)
-    assert "| a | 0, 1 | 40.0-50.0 | +3.0 ± 1.4 | +3.0 ± 1.4 | +3.0 ± 1.4 |" in table
-    assert "| b | 0 | 30.0-30.0 | -1.0 ± 0.0 | -1.0 ± 0.0 | -1.0 ± 0.0 |" in table
-    assert "Case a: shared shifts. Two lines." in table
-    assert "| moder | 48.0 ± 5.7 | 49.0 ± 5.7 | 50.0 ± 5.7 |" in table
-    assert "| MoDER − zero-shot | 3.0 ± 1.4 | 3.0 ± 1.4 | 3.0 ± 1.4 |" in table
-    assert "(no description in the preset)" in table
+    runs, threads, skipped = collect(SHOW, ("a", "b"))
+    assert sorted(runs["a"]) == [0, 1, 2] and sorted(runs["b"]) == [0]  # the workspace is not an experiment
+    assert skipped == ["b-s1", "old"] and threads == {"a": (0, _metrics(41.0, 44.5))}
+    table = render(runs, threads, tmp_path)
+    # a: gains 4, 2, 3 -> 3.0 ± 2.5, bold; b: one seed, no interval
+    bold = "**+3.0 ± 2.5**"
+    assert f"| a | 0, 1, 2 | 40.0-50.0 | {bold} | {bold} | - | {bold} | {bold} |" in table
+    assert "| b | 0 | 30.0-30.0 | -1.0 | -1.0 | - | -1.0 | -1.0 |" in table
+    # composition 0.5, 0.5, -0.5: its interval includes 0, not bold
+    assert "| a | +0.2 ± 1.4 | +0.2 ± 1.4 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in table
+    assert "Case a: shared shifts. Two lines." in table and "(no description in the preset)" in table
+    assert "| moder | 48.0 ± 9.9 | 47.0 ± 9.9 | 49.0 ± 9.9 | 50.0 ± 9.9 |" in table
+    assert (
+        "(a, seed 0, everything recomputed, pre-training included) moved: MoDER − zero-shot Transfer +4.00 → +3.50"
+        in (table)
+    )
+
+
+def test_per_seed_csv_holds_every_figure_of_every_run():
+    runs, threads, _ = collect(SHOW, ("a", "b"))
+    rows = list(csv.DictReader(io.StringIO(per_seed_csv(runs, threads))))
+    assert [(r["case"], r["seed"], r["threads"]) for r in rows] == [
+        ("a", "0", "1"),
+        ("a", "1", "1"),
+        ("a", "2", "1"),
+        ("b", "0", "1"),
+        ("a", "0", "2"),
+    ]
+    assert rows[2]["moder.transfer"] == "48.0" and rows[2]["composition.transfer"] == "-0.5"
+    assert rows[0]["headroom.moder"] == str(4.0 / 50.0) and "moder.transfer_recurring" not in rows[0]
 
 
 def test_a_case_without_a_finished_experiment_is_an_error():
@@ -79,15 +118,22 @@ def test_duplicate_seeds_and_non_finite_metrics_are_refused(tmp_path):
     (tmp_path / "a.yaml").write_text("benchmark: {}\n")
     bad = _metrics(1.0, 1.0)
     bad["moder"]["last"] = float("nan")
-    runs, _ = collect([{"experiments": [_experiment("x", "a", 0, bad)]}], ("a",))
+    runs, threads, _ = collect([{"experiments": [_experiment("x", "a", 0, bad)]}], ("a",))
     with pytest.raises(SuiteTableError, match="moder.last is nan"):
-        render(runs, tmp_path)
+        render(runs, threads, tmp_path)
 
 
-def test_command_line_reads_stdin_and_fails_in_one_line(tmp_path):
+def test_command_line_reads_stdin_writes_the_csv_and_fails_in_one_line(tmp_path):
     (tmp_path / "a.yaml").write_text("# A.\n")
     script = [sys.executable, str(REPO / "scripts" / "suite_table.py"), "--configs", str(tmp_path)]
-    done = subprocess.run([*script, "--cases", "a"], input=json.dumps(SHOW), capture_output=True, text=True, check=True)
-    assert done.stdout.startswith("# The suite") and "| a | 0, 1 |" in done.stdout
+    done = subprocess.run(
+        [*script, "--cases", "a", "--csv", str(tmp_path / "suite.csv")],
+        input=json.dumps(SHOW),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.startswith("# The suite") and "| a | 0, 1, 2 |" in done.stdout
+    assert (tmp_path / "suite.csv").read_text().startswith("case,seed,threads,moder.transfer,")
     failed = subprocess.run([*script, "--cases", "zzz"], input=json.dumps(SHOW), capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr.strip() == "error: no finished experiment for zzz"
