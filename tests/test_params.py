@@ -198,6 +198,19 @@ def test_check_params_names_each_departure_from_conf(tmp_path):
         ({"tasks": {"a": {"dataset": "a", "split": 2}}}, "tasks.a.split: 2 but datasets.a.splits is 1"),
         ({"world": {"shapes": ["circle", "blob"]}}, "key 'world.shapes.1'"),
         ({"world": {"colours": {"red": [1.5, 0, 0], "blue": [0, 0, 1]}}}, "colour 'red' needs RGB values in [0, 1]"),
+        (
+            {"datasets": {"a": {"classes": 65}, "b": {"classes": 4}}},
+            "datasets.a.classes: classes 1..65 asked of a world of 64 classes (8 colours x 8 shapes)",
+        ),
+        (
+            {"datasets": {"a": {"classes": 12, "class_offset": 60}, "b": {"classes": 4}}},
+            "datasets.a.class_offset: classes 61..72 asked of a world of 64 classes",
+        ),
+        ({"datasets": {"a": {"class_offset": 3}, "b": {}}}, "class_offset takes a range of `classes` classes"),
+        (
+            {"datasets": {"a": {"source": "imagefolder", "root": "x", "class_offset": 0}, "b": {}}},
+            "class_offset: only for source embedded",
+        ),
     ],
 )
 def test_benchmark_block_errors_name_the_key(change, message):

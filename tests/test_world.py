@@ -70,6 +70,13 @@ def test_dataset_classes_and_splits_are_balanced_disjoint_and_seeded():
     assert torch.equal(subset, dataset_classes(world, 10, "studio"))
     assert not torch.equal(subset, dataset_classes(world, 10, "sketch"))
     assert torch.equal(dataset_classes(world, None, "x"), torch.arange(24))
+    # ranges of one order shared by every dataset: ranges that do not overlap share no class
+    ranges = [dataset_classes(world, 8, name, offset) for name, offset in (("a", 0), ("b", 8), ("c", 16))]
+    assert sorted(torch.cat(ranges).tolist()) == list(range(24))
+    assert torch.equal(dataset_classes(world, 8, "other name", 8), ranges[1])  # the name plays no part
+    assert not torch.equal(dataset_classes(World(COLOURS, SHAPES, 16, seed=1), 8, "b", 8), ranges[1])
+    with pytest.raises(ValueError, match="cannot take 8 classes from position 20 of a world of 24"):
+        dataset_classes(world, 8, "a", 20)
     parts = class_splits(24, 4, seed=0, dataset_name="paint")
     assert [len(p) for p in parts] == [6, 6, 6, 6]
     assert sorted(torch.cat(parts).tolist()) == list(range(24))
