@@ -83,7 +83,8 @@ def run_case(params: Params, out: Path) -> dict[str, dict[str, float]]:
         )
         rows += evaluation.rows
     matrices = accuracy_matrices(rows, list(params.tasks))
-    figures = {method: method_figures(matrices, method, params.benchmark.protocol) for method in METHODS}
+    scored = [method for method in METHODS if (method, "all") in matrices]  # the finetune baseline is not run here
+    figures = {method: method_figures(matrices, method, params.benchmark.protocol) for method in scored}
     return {**figures, **effects(figures)}
 
 
