@@ -5,11 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint bench clean compare plots figures
+.PHONY: venv run test test-fast lint bench clean compare plots figures
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[pipeline,test]'
 	touch $@
 
 # `dvc plots show` fills this page (.dvc/config: plots.html_template): the vega libraries inlined, no CDN
@@ -19,15 +19,21 @@ $(PLOTS_PAGE): $(STAMP) scripts/plots.py
 
 venv: $(STAMP) $(PLOTS_PAGE)
 
-# params.yaml from conf/ first (stages/compose.py: it refuses to drop a hand edit of params.yaml).
-# DVC runs each stage's `python -m stages.<name>`: the environment's python must come first on PATH.
+# params.yaml from conf/ first (stages/compose.py); then what a Prefect flow run already made for these settings
+# is taken from its store (flows/exchange.py, nothing without a store); DVC runs each stage's
+# `python -m stages.<name>`: the environment's python must come first on PATH.
 run: $(STAMP) $(PLOTS_PAGE)
 	$(BIN)/python -m stages.compose
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m flows.exchange restore
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m stages.report --summary-only --reports reports
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# everything but the slow tier (DVC projects, a Prefect server): a quicker loop while working
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
 
 # ruff (lint and format) on everything, mypy on the library (settings in pyproject.toml)
 lint: $(STAMP)

@@ -9,10 +9,16 @@ from pathlib import Path
 import torch
 
 from moder.clip import load_clip
+from moder.params import Params, load_params
 from moder.text import TextTower
 
 CLASS_NAMES = Path(__file__).with_name("cifar100_classes.txt").read_text().split("\n")[:100]
 TEMPLATE = "a photo of a {}."
+
+
+def committed() -> Params:
+    """The committed settings (params.yaml, composed from conf/): the expert and training they measure."""
+    return load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
 def vit_b16(device: str = "cpu") -> tuple[torch.nn.Module, TextTower]:

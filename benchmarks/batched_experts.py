@@ -8,10 +8,9 @@ the ViT-B-16 text tower (and, second, 4-token context experts).
 from __future__ import annotations
 
 import torch
-from _common import CLASS_NAMES, TEMPLATE, median_seconds, vit_b16
+from _common import CLASS_NAMES, TEMPLATE, committed, median_seconds, vit_b16
 
 from moder.factory import ExpertFactory
-from moder.params import ExpertParams
 
 
 def compare(tower, factory, experts, label: str) -> None:
@@ -41,12 +40,12 @@ def compare(tower, factory, experts, label: str) -> None:
 def main() -> None:
     _, tower = vit_b16()
     generator = torch.Generator().manual_seed(0)
-    lora = ExpertFactory(tower, ExpertParams(kind="lora").spec(), [TEMPLATE])
+    lora = ExpertFactory(tower, committed().expert.model_copy(update={"kind": "lora"}), [TEMPLATE])
     experts = lora.new(len(CLASS_NAMES), generator)
     for target, b in experts.b.items():
         experts.b[target] = torch.randn(b.shape, generator=generator) * 0.01
     compare(tower, lora, experts, "LoRA rank 4, all layers and modules")
-    context = ExpertFactory(tower, ExpertParams(kind="context").spec(), [TEMPLATE])
+    context = ExpertFactory(tower, committed().expert.model_copy(update={"kind": "context"}), [TEMPLATE])
     ctx = context.new(len(CLASS_NAMES), generator)
     ctx.ctx += 0.01 * torch.randn(ctx.ctx.shape, generator=generator)
     compare(tower, context, ctx, "context tokens (4)")

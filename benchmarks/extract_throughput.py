@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from moder.clip import load_clip
 from moder.datasets import ImageSplit
-from moder.features import encode_image_split, encode_images
+from moder.encode import encode_image_split, encode_images
 
 
 def write_image(path_and_seed: tuple[str, int]) -> None:

@@ -27,26 +27,23 @@ import torch.nn.functional as F
 from _stage_runner import GB, StageResult, StageRunner, group_rows, header, memory_now
 from safetensors import safe_open
 
+from flows.graph import pipeline
+from flows.runner import run_call
 from moder.clip import load_clip, save_backbone
 from moder.compose import expert_prototypes
 from moder.datasets import catalog
-from moder.experts import LORA_MODULES, expert_parameters, load_experts, save_experts
+from moder.experts import expert_parameters, load_experts, save_experts
 from moder.factory import ExpertFactory
 from moder.features import FeatureTable, write_features
 from moder.io import atomic_directory
-from moder.params import ExpertParams, Params, load_params, parse_params
+from moder.params import LORA_MODULES, ExpertParams, Params, load_params, parse_params
 from moder.prompts import zeroshot_prototypes
 from moder.tasks import dataset_tasks
 from moder.text import TextTower
 from moder.world import seed_for
-from stages.common import expert_file, load_frozen_clip, read_classes
 from stages.compose import compose_data
-from stages.evaluate import evaluate
 from stages.extract import templates_of
-from stages.finetune import finetune
-from stages.hub import hub
-from stages.report import report
-from stages.train import train
+from stages.files import expert_file, load_frozen_clip, read_classes
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQUENCES = ("mtil-order1", "classil-imagenet-r")
@@ -65,7 +62,8 @@ def build_params(
 ) -> Params:
     """params.yaml as `dvc exp run -S benchmark=<sequence>` composes it, on a local ViT-B-16 on `device`."""
     data = compose_data(ROOT / "conf", [f"benchmark={sequence}"])
-    data["model"] = {"architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint), "device": device}
+    data["model"] = {**data["model"], "architecture": "ViT-B-16", "pretrained": None, "checkpoint": str(checkpoint)}
+    data["model"]["device"] = device
     for spec in data["datasets"].values():  # validation wants a root; no image is read, the features are generated
         spec["root"] = str(work / "no-images")
     if epochs is not None:
@@ -110,11 +108,13 @@ def write_dataset_features(
         )
 
 
-def extract_prototypes(params: Params, model: Path, features: Path, limit: int | None, per_split: dict) -> None:
-    clip = load_frozen_clip(params, model)  # as stages.extract: the identity the later stages check against
-    tower, identity = TextTower(clip.model, clip.tokenizer), clip.identity.to_json()
-    for dataset in params.datasets:
-        write_dataset_features(params, dataset, tower, identity, features / dataset, limit, per_split)
+def write_features_of(params: Params, dataset: str, model: Path, out: Path, limit: int | None, per_split: dict) -> None:
+    """What extract@<dataset> writes, the image features generated (the identity the later stages check is the
+    backbone's, as stages.extract's)."""
+    clip = load_frozen_clip(params, model)
+    write_dataset_features(
+        params, dataset, TextTower(clip.model, clip.tokenizer), clip.identity.to_json(), out, limit, per_split
+    )
 
 
 def untrained_experts(params: Params, dataset: str, model: Path, features: Path, out: Path) -> None:
@@ -123,7 +123,7 @@ def untrained_experts(params: Params, dataset: str, model: Path, features: Path,
     clip = load_frozen_clip(params, model)
     identity = clip.identity.to_json()
     classes = read_classes(features, dataset, identity)
-    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert.spec(), list(classes.templates))
+    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert, list(classes.templates))
     with atomic_directory(out, owner="train") as directory:
         for task in dataset_tasks(params, dataset, len(classes.class_names)):
             names = [classes.class_names[i] for i in task.classes]
@@ -142,7 +142,7 @@ def reencode_own_prototypes(params: Params, model: Path, features: Path, experts
     tower = TextTower(clip.model, clip.tokenizer)
     for dataset in params.datasets:
         classes = read_classes(features, dataset, identity)
-        factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
+        factory = ExpertFactory(tower, params.expert, list(classes.templates))
         for task in dataset_tasks(params, dataset, len(classes.class_names)):
             stored = load_experts(expert_file(experts / dataset, task.step), identity)
             expert_prototypes(tower, factory.prompts(stored.class_names), stored.experts)
@@ -167,7 +167,6 @@ def sequence_classes(sequence: str) -> int:
 def expert_forms(base: ExpertParams) -> list[tuple[str, ExpertParams]]:
     """Every expert form worth pricing: LoRA ranks on the last 1, 2 or all layers with module subsets, and
     context tokens."""
-    lora = base.model_dump()["lora"]
     depths = (("last layer", [-1]), ("last 2 layers", [-2, -1]), ("all layers", None))
     subsets = (
         ("4 modules", list(LORA_MODULES)),
@@ -180,8 +179,11 @@ def expert_forms(base: ExpertParams) -> list[tuple[str, ExpertParams]]:
         for depth, layers in depths
         for subset, modules in subsets
     ]
-    priced = [(label, ExpertParams(kind="lora", lora={**lora, **change})) for label, change in forms]
-    return [*priced, (f'context, "{base.context.init}"', ExpertParams(kind="context", context=base.context))]
+    priced = [
+        (label, base.model_copy(update={"kind": "lora", "lora": base.lora.model_copy(update=change)}))
+        for label, change in forms
+    ]
+    return [*priced, (f'context, "{base.context.init}"', base.model_copy(update={"kind": "context"}))]
 
 
 def expert_size_table(tower: TextTower, base: ExpertParams) -> list[str]:
@@ -193,7 +195,7 @@ def expert_size_table(tower: TextTower, base: ExpertParams) -> list[str]:
         + "".join(f"{f'{s} ({n:,} cl.)':>30}" for s, n in totals.items()),
     ]
     for label, form in expert_forms(base):
-        factory = ExpertFactory(tower, form.spec(), ["a photo of a {}."])
+        factory = ExpertFactory(tower, form, ["a photo of a {}."])
         per_class = sum(p.numel() for p in factory.new(1, torch.Generator().manual_seed(0)).parameters())
         cells = "".join(
             f"{f'{per_class * n / 1e6:,.1f} M = {per_class * n * 4 / GB:.2f} GB':>30}" for n in totals.values()
@@ -211,35 +213,46 @@ def write_backbone(params: Params, model: Path) -> list[str]:
 
 
 def run_sequence(args: argparse.Namespace, work: Path) -> None:
+    """dvc.yaml's stage instances in order (flows/graph.py), each in a fresh process with `work` as the project,
+    but for what the benchmark generates instead: the backbone's random ViT-B-16 weights, and extraction's image
+    features (the prototypes are real; no dataset is read, so `scan` has nothing to list)."""
     runner = StageRunner(args.memory_cap_gb)
-    model, features, experts = work / "backbone.safetensors", work / "features", work / "experts"
+    model = work / "data" / "backbone" / "clip.safetensors"
     params = build_params(args.sequence, work, model, args.epochs, args.templates_per_step, args.device)
+    calls = pipeline(ROOT / "dvc.yaml", params.model_dump(mode="json"))
+    data = work / "data" / params.benchmark.name
+    features, experts = data / "features", data / "experts"
     per_split = {"train": args.train_per_class, "test": args.test_per_class}
     print(describe_run(args, params, work))
     print(header("stage"))
     run = runner.run
-    sizes = run("backbone", "backbone", write_backbone, params, model, keep_value=True).value or []
-    run("load_frozen_clip (alone)", "load", load_frozen_clip, params, model)
-    run("extract (prototypes)", "extract", extract_prototypes, params, model, features, args.limit_classes, per_split)
-    for dataset in params.datasets:
-        out = experts / dataset
-        if run(f"train@{dataset}", "train", train, params, dataset, model, features, out).failure:
-            run(f"untrained stand-in@{dataset}", "stand-in", untrained_experts, params, dataset, model, features, out)
-    run("finetune", "finetune", finetune, params, model, features, work / "finetune.parquet")
-    for step in params.tasks:
-        index = work / "hub" / f"{step}.parquet"
-        run(f"hub@{step}", "hub", hub, params, step, model, features, experts, index)
-        outputs = (index, work / "eval" / f"{step}.parquet", work / "unseen" / f"{step}.parquet")
-        run(f"evaluate@{step}", "evaluate", evaluate, params, step, model, features, experts, *outputs)
+    sizes: list[str] = []
+    for label, call in calls.items():
+        group, _, key = label.partition("@")
+        if group == "backbone":
+            sizes = run("backbone", group, write_backbone, params, model, keep_value=True).value or []
+            run("load_frozen_clip (alone)", "load", load_frozen_clip, params, model)
+        elif group == "extract":
+            run(
+                f"extract@{key} (prototypes)",
+                group,
+                write_features_of,
+                params,
+                key,
+                model,
+                features / key,
+                args.limit_classes,
+                per_split,
+            )
+        elif group == "scan":
+            continue
+        elif group == "report" and any(r.failure for r in runner.results if r.group in ("finetune", "hub", "evaluate")):
+            print("  report: not run, it needs every evaluate step and finetune")
+        elif run(label, group, run_call, call, params, work).failure and group == "train":
+            run(f"untrained stand-in@{key}", "stand-in", untrained_experts, params, key, model, features, experts / key)
     run("re-encode own prototypes", "no longer", reencode_own_prototypes, params, model, features, experts)
-    if any(r.failure for r in runner.results if r.group in ("finetune", "hub", "evaluate")):
-        print("  report: not run, it needs every evaluate step and finetune")
-    else:
-        inputs = (work / "eval", work / "finetune.parquet", work / "unseen", work / "hub", experts)
-        inputs += (work / "metrics.json", work / "reports")
-        run("report", "report", report, params, *inputs)
     target_epochs = build_params(args.sequence, work, model, None).train.epochs
-    print("", *sizes, "", *summary(args, params, runner.results, work, target_epochs), sep="\n")
+    print("", *sizes, "", *summary(args, params, runner.results, data, target_epochs), sep="\n")
 
 
 def describe_run(args: argparse.Namespace, params: Params, work: Path) -> str:
@@ -271,10 +284,10 @@ def describe_run(args: argparse.Namespace, params: Params, work: Path) -> str:
 
 
 def summary(
-    args: argparse.Namespace, params: Params, results: list[StageResult], work: Path, target_epochs: int
+    args: argparse.Namespace, params: Params, results: list[StageResult], data: Path, target_epochs: int
 ) -> list[str]:
-    parameters, classes, size = experts_on_disk(work / "experts")
-    hub_size = sum(path.stat().st_size for path in (work / "hub").glob("*.parquet"))
+    parameters, classes, size = experts_on_disk(data / "experts")
+    hub_size = sum(path.stat().st_size for path in (data / "hub").glob("*.parquet"))
     pipeline = [r for r in results if r.group != "no longer"]
     measured = sum(r.seconds for r in pipeline)
     training = sum(r.counters.train_seconds for r in pipeline)

@@ -14,10 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import CLASS_NAMES, TEMPLATE, vit_b16
+from _common import CLASS_NAMES, TEMPLATE, committed, vit_b16
 
 from moder.factory import ExpertFactory
-from moder.params import ExpertParams, TrainParams
 from moder.prompts import encode_prototypes
 from moder.train import train_experts
 
@@ -32,18 +31,18 @@ def peak_rss_mib() -> float:
 def measure(variant: str) -> None:
     """Run STEPS steps of one variant in this process; print 'ms_per_step peak_growth_mib'."""
     _, tower = vit_b16()
-    factory = ExpertFactory(tower, ExpertParams(kind="lora").spec(), [TEMPLATE])
+    factory = ExpertFactory(tower, committed().expert, [TEMPLATE])
     prompts = factory.prompts(CLASS_NAMES)
     n = len(CLASS_NAMES)
     generator = torch.Generator().manual_seed(0)
     features = F.normalize(torch.randn(STEPS * BATCH, 512, generator=generator), dim=-1)
     labels = torch.randint(0, n, (STEPS * BATCH,), generator=generator)
-    config = TrainParams(epochs=1, batch_size=BATCH).config(0)
+    config = committed().train.model_copy(update={"epochs": 1, "batch_size": BATCH})
     experts = factory.new(n, generator)
     before = peak_rss_mib()
     start = time.perf_counter()
     if variant == "batched":
-        train_experts(tower, prompts, experts, features, labels, config)
+        train_experts(tower, prompts, experts, features, labels, config, seed=0)
     else:
         parameters = [p.requires_grad_(True) for p in experts.parameters()]
         optimizer = torch.optim.AdamW(parameters, lr=config.lr)

@@ -1,30 +1,31 @@
-"""The MoDER pipeline as a Prefect flow, running the same stage functions that `dvc repro` runs.
+"""The MoDER pipeline as a Prefect flow, running the stages that `dvc repro` runs, as dvc.yaml defines them.
 
-Every stage instance runs as one generic task, `run_stage`, named after the instance (`backbone`,
-`train@sketch`, ...). Its inputs and outputs are `ArtifactRecord`s: the paths and SHA-256 digests
-of the files a stage reads and writes, whose bytes live in a content-addressed `Store`
-(`flows/store.py`; `--store`, `out/store` by default, any fsspec URL). A task copies its inputs
-from the store into a scratch directory (each blob verified), calls the stage function on those
-paths, and stores the files it wrote, so a 600 MB backbone never passes through Prefect.
+Every stage instance of dvc.yaml (flows/graph.py) runs as one generic task, `run_stage`, named after the
+instance (`backbone`, `train@sketch`, ...), which runs the stage's own command line in-process
+(flows/runner.py). Its inputs and outputs are `ArtifactRecord`s: the project paths and SHA-256 digests of
+the files a stage reads and writes, whose bytes live in a content-addressed `Store` (`flows/store.py`;
+`--store`, `out/store` by default, any fsspec URL). A task copies its inputs from the store into a scratch
+directory (each blob verified), runs the stage there, and stores the files it wrote, so a 600 MB backbone
+never passes through Prefect.
 
-Caching is ours, not Prefect's: a Prefect result record names its own serializer and Prefect
-unpickles a record that says "pickle" whatever the task's own serializer is, so one crafted file
-in result storage would run code on the next cached run. Tasks therefore persist nothing through
-Prefect (`persist_result=False`, which also turns Prefect's cache policy off) and keep their cache
-in the store: `records/<cache key>.json`, JSON only, every blob verified before use. A hit returns
-a Completed state named "Cached", as Prefect's own caching does. Cache keys are content-addressed:
-the stage, the slice of params it reads and the digest of its code — both resolved from `dvc.yaml`
-by DVC itself, so DVC and Prefect invalidate the same things — plus the digests of its input artifacts.
-The stages `dvc repro` runs compute the same keys and use the same store (flows/calls.py), so neither
-tool redoes what the other made.
+Caching is ours, not Prefect's: a Prefect result record names its own serializer and Prefect unpickles a
+record that says "pickle" whatever the task's own serializer is, so one crafted file in result storage would
+run code on the next cached run. Tasks therefore persist nothing through Prefect (`persist_result=False`,
+which also turns Prefect's cache policy off) and keep their cache in the store: `records/<cache key>.json`,
+JSON only, every blob verified before use. A hit returns a Completed state named "Cached", as Prefect's own
+caching does. Cache keys are the stage instance, the slice of params it reads and the digest of its code —
+both resolved from dvc.yaml by DVC itself, so DVC and Prefect invalidate the same things — plus the digests
+of its input artifacts.
+
+In a DVC project the flow first offers the outputs `dvc repro` left up to date to the store (flows/exchange.py),
+so a flow run after `dvc repro` runs none of those stages again; `python -m flows.exchange restore` brings a
+flow run's outputs into the workspace and records them with DVC.
 """
 
+import importlib
 import json
 import logging
 import sys
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,103 +35,50 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.futures import PrefectFuture
 from prefect.states import Completed, State
 
-from flows.calls import StageCall, cache_key, stage_calls, stage_inputs
-from flows.store import DEFAULT_STORE, ArtifactRecord, Store, StoreError
+from flows import exchange
+from flows.graph import StageCall, pipeline
+from flows.runner import cached_run, inputs_of
+from flows.store import DEFAULT_STORE, ArtifactRecord, Store
+from moder.errors import USER_ERRORS
 from moder.params import Params, ParamsError, load_params, parse_params
-from moder.progress import LogLines
+from moder.progress import LogLines, progress_to
 from moder.results import METHODS
-from stages.backbone import backbone
 from stages.check_params import check_datasets
-from stages.common import USER_ERRORS
-from stages.evaluate import evaluate
-from stages.extract import extract
-from stages.finetune import finetune
-from stages.hub import hub
-from stages.report import report, summary_text
-from stages.scan import scan
-from stages.train import train
+from stages.report import summary_text
 
 GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
 
 
-@dataclass(frozen=True)
-class StageRun:
-    """How a task runs one stage of `dvc.yaml` in its scratch directory. Paths are relative to that directory and
-    `{key}` is the foreach key, which stages with a foreach also take as their argument after params."""
-
-    function: Callable[..., Any]
-    paths: tuple[str, ...]  # the function's path arguments
-    outputs: tuple[str, ...]  # what it writes, to store
-    gpu: bool = True  # uses the accelerator: tagged `gpu`
-    progress: bool = False  # takes `progress`: its bars go to the task's log, not the terminal
-    always: bool = False  # runs every time, as `always_changed` in dvc.yaml (its output, not its run, is cached)
-
-
-_MODEL = "backbone/clip.safetensors"
-STAGE_RUNS: dict[str, StageRun] = {
-    "scan": StageRun(scan, ("scans",), ("scans",), gpu=False, always=True),
-    "backbone": StageRun(backbone, (_MODEL, "reports/backbone.json"), ("backbone", "reports"), progress=True),
-    "extract": StageRun(extract, (_MODEL, "features/{key}"), ("features/{key}",)),
-    "train": StageRun(train, (_MODEL, "features", "experts/{key}"), ("experts/{key}",), progress=True),
-    "finetune": StageRun(finetune, (_MODEL, "features", "finetune.parquet"), ("finetune.parquet",)),
-    "hub": StageRun(hub, (_MODEL, "features", "experts", "hub/{key}.parquet"), ("hub/{key}.parquet",), gpu=False),
-    "evaluate": StageRun(
-        evaluate,
-        (_MODEL, "features", "experts", "hub/{key}.parquet", "eval/{key}.parquet", "unseen/{key}.parquet"),
-        ("eval/{key}.parquet", "unseen/{key}.parquet"),
-    ),
-    "report": StageRun(
-        report,
-        ("eval", "finetune.parquet", "unseen", "hub", "experts", "metrics.json", "reports"),
-        ("metrics.json", "reports"),
-        gpu=False,
-    ),
-}
-
-
 def _retry_unless_user_error(task: Any, task_run: TaskRun, state: State) -> bool:
     """Transient failures are retried; a bad param, input file or store file would fail the same way again."""
-    return not isinstance(state.result(raise_on_failure=False), (*USER_ERRORS, StoreError))
+    return not isinstance(state.result(raise_on_failure=False), USER_ERRORS)
 
 
 # persist_result=False: Prefect neither writes nor reads a result, so it never deserializes a stored one.
 @task(persist_result=False, retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_unless_user_error)
 def run_stage(
-    call: StageCall, params_data: dict, inputs: dict[str, ArtifactRecord], store: str
+    call: StageCall, params_data: dict, upstream: dict[str, ArtifactRecord], store: str
 ) -> ArtifactRecord | State:
-    """The record cached for this call if there is one; else copy `inputs` into a scratch directory, run the stage
-    there, store what it wrote and cache its record."""
-    artifacts = Store(store)
-    key = cache_key(call, inputs)
-    run = STAGE_RUNS[call.stage]
-    cached = None if run.always else artifacts.lookup(key)
-    if cached is not None:
-        get_run_logger().info("%s cached in %s", call.label, artifacts.record(key))
-        return Completed(name="Cached", data=cached)  # how Prefect names a cache hit
-    params = parse_params(params_data)
-    with tempfile.TemporaryDirectory(prefix=f"moder-{call.stage}-") as scratch:
-        root = Path(scratch)
-        for name, artifact in inputs.items():
-            artifacts.materialise(artifact, root, name)
-        keys = [call.name] if call.name else []  # a foreach stage takes its key after params
-        paths = [root / path.format(key=call.name) for path in run.paths]
-        # concurrent tasks' bars on one terminal garble it: each task logs its own progress instead
-        quiet = {"progress": LogLines(get_run_logger())} if run.progress else {}
-        try:
-            run.function(params, *keys, *paths, **quiet)
-        except Exception as error:
-            sources = ", ".join(f"{name} ({artifact.digest[:12]})" for name, artifact in sorted(inputs.items()))
-            message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
-            raise type(error)(message) if isinstance(error, USER_ERRORS) else RuntimeError(message) from error
-        record = artifacts.put(root, [root / path.format(key=call.name) for path in run.outputs])
-    if not run.always:  # an always-run stage's record would never be looked up
-        artifacts.save(key, record)
-    return record
+    """The record cached for this call if there is one; else run the stage in a scratch directory holding its
+    inputs (the files its dependencies name, of its `upstream` instances' records), store what it wrote and
+    cache its record."""
+    inputs = inputs_of(call, upstream)
+    logger = get_run_logger()
+    try:
+        with progress_to(LogLines(logger)):  # concurrent tasks' bars would garble one terminal: each logs its own
+            record, cached = cached_run(
+                call, parse_params(params_data), inputs, Store(store, logger.warning), logger.info
+            )
+    except Exception as error:
+        sources = ", ".join(f"{path} ({artifact.digest[:12]})" for path, artifact in sorted(inputs.items()))
+        message = f"{call.label} failed: {error}\n  inputs: {sources or 'none'}"
+        raise type(error)(message) if isinstance(error, USER_ERRORS) else RuntimeError(message) from error
+    return Completed(name="Cached", data=record) if cached else record  # how Prefect names a cache hit
 
 
 def stage_task(call: StageCall) -> Task:
-    """`run_stage` named after the stage instance, tagged `gpu` if the stage uses the accelerator."""
-    tags = [GPU_TAG] if STAGE_RUNS[call.stage].gpu else []
+    """`run_stage` named after the stage instance, tagged `gpu` if its stage module says it uses the device."""
+    tags = [GPU_TAG] if importlib.import_module(call.module).USES_DEVICE else []
     # The task's name too: Prefect applies task_run_name only when a run starts, so a run blocked by a failed
     # upstream keeps the name "<task name>-<3 hex digits>" (train@mine-d30, not train-d30).
     return run_stage.with_options(name=call.label, task_run_name=call.label, tags=tags)
@@ -144,34 +92,31 @@ def moder_pipeline(
     out_dir: str = "out/prefect",
     dvc_yaml: str = "dvc.yaml",
     store: str = DEFAULT_STORE,
+    offer_dvc_outputs: bool = True,
 ) -> dict:
-    """backbone -> extract per dataset -> train per dataset (in parallel) and the finetune baseline
-    -> hub per step -> evaluate per step -> report.
+    """Every stage of dvc.yaml: backbone -> extract per dataset -> train per dataset (in parallel) and the
+    finetune baseline -> hub per step -> evaluate per step -> report.
 
     `params`: every setting of params.yaml, typed (the run's Parameters tab shows them, and a deployment
     run can change any from the form); None reads them from `params_path`. Stage outputs and the cache
-    live in `store` (a local path or any fsspec URL; every task runner worker must reach it). Writes
-    metrics.json and reports/ under `out_dir` and returns the metrics.
+    live in `store` (a local path or any fsspec URL; every task runner worker must reach it); with
+    `offer_dvc_outputs`, the outputs `dvc repro` left up to date in dvc_yaml's project are offered to it first.
+    Writes metrics.json and reports/ under `out_dir` and returns the metrics.
     """
     if params is None:
         params = load_params(params_path)
     check_datasets(params)  # a missing dataset fails the run here, before any stage
     params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
-    calls = stage_calls(Path(dvc_yaml), params_data)
-    artifacts = Store(store)
-    url = artifacts.url  # absolute, so that workers in other directories find the same store
-
-    def submit(label: str, inputs: dict[str, PrefectFuture | ArtifactRecord]) -> PrefectFuture:
-        return stage_task(calls[label]).submit(calls[label], params_data, inputs, url)
+    calls = pipeline(Path(dvc_yaml), params_data)
+    artifacts = Store(store, get_run_logger().warning)
+    offered = exchange.offer(Path(dvc_yaml).parent, artifacts) if offer_dvc_outputs else []
+    if offered:
+        get_run_logger().info("offered %d stage(s) dvc repro left up to date to %s", len(offered), artifacts.url)
 
     futures: dict[str, PrefectFuture] = {}
-    for label, wiring in stage_inputs(params).items():  # in dependency order
-        inputs = {
-            # a stage reading one file of another's outputs (an extract, its dataset's listing) waits for that one
-            name: futures[upstream].result().only(only) if only else futures[upstream]
-            for name, (upstream, only) in wiring.items()
-        }
-        futures[label] = submit(label, inputs)
+    for label, call in calls.items():  # in dependency order; Prefect resolves the futures when a task starts
+        upstream = {u: futures[u] for i in call.inputs for u in i.upstream}
+        futures[label] = stage_task(call).submit(call, params_data, upstream, artifacts.url)
     # Waiting in dependency order raises the first failing stage's own error (naming its stage and
     # inputs), not the "upstream never finished" of a task downstream of it.
     for future in futures.values():
@@ -253,6 +198,9 @@ def main() -> None:
     parser.add_argument("--dask-workers", type=int, default=None, help="fan out over a local Dask cluster")
     parser.add_argument("--dask-address", default=None, help="or over an existing one, e.g. tcp://host:8786")
     parser.add_argument("--dask-log-level", default="WARNING", help="of Dask's own loggers (default: WARNING)")
+    parser.add_argument(
+        "--no-offer", action="store_true", help="do not offer the outputs `dvc repro` left up to date to the store"
+    )
     args = parser.parse_args()
     try:
         params = load_params(args.params)
@@ -260,7 +208,9 @@ def main() -> None:
         sys.exit(f"error: {error}")
     pipeline = with_task_runner(moder_pipeline, args.dask_workers, args.dask_address, args.dask_log_level.upper())
     # the settings themselves, not the file's name, so the run's Parameters tab shows what ran
-    pipeline(params=params, params_path=args.params, out_dir=args.out, store=args.store)
+    pipeline(
+        params=params, params_path=args.params, out_dir=args.out, store=args.store, offer_dvc_outputs=not args.no_offer
+    )
 
 
 if __name__ == "__main__":

@@ -10,40 +10,38 @@ An artifact travels between tasks as an `ArtifactRecord` (paths and digests, a f
 never as file contents. Everything read from the store is untrusted: records are parsed with
 `json.loads` only and checked field by field (digests are 64 hex digits, paths stay below the
 artifact's root, the overall digest matches), and every blob is hashed when read and refused
-unless it matches its name. A tampered store can therefore make a run fail with an error naming
-the file, but cannot make it run code. Writes go to a temporary name and are moved into place,
-so readers never see half a file where the filesystem's move is atomic (local, POSIX).
+unless it matches its name. A tampered or damaged record is a cache miss with a warning naming it, never
+code run nor a foreign file used. Writes go to a temporary name and are moved into place, so readers never
+see half a file where the filesystem's move is atomic (local, POSIX). `python -m flows.store prune` removes
+records unused for a while and the blobs no record names.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from fsspec.core import url_to_fs
 
-from moder.io import atomic_path, is_temporary
+from moder.errors import UserError
+from moder.io import atomic_path, file_digest, is_temporary
 
 DEFAULT_STORE = "out/store"
-
-
-def project_store() -> str:
-    """The store of the DVC project a stage runs in: DEFAULT_STORE below DVC_ROOT, which DVC sets for every
-    stage (to the workspace's root also for queued experiments, which run in copies), else below here."""
-    return str(Path(os.environ.get("DVC_ROOT", ".")) / DEFAULT_STORE)
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class StoreError(Exception):
-    """Something in the store fails verification (tampered, corrupt or missing); the message names the file."""
+class StoreError(UserError):
+    """Something in the store fails verification (tampered, corrupt or missing) or cannot be written; the
+    message names the file."""
 
 
 def files_below(path: Path) -> list[Path]:
@@ -55,10 +53,6 @@ def files_below(path: Path) -> list[Path]:
         for f in candidates
         if f.is_file() and "__pycache__" not in f.parts and not any(is_temporary(part) for part in f.parts)
     )
-
-
-def _sha256(handle: Any) -> str:
-    return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _checked_name(name: str) -> str:
@@ -78,11 +72,7 @@ def _checked_digest(digest: str) -> str:
 
 def digest_files(files: dict[str, Path]) -> ArtifactRecord:
     """The record of these files under their names (relative POSIX paths), without storing them."""
-    digests = {}
-    for name, file in files.items():
-        with file.open("rb") as handle:
-            digests[name] = _sha256(handle)
-    return ArtifactRecord.of(digests)
+    return ArtifactRecord.of({name: file_digest(file) for name, file in files.items()})
 
 
 @dataclass(frozen=True)
@@ -103,12 +93,6 @@ class ArtifactRecord:
     def to_json(self) -> bytes:
         return json.dumps({"files": self.files, "digest": self.digest}, sort_keys=True).encode()
 
-    def only(self, path: str) -> ArtifactRecord:
-        """The record of one of these files (as dvc.yaml depends on one file of a stage's output directory)."""
-        if path not in self.files:
-            raise StoreError(f"no {path} among the files of this record ({', '.join(sorted(self.files))})")
-        return ArtifactRecord.of({path: self.files[path]})
-
     @classmethod
     def from_json(cls, content: bytes, source: str) -> ArtifactRecord:
         """Parse and check a stored record; anything else (a pickle, another program's JSON) is refused."""
@@ -125,12 +109,18 @@ class ArtifactRecord:
 
 
 class Store:
-    """Blobs and records under one fsspec URL; see the module docstring for the layout."""
+    """Blobs and records under one fsspec URL; see the module docstring for the layout. A cache and a channel:
+    what cannot be read back is a miss (one warning line, then the stage runs), what cannot be written is a
+    StoreError naming the store (the flow passes every artifact through it)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, warn: Callable[[str], object] = print) -> None:
         self.fs, self.root = url_to_fs(url)
-        for folder in ("blobs", "records"):
-            self.fs.makedirs(f"{self.root}/{folder}", exist_ok=True)
+        self.warn = warn
+        try:
+            for folder in ("blobs", "records"):
+                self.fs.makedirs(f"{self.root}/{folder}", exist_ok=True)
+        except OSError as error:
+            raise StoreError(f"store {url} cannot be created ({error}); pass another --store") from None
 
     @property
     def url(self) -> str:
@@ -143,29 +133,24 @@ class Store:
     def record(self, key: str) -> str:
         return f"{self.root}/records/{key}.json"
 
-    def put(self, root: Path, paths: list[Path]) -> ArtifactRecord:
-        """Store every file at or below `paths` (by path relative to `root`); identical content is stored once."""
-        return self.put_files({f.relative_to(root).as_posix(): f for path in paths for f in files_below(path)})
-
     def put_files(self, files: dict[str, Path]) -> ArtifactRecord:
-        """Store each file under its name (a relative POSIX path in the artifact)."""
+        """Store each file under its name (a relative POSIX path in the artifact); identical content is stored
+        once. A write that fails (disk full, read-only store) leaves no temporary behind."""
         record = digest_files(files)
         for name, digest in record.files.items():
             if not self.fs.exists(self.blob(digest)):
-                temporary = f"{self.blob(digest)}.{uuid.uuid4().hex}.tmp"
-                self.fs.put_file(str(files[name]), temporary)
-                self.fs.mv(temporary, self.blob(digest))
+                self._write(self.blob(digest), partial(self.fs.put_file, str(files[name])))
         return record
 
-    def verify(self, record: ArtifactRecord, label: str) -> None:
-        """Hash every blob `record` names; `label` (the artifact) goes into the error."""
-        for name, digest in record.files.items():
-            try:
-                with self.fs.open(self.blob(digest), "rb") as handle:
-                    actual = _sha256(handle)
-            except FileNotFoundError:
-                raise StoreError(f"blob {self.blob(digest)} of {label}:{name} is missing") from None
-            self._check(actual, digest, label, name)
+    def _write(self, target: str, write: Callable[[str], object]) -> None:
+        temporary = f"{target}.{uuid.uuid4().hex}.tmp"
+        try:
+            write(temporary)
+            self.fs.mv(temporary, target)
+        except OSError as error:
+            if self.fs.exists(temporary):
+                self.fs.rm_file(temporary)
+            raise StoreError(f"cannot write {target} into the store ({error.strerror or error})") from None
 
     def materialise(self, record: ArtifactRecord, target: Path, label: str) -> None:
         """Copy `record`'s files below `target`, each verified before it takes its final name."""
@@ -176,7 +161,7 @@ class Store:
                 except FileNotFoundError:
                     raise StoreError(f"blob {self.blob(digest)} of {label}:{name} is missing") from None
                 with temporary.open("rb") as handle:
-                    self._check(_sha256(handle), digest, label, name)
+                    self._check(file_digest(handle), digest, label, name)
 
     def _check(self, actual: str, digest: str, label: str, name: str) -> None:
         if actual != digest:
@@ -186,16 +171,77 @@ class Store:
             )
 
     def lookup(self, key: str) -> ArtifactRecord | None:
-        """The record cached under `key`, every blob verified; None when there is none."""
+        """The record cached under `key`, every blob verified; None when there is none. A record that cannot be
+        trusted (not a valid record, a blob missing or not matching its digest, the store unreadable) is a miss
+        with one warning naming the file: nothing from it is used, a blob that does not match its name is
+        removed (it can never be right), and the stage's new record replaces it."""
+        path = self.record(key)
         try:
-            content = self.fs.cat_file(self.record(key))
-        except FileNotFoundError:
+            record = ArtifactRecord.from_json(self.fs.cat_file(path), path)
+            for name, digest in record.files.items():
+                with self.fs.open(self.blob(digest), "rb") as handle:
+                    actual = file_digest(handle)
+                if actual != digest:
+                    self.fs.rm_file(self.blob(digest))
+                    raise StoreError(f"blob {self.blob(digest)} of {path}:{name} does not match its digest (removed)")
+        except FileNotFoundError as error:
+            if self.fs.exists(path):  # the record is there, a blob it names is not
+                self.warn(f"warning: store miss: a blob of {path} is missing ({error.filename or error}); recomputing")
             return None
-        record = ArtifactRecord.from_json(content, self.record(key))
-        self.verify(record, self.record(key))
+        except (StoreError, OSError) as error:
+            self.warn(f"warning: store miss: {error}; recomputing")
+            return None
+        if self.fs.protocol in ("file", ("file", "local")):  # when it was last used, for prune
+            Path(path).touch()
         return record
 
     def save(self, key: str, record: ArtifactRecord) -> None:
-        temporary = f"{self.record(key)}.{uuid.uuid4().hex}.tmp"
-        self.fs.pipe_file(temporary, record.to_json())
-        self.fs.mv(temporary, self.record(key))
+        self._write(self.record(key), lambda temporary: self.fs.pipe_file(temporary, record.to_json()))
+
+    def prune(self, older_than_days: float) -> tuple[int, int, int]:
+        """Remove the records not used for `older_than_days` days, then every blob no record names and every
+        temporary of an interrupted write older than a day: (records, blobs, bytes) removed."""
+        now = time.time()
+        records = self.fs.find(f"{self.root}/records")
+        removed = [r for r in records if now - self._modified(r) > older_than_days * 86400]
+        for record in removed:
+            self.fs.rm_file(record)
+        named: set[str] = set()
+        for record in set(records) - set(removed):
+            try:
+                named |= set(ArtifactRecord.from_json(self.fs.cat_file(record), record).files.values())
+            except StoreError:
+                continue  # not a record of ours: its blobs are not kept for it
+        blobs, size = 0, 0
+        for blob in self.fs.find(f"{self.root}/blobs"):
+            name = blob.rsplit("/", 1)[-1]
+            stale = name.endswith(".tmp") and now - self._modified(blob) > 86400
+            if stale or (not name.endswith(".tmp") and name not in named):
+                size += self.fs.size(blob)
+                self.fs.rm_file(blob)
+                blobs += 1
+        return len(removed), blobs, size
+
+    def _modified(self, path: str) -> float:
+        modified = self.fs.modified(path)
+        return modified.timestamp() if hasattr(modified, "timestamp") else float(modified)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Prune the content-addressed store of the Prefect flow.")
+    parser.add_argument("command", choices=["prune"])
+    parser.add_argument("--store", default=DEFAULT_STORE, help=f"a path or fsspec URL (default: {DEFAULT_STORE})")
+    parser.add_argument("--older-than", type=float, default=30.0, help="days since a record was last used (30)")
+    args = parser.parse_args()
+    try:
+        records, blobs, size = Store(args.store).prune(args.older_than)
+    except StoreError as error:
+        raise SystemExit(f"error: {error}") from None
+    unused = f"unused for {args.older_than:g} days"
+    print(f"{args.store}: removed {records} record(s) {unused}, {blobs} blob(s) no record names, {size:,} bytes")
+
+
+if __name__ == "__main__":
+    main()

@@ -7,12 +7,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from moder.evaluation import AccuracyRow, accuracy_rows
+from moder.evaluation import accuracy_rows
 from moder.factory import ExpertFactory
-from moder.metrics import Protocol
+from moder.params import Protocol, TrainParams
 from moder.prompts import classes_per_chunk, encode_prototypes
+from moder.results import AccuracyRow
 from moder.tasks import Task, TaskData
-from moder.train import TrainConfig, train_experts
+from moder.train import train_experts
 
 
 def finetune_rows(
@@ -20,7 +21,8 @@ def finetune_rows(
     sequence: list[TaskData],
     train_sets: list[tuple[Tensor, Tensor]],
     *,
-    config_for: Callable[[Task], TrainConfig],
+    config: TrainParams,
+    seed_for: Callable[[Task], int],
     protocol: Protocol,
     generator: torch.Generator,
 ) -> list[AccuracyRow]:
@@ -34,7 +36,7 @@ def finetune_rows(
     for step, (data, (features, labels)) in enumerate(zip(sequence, train_sets, strict=True)):
         everyone = torch.zeros(len(data.class_names), dtype=torch.long)
         shared = train_experts(
-            factory.tower, prompts[step], shared, features, labels, config_for(data.task), rows=everyone
+            factory.tower, prompts[step], shared, features, labels, config, seed=seed_for(data.task), rows=everyone
         ).experts
         with torch.no_grad():
             table = {

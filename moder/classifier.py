@@ -21,13 +21,13 @@ from torch import Tensor
 
 from moder.clip import LoadedClip, ModelIdentity, load_clip
 from moder.compose import seen_prototypes
-from moder.evaluation import EvaluationSettings, calibration_offsets, compose_unseen
-from moder.factory import ExpertFactory, ExpertSpec
-from moder.features import encode_image_files
+from moder.encode import encode_image_files
+from moder.evaluation import calibration_offsets, compose_unseen
+from moder.factory import ExpertFactory
 from moder.hub import ExpertHub
 from moder.metrics import cosine_scores
 from moder.names import check_class_names
-from moder.params import CompositionParams, ExpertParams, RetrievalParams, evaluation_settings
+from moder.params import EvaluationSettings, ExpertParams
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
 
@@ -37,18 +37,16 @@ class HubSettings:
     """How the pipeline composed prototypes when it built the hub: kept in the hub index, so a hub
     answers the same way long after the run, with no params file."""
 
-    expert: ExpertSpec
+    expert: ExpertParams
     evaluation: EvaluationSettings
     templates: list[str]
 
     @classmethod
     def from_index(cls, settings: dict) -> HubSettings:
-        evaluation = evaluation_settings(
-            RetrievalParams.model_validate(settings["retrieval"]),
-            CompositionParams.model_validate(settings["composition"]),
-            settings["protocol"],
+        evaluation = EvaluationSettings.model_validate(
+            {key: settings[key] for key in ("protocol", "retrieval", "composition")}
         )
-        return cls(ExpertParams.model_validate(settings["expert"]).spec(), evaluation, list(settings["templates"]))
+        return cls(ExpertParams.model_validate(settings["expert"]), evaluation, list(settings["templates"]))
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ class Classifier:
                 experts = self.hub.experts.select(torch.tensor([own[i] for i in known]))
                 prompts = factory.prompts([class_names[i] for i in known])
                 prototypes[known] = seen_prototypes(
-                    self.tower, prompts, experts, zeroshot[known], self.evaluation.alpha
+                    self.tower, prompts, experts, zeroshot[known], self.evaluation.composition.alpha
                 )
             if unknown:
                 composed = compose_unseen(
@@ -123,7 +121,7 @@ class Classifier:
                 prototypes[unknown] = composed.prototypes
         if known:  # trained classes lowered as evaluation lowers them
             rows = [row for row in own if row is not None]
-            bias[known] = -torch.tensor(calibration_offsets(self.evaluation.calibrate, self.hub, rows))
+            bias[known] = -torch.tensor(calibration_offsets(self.evaluation.composition.calibrate, self.hub, rows))
         return Head(prototypes.T.contiguous(), bias, list(class_names))
 
     def prototypes(

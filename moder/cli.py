@@ -15,30 +15,17 @@ import torch
 from torch import Tensor
 
 from moder.classifier import Classifier
-from moder.clip import ModelIdentity, ModelLoadError
-from moder.datasets import IMAGE_SUFFIXES, DatasetFormatError, DatasetNotFound, catalog
-from moder.experts import ExpertFileError
+from moder.clip import ModelIdentity
+from moder.datasets import IMAGE_SUFFIXES, catalog
+from moder.errors import USER_ERRORS, UserError
 from moder.features import FeatureFileError, read_features
-from moder.hub import ExpertHub, HubFileError
-from moder.io import OutputError, TensorFileError, atomic_path, csv_text, save_tensors
-from moder.names import PromptError
+from moder.hub import ExpertHub
+from moder.io import atomic_path, csv_text
+from moder.tensors import save_tensors
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A command-line input (class list, templates, images) is unusable; the message names it."""
-
-
-USER_ERRORS = (
-    InputError,
-    HubFileError,
-    PromptError,
-    DatasetFormatError,
-    DatasetNotFound,
-    ModelLoadError,
-    ExpertFileError,
-    TensorFileError,
-    OutputError,
-)
 
 
 def class_names(spec: str) -> list[str]:

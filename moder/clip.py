@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -19,8 +18,11 @@ import open_clip
 import open_clip.constants
 import torch
 from huggingface_hub import try_to_load_from_cache
+from torch import Tensor
 
-from moder.io import TensorFileError, load_metadata, save_tensors, verify_tensors
+from moder.errors import UserError
+from moder.io import file_digest
+from moder.tensors import TensorFileError, load_metadata, save_tensors, verify_tensors
 
 # The project's own tiny architectures live beside this module and are registered with
 # open_clip's config registry, so `open_clip.create_model("moder-tiny-clip")` just works.
@@ -35,7 +37,7 @@ PROJECT_MODELS = tuple(sorted(p.stem for p in _CONFIG_DIR.glob("*.json")))
 OpenClipModel = Any
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """The requested CLIP could not be built or its weights could not be found."""
 
 
@@ -99,14 +101,6 @@ def _saved_backbone(checkpoint: Path) -> dict:
     return saved
 
 
-def file_digest(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()[:16]
-
-
 @contextmanager
 def _quiet_random_init(intended: bool) -> Iterator[None]:
     """Without weights, open_clip warns that the model "initialized randomly": here that is the request
@@ -159,7 +153,7 @@ def _unreachable(architecture: str, pretrained: str, cache: str | None, reason: 
 
 def _weights_tag(architecture: str, pretrained: str | None, checkpoint: Path | None, seed: int) -> str:
     if checkpoint is not None:
-        return f"file:{file_digest(checkpoint)}"
+        return f"file:{file_digest(Path(checkpoint))[:16]}"  # 16 hex digits name a checkpoint in identities
     if pretrained:
         return f"tag:{pretrained}"
     return f"random:seed={seed}"
@@ -271,3 +265,8 @@ def save_backbone(clip: LoadedClip, path: Path | str, source: str) -> None:
         clip.model.state_dict(),
         {"backbone": {"source": source, "quick_gelu": clip.quick_gelu, "preprocess": preprocess}},
     )
+
+
+def normalize_images(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
+    """CLIP's input normalisation of images already at the model's resolution."""
+    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

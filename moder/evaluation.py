@@ -8,7 +8,6 @@ trained); only the rows name them, by task name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -16,58 +15,15 @@ from torch import Tensor
 from moder.compose import compose_prototypes, smooth_toward_zeroshot
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT, ExpertHub, Retrieval
-from moder.metrics import Protocol, class_accuracy, label_space, predict
+from moder.metrics import class_accuracy, label_space, predict
 from moder.names import normalized
+from moder.params import Calibration, EvaluationSettings, Protocol
 from moder.prompts import PromptSet
+from moder.results import AccuracyRow
 from moder.tasks import TaskData
+from moder.train import TrainedTask
 
 ClassKey = tuple[str, str]  # (dataset, class name): the same name in two datasets is two classes
-# How trained classes' scores are lowered by their prototype offsets (moder.train.prototype_offsets):
-# none; mean = every trained class by the hub's mean offset, only where untrained classes compete;
-# task = every trained class by its task's mean offset, everywhere: tasks trained apart are calibrated
-# against each other (Class-IL), the ranking within a task never changes, and the oracle is calibrated
-# the same way. (Per-class offsets were tried and reorder the classes of a task: MTIL Last fell 20 points.)
-Calibration = Literal["none", "mean", "task"]
-
-
-@dataclass(frozen=True)
-class EvaluationSettings:
-    """Built by moder.params.Params.evaluation_settings."""
-
-    protocol: Protocol
-    k: int
-    temperature: float
-    null_score: float | None
-    gate: float | None  # compose a class only if its closest hub key is at least this similar, else zero-shot
-    space: str
-    alpha: float  # trained classes: alpha * own + (1 - alpha) * zero-shot
-    alpha_unseen: float  # composed classes: alpha_unseen * composed + (1 - alpha_unseen) * zero-shot
-    calibrate: Calibration
-
-
-@dataclass(frozen=True)
-class TrainedTask:
-    """What training left for one task that evaluation reads: each class's prototype under its own
-    expert (encoded once, at training time) and its prototype offset (moder.train.prototype_offsets)."""
-
-    prototypes: Tensor  # [n_classes, d]
-    offsets: Tensor  # [n_classes]
-
-
-# Which of a task's test images a row scores (docs/design.md, "What a gain is made of"): all of them, or, for a
-# task not yet trained, those of classes whose name no step so far has trained in any dataset (new: only
-# composition can help them) and those whose name some earlier step trained (recurring: retrieval finds it).
-Names = Literal["all", "new", "recurring"]
-
-
-@dataclass(frozen=True)
-class AccuracyRow:
-    step: str
-    task: str
-    method: str
-    accuracy: float
-    n_test: int
-    names: str = "all"  # Names
 
 
 @dataclass(frozen=True)
@@ -166,7 +122,7 @@ def step_prototypes(
         own.update(zip(_keys(data), task.prototypes, strict=True))
     seen = [key for data in sequence[: step + 1] for key in _keys(data)]
     zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
-    own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.alpha) for key in seen}
+    own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.composition.alpha) for key in seen}
     moder, oracle, no_composition = dict(own_seen), dict(own_seen), {**zeroshot, **own_seen}
     retrieved: dict[ClassKey, str] = {}
     similarity: dict[ClassKey, float] = {}
@@ -177,17 +133,24 @@ def step_prototypes(
         retrieved.update(zip(keys, _describe(composed, hub), strict=True))
         similarity.update(zip(keys, composed.best_similarity.tolist(), strict=True))
         moder.update(zip(keys, composed.prototypes, strict=True))
-        perfect = smooth_toward_zeroshot(torch.stack([own[key] for key in keys]), data.zeroshot, settings.alpha_unseen)
+        perfect = smooth_toward_zeroshot(
+            torch.stack([own[key] for key in keys]), data.zeroshot, settings.composition.alpha_unseen
+        )
         oracle.update(zip(keys, perfect, strict=True))
     row = {key: r for r, key in enumerate(zip(hub.datasets, hub.class_names, strict=True))}  # the latest expert
-    offsets = dict(zip(seen, calibration_offsets(settings.calibrate, hub, [row[key] for key in seen]), strict=True))
+    offsets = dict(
+        zip(seen, calibration_offsets(settings.composition.calibrate, hub, [row[key] for key in seen]), strict=True)
+    )
     return StepPrototypes(zeroshot, oracle, moder, no_composition, retrieved, similarity, offsets)
 
 
 def calibration_offsets(calibrate: Calibration, hub: ExpertHub, rows: list[int]) -> list[float]:
-    """What the score of the trained class at each of the hub's `rows` is lowered by (see `Calibration`):
-    nothing, the mean offset over the hub's classes, or the mean over the class's task; means in float32,
-    as training stored the offsets. Evaluation and `moder classify` both calibrate through this."""
+    """What the score of the trained class at each of the hub's `rows` is lowered by: none, nothing; mean, the
+    hub's mean offset for every trained class (it changes a ranking only where untrained classes compete);
+    task, the mean offset of the class's own task, everywhere, so that tasks trained apart are calibrated
+    against each other (Class-IL) and the ranking within a task never changes (the oracle is calibrated the
+    same way). Means in float32, as training stored the offsets. Evaluation and `moder classify` both
+    calibrate through this. (Per-class offsets were tried and reorder a task's classes: MTIL Last fell 20.)"""
     if calibrate == "none":
         return [0.0] * len(rows)
     if calibrate == "mean":
@@ -216,9 +179,10 @@ def compose_unseen(
     """Retrieve by zero-shot prototype; where the gate opens, compose the retrieved experts and move the
     result toward zero-shot by `alpha_unseen`; where it stays shut, keep the zero-shot prototype.
     The one implementation evaluation and `moder classify` share."""
-    retrieval = hub.query(zeroshot, settings.k, settings.temperature, settings.null_score)
+    retrieval = hub.query(zeroshot, settings.retrieval.k, settings.retrieval.temperature, settings.retrieval.null_score)
     best = torch.where(retrieval.indices == NULL_EXPERT, float("-inf"), retrieval.scores).max(dim=1).values
-    opened = torch.ones_like(best, dtype=torch.bool) if settings.gate is None else best >= settings.gate
+    gate = settings.retrieval.gate
+    opened = torch.ones_like(best, dtype=torch.bool) if gate is None else best >= gate
     prototypes = zeroshot.float().clone()
     rows = opened.nonzero().squeeze(1)
     if len(rows):
@@ -229,9 +193,9 @@ def compose_unseen(
             factory.null(),
             retrieval.indices[rows],
             retrieval.weights[rows],
-            settings.space,
+            settings.composition.space,
         )
-        prototypes[rows] = smooth_toward_zeroshot(composed, prototypes[rows], settings.alpha_unseen)
+        prototypes[rows] = smooth_toward_zeroshot(composed, prototypes[rows], settings.composition.alpha_unseen)
     return Composed(prototypes, retrieval, opened, best)
 
 

@@ -9,22 +9,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, NamedTuple, get_args
+from typing import Literal, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
-from moder.io import TensorFileError, load_tensors, save_tensors
+from moder.errors import UserError
+from moder.params import LORA_MODULES
+from moder.tensors import TensorFileError, load_tensors, save_tensors
 
 
-class ExpertFileError(ValueError):
+class ExpertFileError(UserError, ValueError):
     """An experts file is missing, malformed or belongs to another backbone; the message names it."""
-
-
-# The linear maps of a text block a LoRA expert may adapt: attention in/out projections, MLP in/out.
-LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
-LORA_MODULES: tuple[LoraModule, ...] = get_args(LoraModule)
 
 
 def _gather(stacked: Tensor, rows: Tensor) -> Tensor:

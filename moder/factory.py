@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
 from moder.experts import (
@@ -15,20 +12,9 @@ from moder.experts import (
     init_lora_experts,
     lora_targets,
 )
+from moder.params import ExpertParams
 from moder.prompts import PromptSet, template_prompts
 from moder.text import TextTower
-
-
-@dataclass(frozen=True)
-class ExpertSpec:
-    """Built by moder.params.ExpertParams.spec, the one home of the defaults."""
-
-    kind: Literal["context", "lora"]
-    context_init: str
-    lora_rank: int
-    lora_alpha: float
-    lora_layers: tuple[int, ...] | None
-    lora_modules: tuple[str, ...]
 
 
 class ExpertFactory:
@@ -38,42 +24,36 @@ class ExpertFactory:
     phrase; LoRA experts read the template ensemble, like the zero-shot classifier.
     """
 
-    def __init__(self, tower: TextTower, spec: ExpertSpec, templates: list[str]) -> None:
+    def __init__(self, tower: TextTower, spec: ExpertParams, templates: list[str]) -> None:
         self.tower, self.spec, self.templates = tower, spec, list(templates)
         if spec.kind == "context":
-            self._init_ctx = tower.context_prompts(["x"], spec.context_init)[1]
+            self._init_ctx = tower.context_prompts(["x"], spec.context.init)[1]
         elif spec.kind == "lora":
-            self._shapes = tower.lora_shapes(
-                lora_targets(
-                    tower.n_layers,
-                    None if spec.lora_layers is None else list(spec.lora_layers),
-                    list(spec.lora_modules),
-                )
-            )
+            self._shapes = tower.lora_shapes(lora_targets(tower.n_layers, spec.lora.layers, list(spec.lora.modules)))
         else:
             raise ValueError(f"unknown expert kind {spec.kind!r}; allowed: context, lora")
 
     @property
     def scaling(self) -> float:
-        return self.spec.lora_alpha / self.spec.lora_rank
+        return self.spec.lora.alpha / self.spec.lora.rank
 
     def prompts(self, class_names: list[str], templates: list[str] | None = None) -> PromptSet:
         """The prompts experts of this kind read for `class_names`; LoRA experts use `templates`
         (a dataset's own templates) or else the factory's."""
         if self.spec.kind == "context":
-            return PromptSet(self.tower.context_prompts(class_names, self.spec.context_init)[0], len(class_names), 1)
+            return PromptSet(self.tower.context_prompts(class_names, self.spec.context.init)[0], len(class_names), 1)
         return template_prompts(self.tower, class_names, list(templates or self.templates))
 
     def new(self, n: int, generator: torch.Generator) -> Experts:
         if self.spec.kind == "context":
             return init_context_experts(n, self._init_ctx)
-        return init_lora_experts(n, self._shapes, self.spec.lora_rank, self.scaling, generator)
+        return init_lora_experts(n, self._shapes, self.spec.lora.rank, self.scaling, generator)
 
     def null(self) -> Experts:
         """The frozen model as an expert: the init phrase itself, or a zero LoRA delta."""
         if self.spec.kind == "context":
             return ContextExperts(self._init_ctx.unsqueeze(0).clone())
-        rank = self.spec.lora_rank
+        rank = self.spec.lora.rank
         return LoraExperts(
             {t: torch.zeros(1, rank, i) for t, (o, i) in self._shapes.items()},
             {t: torch.zeros(1, o, rank) for t, (o, i) in self._shapes.items()},

@@ -8,7 +8,6 @@ experts files of steps 1..t, and records each file's SHA-256 so a retrained file
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -19,14 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moder.errors import UserError
 from moder.experts import ExpertFileError, Experts, concat_experts, expert_parameters, load_experts
-from moder.io import atomic_path
+from moder.io import atomic_path, file_digest
 
 NULL_EXPERT = -1
 _IDENTITY, _FILES, _EXPERTS, _SETTINGS = b"moder.identity", b"moder.experts_files", b"moder.experts", b"moder.settings"
 
 
-class HubFileError(ValueError):
+class HubFileError(UserError, ValueError):
     """A hub index is missing, malformed, stale or made on another backbone; the message names the file."""
 
 
@@ -160,7 +160,7 @@ class ExpertHub:
         files = sorted({name for name, _ in self._sources})
         if "" in files:
             raise ValueError("every step must say where its experts are stored (append with an entry)")
-        digests = {name: _file_digest(experts_root / name) for name in files}
+        digests = {name: file_digest(experts_root / name) for name in files}
         keys = self.keys.numpy()
         table = pa.table(
             {
@@ -226,11 +226,6 @@ class ExpertHub:
         return hub
 
 
-def _file_digest(path: Path) -> str:
-    with path.open("rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
 def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str | None, identity: str) -> Experts:
     """One experts file the index points at: inside the experts root, unchanged since the index was made."""
     relative = PurePosixPath(name)
@@ -239,7 +234,7 @@ def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str |
     file = experts_root / relative
     if not file.is_file():
         raise HubFileError(f"{index} points at {file}, which does not exist (re-run the train stage)")
-    if _file_digest(file) != digest:
+    if file_digest(file) != digest:
         raise HubFileError(
             f"{index} points at {file}, which has changed since the hub was built (re-run the hub stage)"
         )

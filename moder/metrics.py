@@ -6,15 +6,13 @@ indexes from 0, the design from 1.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike
 from torch import Tensor
 
-Protocol = Literal["mtil", "classil"]
+from moder.params import Protocol
 
 
 def _square(matrix: ArrayLike) -> np.ndarray:

@@ -4,29 +4,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-_PROBE = "\x00class\x00"
+from moder.errors import UserError
+from moder.params import check_templates
 
 
-class PromptError(ValueError):
+class PromptError(UserError, ValueError):
     """Class names or templates would give classes the same prompt, or cut it; the message names them."""
 
 
-def check_templates(templates: list[str]) -> None:
-    """Each template must put the class name into its text exactly once (`str.format` with one `{}`):
-    "{{}}" formats to a literal "{}", "{0} {0}" repeats it, "{name}" fails, and a template without a
-    slot gives every class the same prompt."""
-    if not templates:
-        raise PromptError("no templates: at least one prompt template with a '{}' slot is needed")
-    for template in templates:
-        try:
-            filled = template.format(_PROBE)
-        except (IndexError, KeyError, ValueError):
-            filled = ""
-        if filled.count(_PROBE) != 1:
-            raise PromptError(
-                f"template {template!r} does not insert the class name once: "
-                "it needs exactly one '{}' slot (and '{{'/'}}' for literal braces)"
-            )
+def check_prompt_templates(templates: list[str]) -> None:
+    """moder.params.check_templates (each template inserts the class name exactly once), as a PromptError."""
+    try:
+        check_templates(templates)
+    except ValueError as error:
+        raise PromptError(str(error)) from None
 
 
 def normalized(name: str) -> str:

@@ -1,24 +1,81 @@
-"""The one schema of params.yaml. Unknown keys and bad values fail naming the key and what is allowed."""
+"""The one schema of params.yaml: every setting's type and bounds, declared once. The values live in conf/
+(composed into params.yaml, stages/compose.py); the library takes these sections as they are. Unknown keys
+and bad values fail naming the key and what is allowed. Imports nothing from the library, so every module
+can import it (it is the bottom of the import graph)."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from moder.datasets import ADAPTERS
-from moder.evaluation import EvaluationSettings
-from moder.experts import LORA_MODULES, LoraModule
-from moder.factory import ExpertSpec
-from moder.names import check_templates
-from moder.pretrain import PretrainConfig
-from moder.train import TrainConfig
-from moder.world import SHAPES, Domain, Shape, World
+Protocol = Literal["mtil", "classil"]
+Shape = Literal["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"]
+SHAPES: tuple[Shape, ...] = get_args(Shape)  # what moder.world's renderer draws
+LoraModule = Literal["attn_in", "attn_out", "mlp_fc", "mlp_proj"]
+LORA_MODULES: tuple[LoraModule, ...] = get_args(LoraModule)  # the text encoder's linear maps a LoRA can adapt
+# How trained classes' scores are lowered by their prototype offsets (moder.evaluation.calibration_offsets)
+Calibration = Literal["none", "mean", "task"]
+# where a dataset's images come from: rendered from the embedded world, or read by an adapter of moder.datasets
+DatasetSource = Literal[
+    "embedded",
+    "aircraft",
+    "caltech101",
+    "cifar100",
+    "dtd",
+    "eurosat",
+    "flowers",
+    "food",
+    "mnist",
+    "pets",
+    "cars",
+    "sun397",
+    "imagenet-r",
+    "cub200",
+    "imagefolder",
+    "csv",
+]
+DATASET_SOURCES: tuple[DatasetSource, ...] = get_args(DatasetSource)
+# torch's device types, with an index where they take one: checked here without importing torch
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|xla|hpu|mtia|privateuseone|meta)(:\d+)?")
+_SLOT = "\x00class\x00"
+
+
+class ParamsError(ValueError):
+    """params.yaml (or an override) is invalid; the message names each key at fault."""
+
+
+def check_templates(templates: list[str]) -> list[str]:
+    """Each template must put the class name into its text exactly once (`str.format` with one `{}`):
+    "{{}}" formats to a literal "{}", "{0} {0}" repeats it, "{name}" fails, and a template without a
+    slot gives every class the same prompt. ValueError naming the template otherwise."""
+    if not templates:
+        raise ValueError("no templates: at least one prompt template with a '{}' slot is needed")
+    for template in templates:
+        try:
+            filled = template.format(_SLOT)
+        except (IndexError, KeyError, ValueError):
+            filled = ""
+        if filled.count(_SLOT) != 1:
+            raise ValueError(
+                f"template {template!r} does not insert the class name once: "
+                "it needs exactly one '{}' slot (and '{{'/'}}' for literal braces)"
+            )
+    return templates
+
 
 # Names that become parts of output paths (data/<benchmark>/features/<dataset>, ...): one plain
 # path component each, so no name can lead a stage's writes out of its own directory.
@@ -35,34 +92,28 @@ def path_name(name: str, what: str) -> str:
     return name
 
 
-def _with_slot(templates: list[str]) -> list[str]:
-    check_templates(templates)
-    return templates
-
-
-class ParamsError(ValueError):
-    """params.yaml (or an override) is invalid; the message names each key at fault."""
+Int = Annotated[int, Field(strict=True)]  # a boolean is not a number of epochs
+Float = Annotated[float, Field(strict=True)]  # an integer is a float, a boolean is not
 
 
 class _Section(BaseModel):
-    # allow_inf_nan: a non-finite number is never a meaningful setting
+    # allow_inf_nan: a non-finite number is never a meaningful setting. The values are conf/'s: a section
+    # has no default but where a field is optional by nature (a dataset's shifts default to the clean domain)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelParams(_Section):
-    architecture: str = "moder-tiny-clip"
-    pretrained: str | None = None
-    checkpoint: str | None = None
-    cache_dir: str | None = None
-    device: str = "cpu"
+    architecture: str
+    pretrained: str | None  # an open_clip pretrained tag
+    checkpoint: str | None  # or a local weights file
+    cache_dir: str | None
+    device: str
 
     @field_validator("device")
     @classmethod
     def _known_device(cls, device: str) -> str:
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1, mps") from None
+        if not _DEVICE.fullmatch(device):
+            raise ValueError(f"unknown device {device!r}; e.g. cpu, cuda, cuda:1, mps")
         return device
 
     @model_validator(mode="after")
@@ -73,55 +124,45 @@ class ModelParams(_Section):
 
 
 class ContextParams(_Section):
-    init: str = Field("a photo of a", min_length=1)
+    init: str = Field(min_length=1)  # the leading words a context expert replaces
 
 
 class LoraParams(_Section):
-    rank: int = Field(1, ge=1, le=256)
-    alpha: float = Field(8.0, gt=0)
-    # None: every layer of the text encoder; negative indices count from the end. The default, rank 1 on the
-    # last layer, is 8,192 parameters per class on ViT-B-16 (9.8 M for MTIL's 1,201 classes): BENCHMARKS.md.
-    layers: list[int] | None = Field(default_factory=lambda: [-1])
-    modules: list[LoraModule] = Field(default_factory=lambda: list(LORA_MODULES), min_length=1)
+    rank: Int = Field(ge=1, le=256)
+    alpha: Float = Field(gt=0)  # scaling = alpha / rank
+    # None: every layer of the text encoder; negative indices count from the end. Rank 1 on the last layer is
+    # 8,192 parameters per class on ViT-B-16 (9.8 M for MTIL's 1,201 classes): BENCHMARKS.md.
+    layers: list[Int] | None
+    modules: list[LoraModule] = Field(min_length=1)
 
 
 class ExpertParams(_Section):
-    kind: Literal["context", "lora"] = "lora"
-    context: ContextParams = ContextParams()
-    lora: LoraParams = LoraParams()
-
-    def spec(self) -> ExpertSpec:
-        return ExpertSpec(
-            kind=self.kind,
-            context_init=self.context.init,
-            lora_rank=self.lora.rank,
-            lora_alpha=self.lora.alpha,
-            lora_layers=None if self.lora.layers is None else tuple(self.lora.layers),
-            lora_modules=tuple(self.lora.modules),
-        )
+    kind: Literal["context", "lora"]
+    context: ContextParams
+    lora: LoraParams
 
 
 class TrainParams(_Section):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    logit_scale: float = Field(100.0, gt=0)
-    reg_zeroshot: float = Field(0.0, ge=0)
+    epochs: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    lr: Float = Field(gt=0)
+    weight_decay: Float = Field(ge=0)
+    logit_scale: Float = Field(gt=0)
+    reg_zeroshot: Float = Field(ge=0)  # weight of mean (1 - cos(prototype, zero-shot prototype))
     # Textual alignment: weight of mean (1 - cos(prototype, the class's mean image feature)) beside cross-entropy.
-    align: float = Field(0.0, ge=0)
+    align: Float = Field(ge=0)
     # Weight of cross-entropy on each earlier split's classes' mean image feature (stored when that split was
     # trained; no image kept), labelled with its stored prototype among the negatives: the new prototypes
     # must not attract earlier classes' images. Needs negatives earlier or dataset.
-    anchor_earlier: float = Field(3.0, ge=0)
+    anchor_earlier: Float = Field(ge=0)
     # Templates each class reads per optimisation step, drawn afresh every step (seeded); null = all.
     # Prototypes at inference always use the whole ensemble.
-    templates_per_step: int | None = Field(None, ge=1)
+    templates_per_step: Int | None = Field(ge=1)
     # Extra logit columns while training a task (text only, no image replayed), same dataset:
     # earlier = the stored prototypes of classes trained in earlier tasks; dataset = those plus the
     # zero-shot prototypes of the classes not trained yet (class names are known from step 1, as the
     # protocol evaluates future tasks with them).
-    negatives: Literal["none", "earlier", "dataset"] = "earlier"
+    negatives: Literal["none", "earlier", "dataset"]
 
     @model_validator(mode="after")
     def _anchors_need_earlier_prototypes(self) -> TrainParams:
@@ -132,38 +173,24 @@ class TrainParams(_Section):
             )
         return self
 
-    def config(self, seed: int) -> TrainConfig:
-        return TrainConfig(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            logit_scale=self.logit_scale,
-            reg_zeroshot=self.reg_zeroshot,
-            align=self.align,
-            anchor_earlier=self.anchor_earlier,
-            templates_per_step=self.templates_per_step,
-            seed=seed,
-        )
-
 
 class RetrievalParams(_Section):
-    k: int = Field(16, ge=1)
-    temperature: float = Field(0.3, gt=0)
-    null_score: float | None = Field(None, ge=-1, le=1)
+    k: Int = Field(ge=1)
+    temperature: Float = Field(gt=0)
+    null_score: Float | None = Field(ge=-1, le=1)  # the frozen model competes for weight with this score
     # Compose a class only if its zero-shot prototype is at least this similar (cosine) to its closest hub
     # key; otherwise it keeps its zero-shot prototype. null: always compose.
-    gate: float | None = Field(None, ge=-1, le=1)
+    gate: Float | None = Field(ge=-1, le=1)
 
 
 class CompositionParams(_Section):
-    space: Literal["parameter", "output"] = "parameter"
-    alpha: float = Field(0.8, ge=0, le=1)  # trained classes: alpha * own expert + (1 - alpha) * zero-shot
-    alpha_unseen: float = Field(0.5, ge=0, le=1)  # composed classes: the same, toward their zero-shot prototype
+    space: Literal["parameter", "output"]
+    alpha: Float = Field(ge=0, le=1)  # trained classes: alpha * own expert + (1 - alpha) * zero-shot
+    alpha_unseen: Float = Field(ge=0, le=1)  # composed classes: the same, toward their zero-shot prototype
     # Lower trained classes' scores by their prototype offsets (moder.train.prototype_offsets):
     # none | mean (the hub's mean offset, only where untrained classes compete) | task (each class its
-    # task's mean offset, everywhere; the oracle too). See moder.evaluation.Calibration.
-    calibrate: Literal["none", "mean", "task"] = "mean"
+    # task's mean offset, everywhere; the oracle too). See moder.evaluation.calibration_offsets.
+    calibrate: Calibration
 
     @field_validator("calibrate", mode="before")
     @classmethod
@@ -172,18 +199,27 @@ class CompositionParams(_Section):
         return {True: "mean", False: "none"}.get(value, value) if isinstance(value, bool) else value
 
 
-class DomainParams(_Section):
-    """How a rendered dataset draws its images (moder.world.Domain); defaults: the clean domain."""
+class EvaluationSettings(_Section):
+    """How prototypes are composed and scored: from params.yaml (Params.evaluation_settings), or from the
+    settings a hub index keeps (moder classify)."""
 
-    background: tuple[float, float] = (0.0, 0.3)
-    texture: float = Field(0.0, ge=0, le=1)
-    tint: float = Field(0.0, ge=0, le=2)
-    own_tint: bool = False  # tint along this dataset's own directions, shared with no other dataset
-    outline: float = Field(0.0, ge=0, le=1)
-    noise: float = Field(0.02, ge=0, le=1)
-    blur: float = Field(0.0, ge=0, le=8)
-    contrast: float = Field(1.0, gt=0, le=2)
-    scale: tuple[float, float] = (0.45, 0.75)
+    protocol: Protocol
+    retrieval: RetrievalParams
+    composition: CompositionParams
+
+
+class DomainParams(_Section):
+    """How a rendered dataset draws its images (moder.world.render); the defaults are the clean domain."""
+
+    background: tuple[float, float] = (0.0, 0.3)  # grey level range of the background
+    texture: Float = Field(0.0, ge=0, le=1)  # amplitude of random stripes on the background
+    tint: Float = Field(0.0, ge=0, le=2)  # how far each colour moves along its tint direction
+    own_tint: StrictBool = False  # tint along this dataset's own directions, shared with no other dataset
+    outline: Float = Field(0.0, ge=0, le=1)  # fraction of the shapes drawn as outlines
+    noise: Float = Field(0.02, ge=0, le=1)  # std of Gaussian pixel noise
+    blur: Float = Field(0.0, ge=0, le=8)  # sigma (pixels) of a Gaussian blur
+    contrast: Float = Field(1.0, gt=0, le=2)  # 1 keeps contrast, < 1 pulls every pixel toward mid grey
+    scale: tuple[float, float] = (0.45, 0.75)  # object radius as a fraction of the half image
 
     @field_validator("background", "scale")
     @classmethod
@@ -192,39 +228,26 @@ class DomainParams(_Section):
             raise ValueError("need 0 <= low <= high <= 1")
         return value
 
-    def domain(self) -> Domain:
-        return Domain(**self.model_dump(include=set(DomainParams.model_fields)))
-
-
-DATASET_SOURCES = ("embedded", *ADAPTERS)
-
 
 class DatasetParams(DomainParams):
     """A downstream dataset: rendered from the embedded world (its own class subset and shift),
     or read from disk by one of moder.datasets' adapters (`source`, `root`)."""
 
-    source: str = "embedded"
+    source: DatasetSource = "embedded"
     root: str | None = None  # where an image dataset lies on disk (see docs/datasets.md)
     templates: list[str] | None = None  # None: the dataset's catalog templates, else params.yaml templates
-    classes: int | None = Field(None, ge=2)  # embedded: how many of the world's classes; None: all
+    classes: Int | None = Field(None, ge=2)  # embedded: how many of the world's classes; None: all
     # embedded: None draws the dataset's classes for it alone; an integer takes positions class_offset ..
     # class_offset + classes - 1 of one seeded order of the world's classes shared by every dataset, so
     # datasets with ranges that do not overlap share no class name (moder.world.dataset_classes)
-    class_offset: int | None = Field(None, ge=0)
-    splits: int = Field(1, ge=1)  # Class-IL: into how many tasks its classes are cut
+    class_offset: Int | None = Field(None, ge=0)
+    splits: Int = Field(1, ge=1)  # Class-IL: into how many tasks its classes are cut
     class_order: Literal["shuffled", "sequential"] = "shuffled"  # sequential: label order, as mammoth's splits
-
-    @field_validator("source")
-    @classmethod
-    def _known_source(cls, source: str) -> str:
-        if source not in DATASET_SOURCES:
-            raise ValueError(f"unknown dataset source {source!r}; allowed: {', '.join(DATASET_SOURCES)}")
-        return source
 
     @field_validator("templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str] | None) -> list[str] | None:
-        return None if templates is None else _with_slot(templates)
+        return None if templates is None else check_templates(templates)
 
     @model_validator(mode="after")
     def _fields_fit_source(self) -> DatasetParams:
@@ -248,24 +271,11 @@ class DatasetParams(DomainParams):
 
 
 class WorldParams(_Section):
-    image_size: int = Field(32, ge=8, le=256)
-    colours: dict[str, tuple[float, float, float]] = Field(
-        default_factory=lambda: {
-            "red": (0.9, 0.15, 0.15),
-            "orange": (1.0, 0.55, 0.1),
-            "yellow": (0.95, 0.9, 0.15),
-            "green": (0.2, 0.75, 0.25),
-            "cyan": (0.15, 0.8, 0.85),
-            "blue": (0.15, 0.3, 0.95),
-            "purple": (0.55, 0.2, 0.8),
-            "pink": (1.0, 0.45, 0.75),
-        },
-        min_length=2,
-    )
-    shapes: list[Shape] = Field(
-        default_factory=lambda: list(SHAPES),
-        min_length=2,
-    )
+    """The embedded world: every class is "<colour> <shape>" (moder.world.World)."""
+
+    image_size: Int = Field(ge=8, le=256)  # must equal the model's input size
+    colours: dict[str, tuple[float, float, float]] = Field(min_length=2)  # name -> RGB in [0, 1]
+    shapes: list[Shape] = Field(min_length=2)
 
     @field_validator("colours")
     @classmethod
@@ -282,59 +292,38 @@ class WorldParams(_Section):
             raise ValueError(f"shapes must be distinct, got {shapes}")
         return shapes
 
-    def world(self, seed: int) -> World:
-        return World(dict(self.colours), tuple(self.shapes), self.image_size, seed)
-
 
 class PretrainParams(_Section):
-    steps: int = Field(900, ge=1)
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(2e-3, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    warmup: int = Field(100, ge=1)
-    captions: list[str] = Field(
-        default_factory=lambda: [
-            "a {}.",
-            "a photo of a {}.",
-            "a drawing of a {}.",
-            "a rendering of a {}.",
-            "an image of a {}.",
-            "a picture of the {}.",
-        ],
-        min_length=1,
-    )
-    domain: DomainParams = DomainParams()
+    """Contrastive pre-training of the embedded benchmark's tiny CLIP on the clean domain."""
+
+    steps: Int = Field(ge=1)
+    batch_size: Int = Field(ge=2)
+    lr: Float = Field(gt=0)
+    weight_decay: Float = Field(ge=0)
+    warmup: Int = Field(ge=1)
+    captions: list[str] = Field(min_length=1)
+    domain: DomainParams
 
     @field_validator("captions")
     @classmethod
     def _captions_have_slot(cls, captions: list[str]) -> list[str]:
-        return _with_slot(captions)
-
-    def config(self, seed: int) -> PretrainConfig:
-        return PretrainConfig(
-            steps=self.steps,
-            batch_size=self.batch_size,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup=self.warmup,
-            seed=seed,
-        )
+        return check_templates(captions)
 
 
 class ExtractParams(_Section):
-    train_per_class: int = Field(32, ge=1)  # embedded datasets: images rendered per class
-    test_per_class: int = Field(32, ge=1)
-    batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)  # DataLoader worker processes decoding image datasets
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast of the image tower (bf16/fp16: GPU)
+    train_per_class: Int = Field(ge=1)  # embedded datasets: images rendered per class
+    test_per_class: Int = Field(ge=1)
+    batch_size: Int = Field(ge=1)
+    workers: Int = Field(ge=0)  # DataLoader worker processes decoding image datasets
+    precision: Literal["fp32", "bf16", "fp16"]  # autocast of the image tower (bf16/fp16: GPU)
     # An image file that cannot be decoded fails the stage naming it; true skips it and reports the count.
-    skip_bad_images: bool = False
+    skip_bad_images: StrictBool
 
 
 class BenchmarkParams(_Section):
-    name: str = "embedded-mtil"
-    preset: str = "embedded-mtil"  # the file of conf/benchmark/ this block came from (stages/compose.py)
-    protocol: Literal["mtil", "classil"] = "mtil"
+    name: str  # data/<name>/ holds its outputs
+    preset: str  # the file of conf/benchmark/ this block came from (stages/compose.py)
+    protocol: Protocol
 
     @field_validator("name", "preset")
     @classmethod
@@ -344,34 +333,35 @@ class BenchmarkParams(_Section):
 
 class TaskParams(_Section):
     dataset: str
-    split: int = Field(1, ge=1)  # which part of the dataset's classes (Class-IL)
+    split: Int = Field(1, ge=1)  # which part of the dataset's classes (Class-IL)
 
 
 class Params(_Section):
-    seed: int = Field(0, ge=0)
-    templates: list[str] = Field(
-        default_factory=lambda: ["a photo of a {}.", "a drawing of a {}.", "a rendering of a {}."], min_length=1
-    )
-    model: ModelParams = ModelParams()
-    expert: ExpertParams = ExpertParams()
-    train: TrainParams = TrainParams()
-    retrieval: RetrievalParams = RetrievalParams()
-    composition: CompositionParams = CompositionParams()
-    benchmark: BenchmarkParams = BenchmarkParams()
-    world: WorldParams = WorldParams()
-    pretrain: PretrainParams = PretrainParams()
-    extract: ExtractParams = ExtractParams()
-    # The benchmark itself has no default: a params file without it is refused, not filled in.
+    # what params.yaml is, as its first line says: composed from conf/, not a file to edit
+    generated: str | None = None
+    seed: Int = Field(ge=0)
+    templates: list[str] = Field(min_length=1)  # zero-shot prototypes: the ensemble, also read by LoRA experts
+    model: ModelParams
+    expert: ExpertParams
+    train: TrainParams
+    retrieval: RetrievalParams
+    composition: CompositionParams
+    benchmark: BenchmarkParams
+    world: WorldParams
+    pretrain: PretrainParams
+    extract: ExtractParams
     datasets: dict[str, DatasetParams] = Field(min_length=1)
     tasks: dict[str, TaskParams] = Field(min_length=1)
 
     @field_validator("templates")
     @classmethod
     def _templates_have_slot(cls, templates: list[str]) -> list[str]:
-        return _with_slot(templates)
+        return check_templates(templates)
 
     def evaluation_settings(self) -> EvaluationSettings:
-        return evaluation_settings(self.retrieval, self.composition, self.benchmark.protocol)
+        return EvaluationSettings(
+            protocol=self.benchmark.protocol, retrieval=self.retrieval, composition=self.composition
+        )
 
     @field_validator("datasets", "tasks")
     @classmethod
@@ -427,23 +417,6 @@ class Params(_Section):
         return self
 
 
-def evaluation_settings(
-    retrieval: RetrievalParams, composition: CompositionParams, protocol: Literal["mtil", "classil"]
-) -> EvaluationSettings:
-    """How prototypes are composed and scored: from params.yaml, or from a hub index's settings."""
-    return EvaluationSettings(
-        protocol=protocol,
-        k=retrieval.k,
-        temperature=retrieval.temperature,
-        null_score=retrieval.null_score,
-        gate=retrieval.gate,
-        space=composition.space,
-        alpha=composition.alpha,
-        alpha_unseen=composition.alpha_unseen,
-        calibrate=composition.calibrate,
-    )
-
-
 def _allowed(model: type[BaseModel] | None, location: tuple) -> str:
     """The keys allowed at `location`'s parent, for an 'unknown key' message."""
     for part in location[:-1]:
@@ -459,6 +432,8 @@ def _describe(error: ErrorDetails) -> str:
     key = ".".join(str(part) for part in location) or "<root>"
     if error["type"] == "extra_forbidden":
         return f"unknown key '{key}'{_allowed(Params, location)}"
+    if error["type"] == "missing":
+        return f"missing key '{key}' (conf/ sets every key: compose params.yaml from it, python -m stages.compose)"
     message = error["msg"].removeprefix("Value error, ")
     if not location:  # a check across sections names its keys itself
         return message
@@ -477,14 +452,35 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         raise ParamsError(f"{source}: invalid params\n  {problems}") from None
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML as safe_load reads it, except that a key given twice in one mapping is an error (PyYAML keeps the
+    last silently; DVC refuses such a file)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(text: str) -> Any:
+    """YAML data, plain types only (as yaml.safe_load), refusing a key given twice; yaml.YAMLError otherwise."""
+    return yaml.load(text, Loader=_UniqueKeys)  # noqa: S506 (a SafeLoader)
+
+
 def load_params(path: Path | str) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = read_yaml(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as error:
         raise ParamsError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason})") from None
     except yaml.YAMLError as error:
-        raise ParamsError(f"{path}: not valid YAML: {error}") from None
+        raise ParamsError(f"{path}: not valid YAML: {' '.join(str(error).split())}") from None
     return parse_params(data, str(path))

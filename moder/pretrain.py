@@ -9,25 +9,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moder.clip import OpenClipModel
+from moder.clip import OpenClipModel, normalize_images
+from moder.errors import TrainingDiverged
 from moder.metrics import accuracy
+from moder.params import DomainParams, PretrainParams
 from moder.progress import Progress, progress_bar
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
-from moder.train import TrainingDiverged
-from moder.world import Domain, World, render, seed_for
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    """Built by moder.params.PretrainParams.config, the one home of the defaults."""
-
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    warmup: int
-    seed: int
+from moder.world import World, render, seed_for
 
 
 @dataclass(frozen=True)
@@ -36,18 +25,13 @@ class PretrainResult:
     accuracy: float  # zero-shot accuracy (percent) on a fresh clean render of every class
 
 
-def normalize_images(images: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """CLIP's input normalisation of images already at the model's resolution."""
-    return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-
-
 def _caption_tokens(tower: TextTower, world: World, captions: list[str], choice: Tensor) -> Tensor:
     """Tokens of one caption per class: class c reads captions[choice[c]]."""
     names = world.class_names
     return tower.tokenize([captions[int(t)].format(name) for t, name in zip(choice, names, strict=True)])
 
 
-def _learning_rate(step: int, config: PretrainConfig) -> float:
+def _learning_rate(step: int, config: PretrainParams) -> float:
     if step < config.warmup:
         return config.lr * (step + 1) / config.warmup
     progress = (step - config.warmup) / max(1, config.steps - config.warmup)
@@ -58,10 +42,9 @@ def pretrain_clip(
     model: OpenClipModel,
     tower: TextTower,
     world: World,
-    domain: Domain,
-    captions: list[str],
-    config: PretrainConfig,
+    config: PretrainParams,
     *,
+    seed: int,
     mean: tuple[float, ...],
     std: tuple[float, ...],
     progress: Progress = False,
@@ -70,9 +53,11 @@ def pretrain_clip(
 
     Each step contrasts a batch of images with one caption per class of the world (a
     random template each step): image-to-caption cross-entropy, plus caption-to-image with
-    every image of the caption's class counted as a positive.
+    every image of the caption's class counted as a positive. Images are rendered in `config.domain`,
+    captions filled from `config.captions`.
     """
-    generator = torch.Generator().manual_seed(seed_for(config.seed, "pretrain"))
+    domain, captions = config.domain, config.captions
+    generator = torch.Generator().manual_seed(seed_for(seed, "pretrain"))
     model.train().requires_grad_(True)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     keep = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -110,7 +95,7 @@ def pretrain_clip(
         optimizer.step()
         losses.append(loss.item())
     model.eval().requires_grad_(False)
-    return PretrainResult(losses, clean_accuracy(model, tower, world, domain, captions, mean, std, config.seed))
+    return PretrainResult(losses, clean_accuracy(model, tower, world, domain, captions, mean, std, seed))
 
 
 @torch.no_grad()
@@ -118,7 +103,7 @@ def clean_accuracy(
     model: OpenClipModel,
     tower: TextTower,
     world: World,
-    domain: Domain,
+    domain: DomainParams,
     captions: list[str],
     mean: tuple[float, ...],
     std: tuple[float, ...],

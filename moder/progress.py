@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
-from typing import Any, TextIO
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Protocol
 
 from tqdm.auto import tqdm
 
-Progress = bool | TextIO  # True: a bar on stderr; a text stream: the bar's state written there, at most every 30 s
+
+class Stream(Protocol):
+    """Where a bar's state can be written as text (a file, LogLines)."""
+
+    def write(self, text: str) -> int: ...
+
+    def flush(self) -> None: ...
+
+
+Progress = bool | Stream  # True: a bar on stderr; a text stream: the bar's state written there, at most every 30 s
+# Where the stages' bars go: the terminal, unless the code running a stage says otherwise in its own context (a
+# Prefect task sends them to its log as lines: concurrent tasks' bars would garble one terminal)
+PROGRESS: ContextVar[Progress] = ContextVar("moder_progress", default=True)
 
 
 def progress_bar(progress: Progress, iterable: Iterable | None = None, **options: Any) -> tqdm:
@@ -34,3 +48,13 @@ class LogLines:
 
     def flush(self) -> None:
         pass
+
+
+@contextmanager
+def progress_to(target: Progress) -> Iterator[None]:
+    """Inside the block, the stages run in this context write their bars to `target`."""
+    token = PROGRESS.set(target)
+    try:
+        yield
+    finally:
+        PROGRESS.reset(token)

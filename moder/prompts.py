@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.experts import Experts
-from moder.names import check_class_names, check_templates
+from moder.names import check_class_names, check_prompt_templates
 from moder.text import TextTower
 
 # Prompts (token sequences) per forward pass where no gradient is kept: bounds memory whatever the class
@@ -44,7 +44,7 @@ class PromptSet:
 
 def template_prompts(tower: TextTower, class_names: list[str], templates: list[str]) -> PromptSet:
     """CLIP's template ensemble: every template filled with every class name."""
-    check_templates(templates)
+    check_prompt_templates(templates)
     check_class_names(class_names)
     texts = [template.format(name) for name in class_names for template in templates]
     return PromptSet(tower.tokenize(texts), len(class_names), len(templates))

@@ -6,11 +6,29 @@ headroom taken."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
-from moder.evaluation import AccuracyRow
-from moder.metrics import Protocol, headroom_share, summarize, transfer_over
+from moder.metrics import headroom_share, summarize, transfer_over
+from moder.params import Protocol
+
+# Which of a task's test images a row scores (docs/design.md, "What a gain is made of"): all of them, or, for a
+# task not yet trained, those of classes whose name no step so far has trained in any dataset (new: only
+# composition can help them) and those whose name some earlier step trained (recurring: retrieval finds it).
+Names = Literal["all", "new", "recurring"]
+
+
+@dataclass(frozen=True)
+class AccuracyRow:
+    step: str
+    task: str
+    method: str
+    accuracy: float
+    n_test: int
+    names: str = "all"  # Names
+
 
 # metrics.json's order, which is `dvc exp show`'s column order: what the method gives, what isolates its
 # parts, then what it must beat

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import Tensor, nn
 
-from moder.experts import LORA_MODULES, ContextExperts, Experts, LoraExperts
+from moder.experts import ContextExperts, Experts, LoraExperts
 from moder.names import PromptError, check_class_names
+from moder.params import LORA_MODULES
 
 _LORA_ATTN_IN, _LORA_ATTN_OUT, _LORA_FC, _LORA_PROJ = LORA_MODULES
 

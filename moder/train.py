@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moder.errors import TrainingDiverged
 from moder.experts import Experts
+from moder.params import TrainParams
 from moder.progress import Progress, progress_bar
 from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
 from moder.text import TextTower
@@ -23,24 +25,13 @@ from moder.text import TextTower
 GRAD_PROMPTS = 256
 
 
-class TrainingDiverged(ArithmeticError):
-    """The loss became non-finite; nothing is returned (so nothing is saved)."""
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    """Built by moder.params.TrainParams.config, the one home of the defaults."""
+class TrainedTask:
+    """What training left for one task that evaluation reads: each class's prototype under its own
+    expert (encoded once, at training time) and its prototype offset (moder.train.prototype_offsets)."""
 
-    epochs: int
-    batch_size: int
-    lr: float
-    weight_decay: float
-    logit_scale: float
-    reg_zeroshot: float  # weight of mean (1 - cos(prototype, zero-shot prototype))
-    align: float  # weight of mean (1 - cos(prototype, the class's image centroid)): textual alignment
-    anchor_earlier: float  # weight of cross-entropy on earlier classes' stored image centroids (`anchors`)
-    templates_per_step: int | None  # templates sampled per class at each step (None: all of them)
-    seed: int
+    prototypes: Tensor  # [n_classes, d]
+    offsets: Tensor  # [n_classes]
 
 
 @dataclass(frozen=True)
@@ -55,8 +46,9 @@ def train_experts(
     experts: Experts,
     features: Tensor,
     labels: Tensor,
-    config: TrainConfig,
+    config: TrainParams,
     *,
+    seed: int,
     zeroshot: Tensor | None = None,
     negatives: Tensor | None = None,
     anchors: tuple[Tensor, Tensor] | None = None,
@@ -72,8 +64,8 @@ def train_experts(
     of earlier classes [A, d], the `negatives` column of each [A]): with `config.anchor_earlier`, each
     centroid must still be classified as its own stored prototype, which keeps the new prototypes from
     attracting earlier classes' images (statistics stored at those classes' training, not images).
-    `rows[c]` is the expert
-    class c reads (default: its own; all zeros: one expert shared by every class).
+    `rows[c]` is the expert class c reads (default: its own; all zeros: one expert shared by every class).
+    `seed` draws the batches and the templates.
     """
     if features.shape[0] != labels.shape[0]:
         raise ValueError(f"{features.shape[0]} features but {labels.shape[0]} labels")
@@ -84,10 +76,11 @@ def train_experts(
         raise ValueError("reg_zeroshot > 0 needs the zero-shot prototypes")
     if config.anchor_earlier > 0 and anchors is not None and negatives is None:
         raise ValueError("anchors label earlier centroids with their prototypes among the negatives: none given")
-    if config.templates_per_step is not None and config.templates_per_step < 1:
-        raise ValueError(f"templates_per_step must be at least 1, got {config.templates_per_step}")
     anchors = anchors if config.anchor_earlier > 0 else None
-    return _train(tower, prompts, experts, features, labels, config, zeroshot, negatives, anchors, class_rows, progress)
+    generator = torch.Generator().manual_seed(seed)
+    return _train(
+        tower, prompts, experts, features, labels, config, generator, zeroshot, negatives, anchors, class_rows, progress
+    )
 
 
 def _train(
@@ -96,14 +89,14 @@ def _train(
     experts: Experts,
     features: Tensor,
     labels: Tensor,
-    config: TrainConfig,
+    config: TrainParams,
+    generator: torch.Generator,
     zeroshot: Tensor | None,
     negatives: Tensor | None,
     anchors: tuple[Tensor, Tensor] | None,
     class_rows: Tensor,
     progress: Progress,
 ) -> TrainResult:
-    generator = torch.Generator().manual_seed(config.seed)
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
     trainable = experts.with_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -138,7 +131,7 @@ def _train(
 def _loss(
     features: Tensor,
     labels: Tensor,
-    config: TrainConfig,
+    config: TrainParams,
     zeroshot: Tensor | None,
     negatives: Tensor | None,
     centroids: Tensor | None,

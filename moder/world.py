@@ -1,6 +1,6 @@
 """The embedded benchmark's rendered world: coloured shapes, drawn deterministically from a seed.
 
-A class is a (colour, shape) pair named "<colour> <shape>". A `Domain` describes how a
+A class is a (colour, shape) pair named "<colour> <shape>". A domain (moder.params.DomainParams) describes how a
 dataset draws its images. Its shifts act on attributes, as a real domain shift acts on a
 concept wherever it appears: a colour is tinted the same way in every class that has it,
 and a shape drawn as an outline is drawn so in every class that has it. Tint directions are
@@ -12,14 +12,13 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Shape = Literal["circle", "square", "triangle", "star", "diamond", "cross", "hexagon", "ring"]
-SHAPES: tuple[Shape, ...] = get_args(Shape)
+from moder.params import SHAPES, DomainParams, WorldParams
+
 _SUPERSAMPLE = 2  # render at 2x and average-pool: anti-aliased edges
 _MAX_TILT = math.radians(20)  # small tilts only: a square turned 45 degrees would be a diamond
 
@@ -35,6 +34,11 @@ class World:
         unknown = [s for s in self.shapes if s not in SHAPES]
         if unknown:
             raise ValueError(f"unknown shapes {unknown}; the renderer draws {', '.join(SHAPES)}")
+
+    @classmethod
+    def of(cls, params: WorldParams, seed: int) -> World:
+        """The world params.yaml's `world` section describes, drawn from `seed`."""
+        return cls(dict(params.colours), tuple(params.shapes), params.image_size, seed)
 
     @property
     def class_names(self) -> list[str]:
@@ -52,27 +56,12 @@ class World:
         return F.normalize(torch.randn(len(self.colours), 3, generator=generator), dim=-1)
 
 
-@dataclass(frozen=True)
-class Domain:
-    """How one dataset draws its images. The defaults are the clean pre-training domain."""
-
-    background: tuple[float, float] = (0.0, 0.3)  # grey level range of the background
-    texture: float = 0.0  # amplitude of random stripes on the background
-    tint: float = 0.0  # how far each colour moves along its world tint direction
-    own_tint: bool = False  # tint along directions of this domain's own, not the world's shared ones
-    outline: float = 0.0  # fraction of the shapes this domain draws as outlines
-    noise: float = 0.02  # std of Gaussian pixel noise
-    blur: float = 0.0  # sigma (pixels) of a Gaussian blur
-    contrast: float = 1.0  # 1 keeps contrast, < 1 pulls every pixel toward mid grey
-    scale: tuple[float, float] = (0.45, 0.75)  # object radius as a fraction of the half image
-
-
 def seed_for(seed: int, *names: str) -> int:
     """A stable seed for a named stream (crc32, not Python's salted hash)."""
     return (seed * 1_000_003 + zlib.crc32("/".join(names).encode())) % (2**63)
 
 
-def outlined_shapes(world: World, domain: Domain, domain_name: str) -> list[str]:
+def outlined_shapes(world: World, domain: DomainParams, domain_name: str) -> list[str]:
     """The shapes `domain` draws as outlines: a fixed draw per (world seed, domain name)."""
     count = round(domain.outline * len(world.shapes))
     generator = torch.Generator().manual_seed(seed_for(world.seed, "outline", domain_name))
@@ -141,7 +130,7 @@ def _gaussian_blur(images: Tensor, sigma: float) -> Tensor:
 
 def render(
     world: World,
-    domain: Domain,
+    domain: DomainParams,
     domain_name: str,
     labels: Tensor,
     generator: torch.Generator,

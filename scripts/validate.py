@@ -1,11 +1,12 @@
-"""Choose defaults on validation worlds: MoDER minus zero-shot for candidate settings, over suite cases and seeds.
+"""Choose defaults on validation worlds: MoDER's gains for candidate settings, over suite cases and seeds.
 
 Validation seeds draw other worlds than the reported ones (the seed draws each dataset's classes, the tint
 directions, the images and every initialisation), so a setting chosen here is reported on seeds and images
-that played no part in the choice (`make suite`, seeds 0-2). Runs the same stage functions as `dvc repro`
-in this process (a DVC experiment per candidate would spend most of its time starting Python), caching
-each stage's outputs under --out by the params it reads, so candidates that differ only in retrieval or
-composition re-run only the hub and evaluation.
+that played no part in the choice (`make suite`, seeds 0-4). Runs the stages dvc.yaml describes, up to every
+`evaluate@<step>`, in this process (flows/runner.py: a DVC experiment per candidate would spend most of its
+time starting Python), through the Prefect flow's content-addressed store (keys: params slice, code and
+inputs), so candidates that differ only in retrieval or composition re-run only the hub and evaluation, and
+a flow run finds what validation made.
 
     python scripts/validate.py --seeds 100 101 102 \\
         --candidate committed "" --candidate gated "retrieval.gate=0.9 composition.alpha_unseen=0.5"
@@ -13,29 +14,31 @@ composition re-run only the hub and evaluation.
 Prints one row per candidate and case (means over seeds): MoDER - zero-shot Transfer (dT) and over new names
 (dT_new), composition's own effect (MoDER - MoDER without composition) on both (comp, comp_new; per seed too)
 and MoDER - zero-shot Last (dL); then the mean over cases and the worst case; writes the per-seed figures as
-JSON to <out>/validation.json.
+JSON to --json.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
+import tempfile
 from pathlib import Path
+
+import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flows.graph import pipeline  # noqa: E402
+from flows.runner import run_graph  # noqa: E402
+from flows.store import DEFAULT_STORE, Store  # noqa: E402
 from moder.params import Params, parse_params  # noqa: E402
-from moder.results import METHODS, accuracy_matrices, effects, method_figures  # noqa: E402
+from moder.results import METHODS, AccuracyRow, accuracy_matrices, effects, method_figures  # noqa: E402
 from scripts.suite_table import SUITE  # noqa: E402
-from stages.backbone import backbone  # noqa: E402
 from stages.compose import compose_data  # noqa: E402
-from stages.evaluate import evaluate  # noqa: E402
-from stages.extract import extract  # noqa: E402
-from stages.hub import hub  # noqa: E402
-from stages.train import train  # noqa: E402
+
+VALIDATION_SEEDS = [100, 101, 102, 103, 104]
 
 
 def case_params(case: str, seed: int, overrides: str) -> Params:
@@ -44,44 +47,17 @@ def case_params(case: str, seed: int, overrides: str) -> Params:
     return parse_params(compose_data(Path("conf"), settings), " ".join(settings))
 
 
-def digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_case(params: Params, out: Path) -> dict[str, dict[str, float]]:
-    """The pipeline's stages for one case, each skipped when its cached output exists; the metrics per method."""
-    p = params.model_dump(mode="json")
-    key = digest(p["seed"], p["model"], p["world"], p["pretrain"])
-    model = out / "backbone" / key / "clip.safetensors"
-    if not model.exists():
-        backbone(params, model, model.with_suffix(".json"))
-    key = digest(key, p["templates"], p["extract"], p["datasets"])
-    features = out / "features" / key
-    for dataset in params.datasets:
-        if not (features / dataset).exists():
-            extract(params, dataset, model, features / dataset)
-    key = digest(key, p["expert"], p["train"], p["composition"]["alpha"], p["tasks"])
-    experts = out / "experts" / key
-    for dataset in params.datasets:
-        if not (experts / dataset).exists():
-            train(params, dataset, model, features, experts / dataset)
-    key = digest(key, p["retrieval"], p["composition"], p["benchmark"])
+def run_case(params: Params, store: Store) -> dict[str, dict[str, float]]:
+    """dvc.yaml's stages up to every evaluation, through the store; each method's figures and the effects."""
+    calls = pipeline(Path("dvc.yaml"), params.model_dump(mode="json"))
+    evaluations = [f"evaluate@{step}" for step in params.tasks]
+    records = run_graph(calls, params, store, evaluations)
     rows = []
-    for step in params.tasks:
-        hub_index = out / "hub" / key / f"{step}.parquet"
-        if not hub_index.exists():
-            hub(params, step, model, features, experts, hub_index)
-        evaluation = evaluate(
-            params,
-            step,
-            model,
-            features,
-            experts,
-            hub_index,
-            out / "eval" / key / f"{step}.parquet",
-            out / "unseen" / key / f"{step}.parquet",
-        )
-        rows += evaluation.rows
+    with tempfile.TemporaryDirectory() as scratch:
+        for label in evaluations:
+            store.materialise(records[label], Path(scratch), label)
+        for table in Path(scratch).rglob("eval/*.parquet"):
+            rows += [AccuracyRow(**row) for row in pq.read_table(table).to_pylist()]
     matrices = accuracy_matrices(rows, list(params.tasks))
     scored = [method for method in METHODS if (method, "all") in matrices]  # the finetune baseline is not run here
     figures = {method: method_figures(matrices, method, params.benchmark.protocol) for method in scored}
@@ -101,7 +77,7 @@ FIGURES = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="validation seeds")
+    parser.add_argument("--seeds", type=int, nargs="+", default=VALIDATION_SEEDS, help="validation seeds")
     parser.add_argument("--cases", nargs="+", default=list(SUITE), help="presets in conf/benchmark/")
     parser.add_argument(
         "--candidate",
@@ -111,17 +87,19 @@ def main() -> None:
         required=True,
         help='a name and space-separated Hydra overrides, key=value ("" for conf/ as it is)',
     )
-    parser.add_argument("--out", type=Path, default=Path("out/validate"))
+    parser.add_argument("--store", default=DEFAULT_STORE, help=f"the flow's store, a cache here ({DEFAULT_STORE})")
+    parser.add_argument("--json", type=Path, default=Path("out/validation.json"), help="every seed's figures")
     args = parser.parse_args()
-    if set(args.seeds) & {0, 1, 2}:
-        parser.error("seeds 0-2 are the reported (test) seeds; validate on others")
+    if set(args.seeds) & set(range(5)):
+        parser.error("seeds 0-4 are the reported (test) seeds; validate on others")
+    store = Store(args.store)
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for name, overrides in args.candidate:
         per_case: dict[str, dict[str, list[float]]] = {}
         for case in args.cases:
             found: dict[str, list[float]] = {"zeroshot_transfer": [], **{figure: [] for figure in FIGURES}}
             for seed in args.seeds:
-                metrics = run_case(case_params(case, seed, overrides), args.out)
+                metrics = run_case(case_params(case, seed, overrides), store)
                 found["zeroshot_transfer"].append(metrics["zeroshot"]["transfer"])
                 for figure, of in FIGURES.items():
                     found[figure].append(of(metrics))
@@ -144,8 +122,8 @@ def main() -> None:
             ),
             flush=True,
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "validation.json").write_text(json.dumps(results, indent=1))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

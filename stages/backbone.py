@@ -3,12 +3,11 @@
 With `model.pretrained` (an open_clip tag) or `model.checkpoint` (a local file) set, those weights
 are loaded (a tag is fetched into `model.cache_dir`); otherwise the embedded benchmark's tiny CLIP
 is pre-trained contrastively on the clean rendered domain.
-
-Under `dvc repro` it runs through the store shared with the Prefect flow (stages.common.run_shared_cli).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -16,12 +15,15 @@ from moder.clip import LoadedClip, ModelLoadError, load_clip, save_backbone
 from moder.io import atomic_path
 from moder.params import Params
 from moder.pretrain import pretrain_clip
-from moder.progress import Progress
+from moder.progress import PROGRESS
 from moder.text import TextTower
-from stages.common import parser, run_shared_cli
+from moder.world import World
+from stages.common import parser, run_cli
+
+USES_DEVICE = True  # its model runs on model.device (the Prefect flow caps such tasks at the GPU count)
 
 
-def backbone(params: Params, out: Path, summary: Path, progress: Progress = True) -> LoadedClip:
+def backbone(params: Params, out: Path, summary: Path) -> LoadedClip:
     model = params.model
     if model.pretrained or model.checkpoint:
         clip = load_clip(
@@ -44,13 +46,12 @@ def backbone(params: Params, out: Path, summary: Path, progress: Progress = True
         result = pretrain_clip(
             clip.model,
             TextTower(clip.model, clip.tokenizer),
-            params.world.world(params.seed),
-            params.pretrain.domain.domain(),
-            params.pretrain.captions,
-            params.pretrain.config(params.seed),
+            World.of(params.world, params.seed),
+            params.pretrain,
+            seed=params.seed,
             mean=clip.identity.mean,
             std=clip.identity.std,
-            progress=progress,
+            progress=PROGRESS.get(),
         )
         source = f"pretrained on the embedded world, seed {params.seed}"
         figures = {"clean_zeroshot_accuracy": round(result.accuracy, 2), "final_loss": round(result.losses[-1], 4)}
@@ -61,9 +62,16 @@ def backbone(params: Params, out: Path, summary: Path, progress: Progress = True
     return clip
 
 
+def cli() -> argparse.ArgumentParser:
+    return parser(__doc__, ("out", "the checkpoint to write", ".safetensors"), ("summary", "what it is", ".json"))
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    backbone(params, args.out, args.summary)
+
+
 def main() -> None:
-    cli = parser(__doc__, ("out", "the checkpoint to write", ".safetensors"), ("summary", "what it is", ".json"))
-    run_shared_cli(lambda args, params: backbone(params, args.out, args.summary), cli.parse_args())
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

@@ -5,18 +5,18 @@ Every stage validates the whole file too, but when a typo lands in a section no 
 for, only this stage (which depends on params.yaml as a file) notices it. `make run` and the
 Prefect flow call it first as well. Datasets are listed, not decoded: a missing or empty one fails
 here, in seconds, instead of in its extract stage after the backbone's weights were fetched.
-It also notes every value of the params file that conf/ does not compose (stages/compose.py).
+It also notes every value of the params file that conf/ does not compose (stages/compose.py): a hand edit,
+which the next compose rewrites away.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from moder.datasets import SPLITS, DatasetFormatError, DatasetNotFound, load_split
-from moder.params import Params
+from moder.params import Params, read_yaml
 from stages.common import parser, run_cli
 from stages.compose import conf_dir, departures
 
@@ -41,15 +41,15 @@ def check_datasets(params: Params) -> list[str]:
 
 def departure_notes(path: Path) -> list[str]:
     """One line per value of the params file that its conf/ does not compose (none without a conf/): an
-    experiment's `-S` override or a hand edit. `dvc exp run` rewrites the file from conf/ without them;
-    `make run` (stages.compose) refuses to drop them."""
+    experiment's `-S` override or a hand edit, which the next compose (`make run`, `dvc exp run`) rewrites
+    away: settings belong in conf/."""
     conf = conf_dir(path)
     if not (conf / "config.yaml").is_file():
         return []
-    found = departures(yaml.safe_load(path.read_text(encoding="utf-8")), conf)
+    found = departures(read_yaml(path.read_text(encoding="utf-8")), conf)
     return [
         f"note: {path}: {key} = {here!r}, {conf}/ composes {there!r} (an override of this run or an edit; "
-        f"`dvc exp run` rewrites {path} from {conf}/)"
+        f"the next compose rewrites {path} from {conf}/)"
         for key, (here, there) in sorted(found.items())
     ]
 
@@ -63,9 +63,16 @@ def check(params: Params, path: str) -> None:
         print(note, file=sys.stderr)
 
 
+def cli() -> argparse.ArgumentParser:
+    return parser(__doc__)
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    check(params, args.params)
+
+
 def main() -> None:
-    cli = parser(__doc__)
-    run_cli(lambda args, params: check(params, args.params), cli.parse_args())
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

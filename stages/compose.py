@@ -1,24 +1,22 @@
-"""Write params.yaml from conf/: conf/config.yaml composed by Hydra with one benchmark preset
-(conf/benchmark/<name>.yaml) and any overrides, exactly as `dvc exp run` composes it (DVC's Hydra
-composition, switched on in .dvc/config).
+"""Write params.yaml from conf/: conf/config.yaml composed by Hydra with its benchmark preset
+(conf/benchmark/<name>.yaml) and the overrides kept in conf/local/overrides.yaml, exactly as `dvc exp run`
+composes it (DVC's Hydra composition, switched on in .dvc/config). params.yaml is generated: its first line
+says so, and every compose rewrites it from conf/ (a hand edit of it does not survive; edit conf/).
 
-    python -m stages.compose                                   # conf/ again, with the preset in use
-    python -m stages.compose benchmark=embedded-classil        # another preset
+    python -m stages.compose                                   # params.yaml from conf/ as it is
+    python -m stages.compose benchmark=embedded-classil        # another preset, kept for later composes
     python -m stages.compose benchmark=mtil-order1 retrieval.k=8
+    python -m stages.compose --reset                           # forget the kept overrides
 
-params.yaml may hold values that conf/ does not (a hand edit, or an experiment's `-S` override brought
-back by `dvc exp apply`). Composing would drop them, so this refuses and names them, unless each is
-given again as an override or --discard says to drop them. A params.yaml that is the last composition
-this wrote (kept in .dvc/tmp/) or the committed one holds no edit: then edits of conf/ are simply taken.
-`make run` composes first, so edits to conf/ take effect and edits to params.yaml are never dropped
-unseen; the `params` stage names any such departure at every `dvc repro`.
+Overrides given here are kept in conf/local/overrides.yaml (merged with those already there), a config that
+conf/config.yaml's defaults list composes last: `make run`, `dvc repro` after it and `dvc exp run` all
+compose them, until --reset removes the file. `dvc exp run -S key=value` overrides win over it for that
+experiment, as DVC's own overrides do.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,13 +28,18 @@ from moder.io import atomic_path
 from moder.params import ParamsError, parse_params
 
 CONF = "conf"  # next to params.yaml; DVC's default hydra.config_dir
+KEPT = Path("local") / "overrides.yaml"  # below conf/: `- optional local: overrides` in conf/config.yaml's defaults
+GROUP = "benchmark"  # the one config group: an override of it chooses a preset
+_HEADER = (
+    "# @package _global_\n# Written by python -m stages.compose (the overrides it was given); --reset removes it.\n"
+)
 
 
 def conf_dir(params_path: Path) -> Path:
     return params_path.parent / CONF
 
 
-def compose_text(conf: Path, overrides: Sequence[str]) -> str:
+def compose_text(conf: Path, overrides: Sequence[str] = ()) -> str:
     """params.yaml's text as `dvc exp run -S <overrides>` writes it (dvc.utils.hydra.compose_and_dump)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -56,7 +59,7 @@ def compose_text(conf: Path, overrides: Sequence[str]) -> str:
     return OmegaConf.to_yaml(config)
 
 
-def compose_data(conf: Path, overrides: Sequence[str]) -> dict[str, Any]:
+def compose_data(conf: Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The composition `compose_text` writes, as data."""
     return yaml.safe_load(compose_text(conf, overrides))
 
@@ -71,11 +74,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def preset_of(data: dict) -> str | None:
-    benchmark = data.get("benchmark") if isinstance(data, dict) else None
-    return benchmark.get("preset") if isinstance(benchmark, dict) else None
-
-
 class _Absent:
     def __repr__(self) -> str:
         return "absent"
@@ -85,86 +83,85 @@ ABSENT: Any = _Absent()  # a key on one side only (None is a value: `gate: null`
 
 
 def departures(data: dict, conf: Path) -> dict[str, tuple[Any, Any]]:
-    """key -> (value in `data`, value conf/ composes with the same preset) wherever they differ; ABSENT
-    stands for a key the side does not have."""
-    preset = preset_of(data)
-    here, there = flatten(data), flatten(compose_data(conf, [f"benchmark={preset}"] if preset else []))
+    """key -> (value in `data`, value conf/ composes) wherever they differ; ABSENT stands for a key the side
+    does not have. Read by the `params` stage, which notes each (a hand edit, or an experiment's override)."""
+    here, there = flatten(data), flatten(compose_data(conf))
     found = {key: (here.get(key, ABSENT), there.get(key, ABSENT)) for key in {**here, **there}}
     return {key: pair for key, pair in found.items() if pair[0] != pair[1]}
 
 
-def as_override(key: str, value: Any) -> str:
-    return f"{key}={json.dumps(value)}"
+def _kept_overrides(text: str | None, overrides: Sequence[str]) -> str:
+    """conf/local/overrides.yaml's text (`text`: what it keeps now, if anything) with `overrides` merged in: a
+    preset choice becomes an `override /benchmark` of the defaults list, a value its key's nested entry."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    kept = yaml.safe_load(text) if text else None
+    kept = kept if isinstance(kept, dict) else {}
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as error:
+        raise ParamsError(f"overrides {' '.join(overrides)}: {' '.join(str(error).split())}") from None
+    for override in parsed:
+        if override.is_add() or override.is_delete() or override.is_force_add():
+            raise ParamsError(f"override {override.input_line!r}: only key=value is kept (no +, ++ or ~)")
+        if override.key_or_group == GROUP:
+            kept["defaults"] = [{f"override /{GROUP}": override.value()}]
+            continue
+        node = kept
+        *parents, leaf = override.key_or_group.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = override.value()
+    defaults = kept.pop("defaults", None)
+    ordered = {**({"defaults": defaults} if defaults else {}), **kept}
+    return _HEADER + yaml.safe_dump(ordered, sort_keys=False)
 
 
-def stamp_of(path: Path) -> Path:
-    """Where the last text compose_params wrote to `path` is kept: DVC's untracked temporary directory."""
-    return path.parent / ".dvc" / "tmp" / f"composed-{path.name}"
-
-
-def committed_text(path: Path) -> str | None:
-    """`path` as the last commit has it, or None (no git, not committed)."""
-    shown = subprocess.run(
-        ["git", "show", f"HEAD:./{path.name}"], cwd=path.parent, capture_output=True, text=True, check=False
-    )
-    return shown.stdout if shown.returncode == 0 else None
-
-
-def composed_unchanged(path: Path, text: str) -> bool:
-    """Whether `text`, the content of `path`, is a composition nobody edited since: the one this tool
-    wrote last, or the committed one (a fresh clone). Then an edit of conf/ is no departure to keep."""
-    stamp = stamp_of(path)
-    return (stamp.is_file() and stamp.read_text(encoding="utf-8") == text) or committed_text(path) == text
-
-
-def compose_params(path: Path, overrides: Sequence[str], discard: bool = False) -> str:
-    """Compose `path` from its conf/ with `overrides` (keeping its preset unless one is given); refuses,
-    naming them, to drop values of `path` that the new composition would change, unless `path` is a
-    composition nobody edited since (composed_unchanged)."""
+def compose_params(path: Path, overrides: Sequence[str] = (), reset: bool = False) -> str:
+    """Compose `path` from its conf/. `overrides` are first merged into conf/local/overrides.yaml (`reset`
+    removes that file first); the composition is validated before anything is written."""
     conf = conf_dir(path)
-    before = path.read_text(encoding="utf-8") if path.is_file() else ""
-    current = yaml.safe_load(before) if before else None
-    current = current if isinstance(current, dict) else {}
-    overrides = list(overrides)
-    if preset_of(current) and not any(item.split("=", 1)[0].lstrip("+~") == "benchmark" for item in overrides):
-        overrides.insert(0, f"benchmark={preset_of(current)}")
-    text = compose_text(conf, overrides)
-    data = yaml.safe_load(text)
-    composed = flatten(data)
-    if current and not discard and not composed_unchanged(path, before):
-        lost = {
-            key: value
-            for key, (value, _) in departures(current, conf).items()
-            if value is not ABSENT and composed.get(key, ABSENT) != value
-        }
-        if lost:
-            raise ParamsError(
-                f"{path} holds values {conf}/ does not, which composing would drop: "
-                f"{', '.join(as_override(key, value) for key, value in sorted(lost.items()))}; "
-                f"put them in {conf}/, give them again as overrides, or pass --discard"
-            )
-    parse_params(data, f"{conf}/ with {' '.join(overrides)}")
-    if before != text:
+    kept = conf / KEPT
+    before = kept.read_text(encoding="utf-8") if kept.is_file() else None
+    start = None if reset else before
+    after = _kept_overrides(start, overrides) if overrides else start
+    try:
+        _write_or_remove(kept, after)
+        text = compose_text(conf)
+        parse_params(yaml.safe_load(text), f"{conf}/ composed{' with ' + ' '.join(overrides) if overrides else ''}")
+    except ParamsError:
+        _write_or_remove(kept, before)  # a bad override is not kept
+        raise
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
         with atomic_path(path) as temporary:
             temporary.write_text(text, encoding="utf-8")
-    if stamp_of(path).parent.parent.is_dir():  # a DVC project
-        stamp_of(path).parent.mkdir(exist_ok=True)
-        with atomic_path(stamp_of(path)) as temporary:
-            temporary.write_text(text, encoding="utf-8")
     return text
+
+
+def _write_or_remove(path: Path, text: str | None) -> None:
+    if text is None:
+        if path.is_file() and path.read_text(encoding="utf-8").startswith(_HEADER):  # never a file it did not write
+            path.unlink()
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. benchmark=embedded-classil retrieval.k=8")
     parser.add_argument("--params", default="params.yaml", type=Path, help="the file to write (default: params.yaml)")
-    parser.add_argument("--discard", action="store_true", help="drop values of the params file that conf/ lacks")
+    parser.add_argument("--reset", action="store_true", help=f"remove conf/{KEPT} (the kept overrides) first")
     args = parser.parse_args()
     try:
-        data = yaml.safe_load(compose_params(args.params, args.overrides, args.discard))
+        data = yaml.safe_load(compose_params(args.params, args.overrides, args.reset))
     except (ParamsError, OSError) as error:
         sys.exit(f"error: {error}")
-    print(f"{args.params}: composed from {conf_dir(args.params)}/ ({data['benchmark']['preset']})")
+    kept = conf_dir(args.params) / KEPT
+    keeping = f"; overrides kept in {kept}" if kept.is_file() else ""
+    print(f"{args.params}: composed from {conf_dir(args.params)}/ ({data['benchmark']['preset']}){keeping}")
 
 
 if __name__ == "__main__":

@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from moder.evaluation import AccuracyRow, StepEvaluation, UnseenClassRow, evaluate_step
+from moder.evaluation import StepEvaluation, UnseenClassRow, evaluate_step
 from moder.factory import ExpertFactory
 from moder.hub import ExpertHub, HubFileError
 from moder.params import Params
+from moder.results import AccuracyRow
 from moder.text import TextTower
-from stages.common import (
-    check_task,
-    expert_file,
-    load_frozen_clip,
-    load_sequence,
-    made_by,
-    parser,
-    read_task_experts,
-    run_shared_cli,
-    write_rows,
-)
+from stages.common import check_task, parser, run_cli
+from stages.files import expert_file, load_frozen_clip, load_sequence, made_by, read_task_experts, write_rows
+
+USES_DEVICE = True
 
 
 def evaluate(
@@ -43,7 +38,7 @@ def evaluate(
         step_hub = ExpertHub.load_index(hub, experts, identity)
     except HubFileError as error:
         raise HubFileError(f"{error} [written by hub@{step}: re-run it]") from None
-    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert.spec(), params.templates)
+    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert, params.templates)
     evaluation = evaluate_step(
         factory,
         sequence,
@@ -57,7 +52,7 @@ def evaluate(
     return evaluation
 
 
-def main() -> None:
+def cli() -> argparse.ArgumentParser:
     cli = parser(
         __doc__,
         ("model", "the pre-trained CLIP checkpoint"),
@@ -68,12 +63,15 @@ def main() -> None:
         ("unseen-out", "the per-class report of classes not yet trained", ".parquet"),
     )
     cli.add_argument("--step", required=True, help="the task after whose training to evaluate")
-    run_shared_cli(
-        lambda args, params: evaluate(
-            params, args.step, args.model, args.features, args.experts, args.hub, args.out, args.unseen_out
-        ),
-        cli.parse_args(),
-    )
+    return cli
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    evaluate(params, args.step, args.model, args.features, args.experts, args.hub, args.out, args.unseen_out)
+
+
+def main() -> None:
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

@@ -8,21 +8,25 @@ file that cannot be decoded fails the stage naming it, or with `extract.skip_bad
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from moder.clip import LoadedClip
+from moder.clip import LoadedClip, normalize_images
 from moder.datasets import SPLITS, ImageSplit, Split, catalog, load_split
-from moder.features import FeatureTable, encode_image_split, encode_images, write_features
+from moder.encode import encode_image_split, encode_images
+from moder.features import FeatureTable, write_features
 from moder.io import atomic_directory
 from moder.params import DatasetParams, Params, ParamsError
-from moder.pretrain import normalize_images
 from moder.prompts import zeroshot_prototypes
 from moder.text import TextTower
-from moder.world import dataset_classes, render, seed_for
-from stages.common import load_frozen_clip, parser, run_shared_cli
+from moder.world import World, dataset_classes, render, seed_for
+from stages.common import parser, run_cli
+from stages.files import load_frozen_clip
+
+USES_DEVICE = True
 
 SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
@@ -31,14 +35,14 @@ def rendered_splits(
     params: Params, dataset: str, clip: LoadedClip
 ) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
     """An embedded dataset: its class names, and per split (features, labels) of freshly rendered images."""
-    world, spec = params.world.world(params.seed), params.datasets[dataset]
+    world, spec = World.of(params.world, params.seed), params.datasets[dataset]
     classes = dataset_classes(world, spec.classes, dataset, spec.class_offset)
     splits = {}
     for split, per_class in zip(SPLITS, (params.extract.train_per_class, params.extract.test_per_class), strict=True):
         labels = torch.arange(len(classes)).repeat_interleave(per_class)
         generator = torch.Generator().manual_seed(seed_for(params.seed, "render", dataset, split))
         images = normalize_images(
-            render(world, spec.domain(), dataset, classes[labels], generator), clip.identity.mean, clip.identity.std
+            render(world, spec, dataset, classes[labels], generator), clip.identity.mean, clip.identity.std
         )
         batches = images.split(params.extract.batch_size)
         splits[split] = (encode_images(clip.model, batches, params.model.device, params.extract.precision), labels)
@@ -116,10 +120,18 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
     print(f"extracted {dataset}: {len(names)} classes, {sizes} images, {len(templates)} templates")
 
 
-def main() -> None:
+def cli() -> argparse.ArgumentParser:
     cli = parser(__doc__, ("model", "the backbone CLIP checkpoint"), ("out", "the dataset's feature directory"))
     cli.add_argument("--dataset", required=True)
-    run_shared_cli(lambda args, params: extract(params, args.dataset, args.model, args.out), cli.parse_args())
+    return cli
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    extract(params, args.dataset, args.model, args.out)
+
+
+def main() -> None:
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

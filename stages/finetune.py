@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 from pathlib import Path
 
 import torch
 
 from moder.baselines import finetune_rows
-from moder.evaluation import AccuracyRow
 from moder.factory import ExpertFactory
 from moder.params import Params
+from moder.results import AccuracyRow
 from moder.text import TextTower
 from moder.world import seed_for
-from stages.common import load_frozen_clip, load_sequence, parser, read_split, run_shared_cli, write_rows
+from stages.common import parser, run_cli
+from stages.files import load_frozen_clip, load_sequence, read_split, write_rows
+
+USES_DEVICE = True
 
 
 def finetune(params: Params, model: Path, features: Path, out: Path) -> list[AccuracyRow]:
@@ -23,13 +26,14 @@ def finetune(params: Params, model: Path, features: Path, out: Path) -> list[Acc
     sequence = load_sequence(params, features, identity)
     samples = {d: read_split(features, d, "train", identity) for d in {t.task.dataset for t in sequence}}
     train_sets = [samples[data.task.dataset].select(data.task.classes) for data in sequence]
-    spec = dataclasses.replace(params.expert.spec(), kind="lora")  # the LoRA settings, whatever the experts' kind
+    spec = params.expert.model_copy(update={"kind": "lora"})  # the LoRA settings, whatever the experts' kind
     factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), spec, params.templates)
     rows = finetune_rows(
         factory,
         sequence,
         train_sets,
-        config_for=lambda task: params.train.config(seed_for(params.seed, "finetune", task.name)),
+        config=params.train,
+        seed_for=lambda task: seed_for(params.seed, "finetune", task.name),
         protocol=params.benchmark.protocol,
         generator=torch.Generator().manual_seed(seed_for(params.seed, "finetune")),
     )
@@ -37,14 +41,21 @@ def finetune(params: Params, model: Path, features: Path, out: Path) -> list[Acc
     return rows
 
 
-def main() -> None:
-    cli = parser(
+def cli() -> argparse.ArgumentParser:
+    return parser(
         __doc__,
         ("model", "the backbone CLIP checkpoint"),
         ("features", "the directory of feature directories"),
         ("out", "the accuracy rows to write", ".parquet"),
     )
-    run_shared_cli(lambda args, params: finetune(params, args.model, args.features, args.out), cli.parse_args())
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    finetune(params, args.model, args.features, args.out)
+
+
+def main() -> None:
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

@@ -4,21 +4,16 @@ their tensors — with the settings the pipeline composes with, so `moder classi
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from moder.hub import ExpertHub, HubEntry
 from moder.params import Params
 from moder.tasks import benchmark_tasks
-from stages.common import (
-    check_task,
-    expert_file,
-    load_frozen_clip,
-    made_by,
-    parser,
-    read_classes,
-    read_task_experts,
-    run_shared_cli,
-)
+from stages.common import check_task, parser, run_cli
+from stages.files import expert_file, load_frozen_clip, made_by, read_classes, read_task_experts
+
+USES_DEVICE = False  # it reads the backbone's identity only
 
 
 def hub_settings(params: Params) -> dict:
@@ -57,7 +52,7 @@ def hub(params: Params, step: str, model: Path, features: Path, experts: Path, o
     return built
 
 
-def main() -> None:
+def cli() -> argparse.ArgumentParser:
     cli = parser(
         __doc__,
         ("model", "the backbone CLIP checkpoint"),
@@ -66,9 +61,15 @@ def main() -> None:
         ("out", "the hub index to write", ".parquet"),
     )
     cli.add_argument("--step", required=True, help="the task after whose training the hub is built")
-    run_shared_cli(
-        lambda args, params: hub(params, args.step, args.model, args.features, args.experts, args.out), cli.parse_args()
-    )
+    return cli
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    hub(params, args.step, args.model, args.features, args.experts, args.out)
+
+
+def main() -> None:
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from moder.evaluation import AccuracyRow
 from moder.experts import ExpertFileError
 from moder.hub import HubCost, HubFileError, hub_cost
 from moder.io import atomic_files, csv_text
 from moder.params import Params
-from moder.results import METHODS, accuracy_matrices, effects, method_figures
+from moder.results import METHODS, AccuracyRow, accuracy_matrices, effects, method_figures
 from stages.common import MissingInput, parser, path_with_suffix, run_cli
+
+USES_DEVICE = False
 
 Matrices = dict[tuple[str, str], np.ndarray]  # (method, names) -> A[i][j], moder.results.accuracy_matrices
 
@@ -267,7 +269,7 @@ def settings_line(params: Params) -> str:
     )
 
 
-def main() -> None:
+def cli() -> argparse.ArgumentParser:
     cli = parser(__doc__, ("reports", "the directory of plot data (accuracy.json, delta.json, seen.csv, ...)"))
     cli.add_argument("--evaluation", type=Path, help="the directory of evaluation rows (<step>.parquet)")
     cli.add_argument("--finetune", type=Path, help="the finetune baseline's evaluation rows (.parquet)")
@@ -280,26 +282,22 @@ def main() -> None:
     cli.add_argument(
         "--summary-only", action="store_true", help="print the last run's summary from its reports; write nothing"
     )
-    args = cli.parse_args()
+    return cli
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    if args.summary_only:
+        print(summary_text(params, args.reports, args.metrics))
+    else:
+        report(params, args.evaluation, args.finetune, args.unseen, args.hub, args.experts, args.metrics, args.reports)
+
+
+def main() -> None:
+    command = cli()
+    args = command.parse_args()
     if not args.summary_only and None in (args.evaluation, args.finetune, args.unseen, args.hub, args.experts):
-        cli.error("--evaluation, --finetune, --unseen, --hub and --experts are required unless --summary-only")
-    run_cli(
-        lambda args, params: (
-            print(summary_text(params, args.reports, args.metrics))
-            if args.summary_only
-            else report(
-                params,
-                args.evaluation,
-                args.finetune,
-                args.unseen,
-                args.hub,
-                args.experts,
-                args.metrics,
-                args.reports,
-            )
-        ),
-        args,
-    )
+        command.error("--evaluation, --finetune, --unseen, --hub and --experts are required unless --summary-only")
+    run_cli(run, args)
 
 
 if __name__ == "__main__":

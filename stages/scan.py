@@ -12,15 +12,17 @@ mtime are what DVC's own cache state trusts.) An embedded dataset is rendered fr
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
 from pathlib import Path
 
-from moder.datasets import DatasetNotFound
 from moder.io import atomic_directory
 from moder.params import Params
-from stages.common import parser, run_cli
+from stages.common import MissingInput, parser, run_cli
+
+USES_DEVICE = False
 
 
 def dataset_listing(params: Params, dataset: str) -> dict:
@@ -30,7 +32,7 @@ def dataset_listing(params: Params, dataset: str) -> dict:
     assert spec.root is not None  # params validation requires a root for image datasets
     root = Path(spec.root)
     if not root.is_dir():
-        raise DatasetNotFound(f"dataset {dataset}: root {root} is not a directory (datasets.{dataset}.root)")
+        raise MissingInput(f"dataset {dataset}: root {root} is not a directory (datasets.{dataset}.root)")
     digest, files, size = hashlib.sha256(), 0, 0
     # a sorted walk that follows links: a dataset folder is often a link to shared storage
     for folder, directories, names in os.walk(root, followlinks=True):
@@ -59,9 +61,16 @@ def scan(params: Params, out: Path) -> dict[str, dict]:
     return listings
 
 
+def cli() -> argparse.ArgumentParser:
+    return parser(__doc__, ("out", "the directory of listings"))
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    scan(params, args.out)
+
+
 def main() -> None:
-    cli = parser(__doc__, ("out", "the directory of listings"))
-    run_cli(lambda args, params: scan(params, args.out), cli.parse_args())
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

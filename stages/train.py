@@ -7,6 +7,7 @@ tasks of a dataset are its splits, in order), so appending a task of another dat
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -17,12 +18,15 @@ from moder.factory import ExpertFactory
 from moder.features import FeatureTable
 from moder.io import atomic_directory
 from moder.params import Params, ParamsError
-from moder.progress import Progress
+from moder.progress import PROGRESS
 from moder.tasks import Task, dataset_tasks
 from moder.text import TextTower
 from moder.train import class_centroids, prototype_offsets, train_experts
 from moder.world import seed_for
-from stages.common import expert_file, load_frozen_clip, parser, read_classes, read_split, run_shared_cli
+from stages.common import parser, run_cli
+from stages.files import expert_file, load_frozen_clip, read_classes, read_split
+
+USES_DEVICE = True
 
 
 def negatives_and_anchors(
@@ -48,9 +52,7 @@ def negatives_and_anchors(
     return negatives, anchors
 
 
-def train(
-    params: Params, dataset: str, model: Path, features: Path, out: Path, progress: Progress = True
-) -> dict[str, Experts]:
+def train(params: Params, dataset: str, model: Path, features: Path, out: Path) -> dict[str, Experts]:
     """Reads <features>/<dataset>/{train,classes}.parquet; writes <out>/split-<i>.safetensors per split."""
     if dataset not in params.datasets:
         raise ParamsError(f"unknown dataset {dataset!r}; params.yaml datasets: {', '.join(params.datasets)}")
@@ -59,7 +61,7 @@ def train(
     samples = read_split(features, dataset, "train", identity)
     classes = read_classes(features, dataset, identity)
     tower = TextTower(clip.model, clip.tokenizer)
-    factory = ExpertFactory(tower, params.expert.spec(), list(classes.templates))
+    factory = ExpertFactory(tower, params.expert, list(classes.templates))
     tasks = dataset_tasks(params, dataset, len(classes.class_names))
     stored: dict[int, torch.Tensor] = {}  # class -> its prototype as evaluation will use it
     centroids: dict[int, torch.Tensor] = {}  # class -> its mean training image feature (train.anchor_earlier)
@@ -78,7 +80,6 @@ def train(
                 centroids,
                 identity,
                 expert_file(directory, task.step),
-                progress,
             )
     return trained
 
@@ -95,7 +96,6 @@ def _train_task(
     centroids: dict[int, torch.Tensor],
     identity: str,
     out: Path,
-    progress: Progress,
 ) -> Experts:
     """One task's experts, written to `out`; `stored` gains their classes' prototypes and `centroids` their
     mean image features (kept in memory for the dataset's later splits only: statistics, not images)."""
@@ -111,11 +111,12 @@ def _train_task(
         factory.new(len(names), generator),
         task_features,
         labels,
-        params.train.config(seed_for(params.seed, "train", task.dataset, str(task.step))),
+        params.train,
+        seed=seed_for(params.seed, "train", task.dataset, str(task.step)),
         zeroshot=zeroshot,
         negatives=negatives,
         anchors=anchors,
-        progress=progress,
+        progress=PROGRESS.get(),
     )
     centroids.update(zip(task.classes, class_centroids(task_features.float(), labels, len(names)), strict=True))
     own = expert_prototypes(tower, prompts, result.experts)
@@ -137,7 +138,7 @@ def _train_task(
     return result.experts
 
 
-def main() -> None:
+def cli() -> argparse.ArgumentParser:
     cli = parser(
         __doc__,
         ("model", "the backbone CLIP checkpoint"),
@@ -145,9 +146,15 @@ def main() -> None:
         ("out", "the dataset's experts directory (one .safetensors per task)"),
     )
     cli.add_argument("--dataset", required=True)
-    run_shared_cli(
-        lambda args, params: train(params, args.dataset, args.model, args.features, args.out), cli.parse_args()
-    )
+    return cli
+
+
+def run(args: argparse.Namespace, params: Params) -> None:
+    train(params, args.dataset, args.model, args.features, args.out)
+
+
+def main() -> None:
+    run_cli(run, cli().parse_args())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import yaml
 
 from moder.clip import load_clip
 from moder.factory import ExpertFactory
-from moder.params import ExpertParams, LoraParams
+from moder.params import EvaluationSettings, ExpertParams, TrainParams
 from moder.text import TextTower
 
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -40,12 +40,12 @@ def random_lora(factory: ExpertFactory, n: int, seed: int = 0):
 
 @pytest.fixture(scope="session")
 def lora_factory(tower):
-    return ExpertFactory(tower, ExpertParams(kind="lora", lora=LoraParams(rank=2, alpha=4.0)).spec(), TEMPLATES)
+    return ExpertFactory(tower, expert_params({"kind": "lora", "lora": {"rank": 2, "alpha": 4.0}}), TEMPLATES)
 
 
 @pytest.fixture(scope="session")
 def context_factory(tower):
-    return ExpertFactory(tower, ExpertParams(kind="context").spec(), TEMPLATES)
+    return ExpertFactory(tower, expert_params({"kind": "context"}), TEMPLATES)
 
 
 def merged_lora_model(model, experts, rows, weights):
@@ -61,26 +61,85 @@ def merged_lora_model(model, experts, rows, weights):
 
 
 REPO = Path(__file__).resolve().parents[1]
-MINI = {
-    "seed": 0,
-    "templates": ["a photo of a {}.", "a drawing of a {}."],
-    "model": {"architecture": "moder-micro-clip"},
+
+
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in: mappings key by key, lists and values replaced."""
+    return {
+        **base,
+        **{
+            k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+            for k, v in changes.items()
+        },
+    }
+
+
+# conf/config.yaml, the one home of every setting's value: the committed method settings
+CONF = {k: v for k, v in yaml.safe_load((REPO / "conf" / "config.yaml").read_text()).items() if k != "defaults"}
+
+
+def expert_params(changes: dict) -> ExpertParams:
+    """conf/config.yaml's expert section with `changes`."""
+    return ExpertParams.model_validate(merged(CONF["expert"], changes))
+
+
+def evaluation_settings(protocol: str = "mtil", **changes: object) -> EvaluationSettings:
+    """conf/config.yaml's retrieval and composition, each named setting changed (k, temperature, null_score,
+    gate go to retrieval; space, alpha, alpha_unseen, calibrate to composition)."""
+    retrieval = {k: v for k, v in changes.items() if k in CONF["retrieval"]}
+    composition = {k: v for k, v in changes.items() if k in CONF["composition"]}
+    assert set(changes) == set(retrieval) | set(composition), changes
+    return EvaluationSettings(
+        protocol=protocol,
+        retrieval=merged(CONF["retrieval"], retrieval),
+        composition=merged(CONF["composition"], composition),
+    )
+
+
+def train_params(**changes: object) -> TrainParams:
+    """conf/config.yaml's train section with `changes`."""
+    return TrainParams.model_validate(merged(CONF["train"], changes))
+
+
+def with_conf(changes: dict) -> dict:
+    """conf/config.yaml's settings with `changes` merged in (mappings key by key, lists and values replaced)."""
+    return merged(CONF, changes)
+
+
+# The committed method (expert, training objective, retrieval, composition, calibration) on a miniature world,
+# model and budget: two epochs, three pre-training steps, a few images per class.
+MINI = with_conf(
+    {
+        "model": {
+            "architecture": "moder-micro-clip",
+            "pretrained": None,
+            "checkpoint": None,
+            "cache_dir": None,
+            "device": "cpu",
+        },
+        "pretrain": {"steps": 3, "batch_size": 8, "warmup": 1, "captions": ["a {}."]},
+        "extract": {
+            "train_per_class": 4,
+            "test_per_class": 3,
+            "batch_size": 16,
+            "workers": 0,
+            "precision": "fp32",
+            "skip_bad_images": False,
+        },
+        "train": {"epochs": 2, "batch_size": 8},
+        "benchmark": {"name": "mini-mtil", "preset": "mini-mtil", "protocol": "mtil"},
+        "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
+        "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
+    }
+) | {  # a world of 3 colours x 3 shapes, replacing conf/'s whole
     "world": {
         "image_size": 16,
         "colours": {"red": [0.9, 0.1, 0.1], "green": [0.1, 0.8, 0.2], "blue": [0.1, 0.2, 0.9]},
         "shapes": ["circle", "square", "star"],
-    },
-    "pretrain": {"steps": 3, "batch_size": 8, "warmup": 1, "captions": ["a {}."]},
-    "extract": {"train_per_class": 4, "test_per_class": 3, "batch_size": 16},
-    # the first method's settings, which these tests were written for (not the committed defaults)
-    "expert": {"kind": "context"},
-    "train": {"epochs": 2, "batch_size": 8, "negatives": "none", "anchor_earlier": 0.0},
-    "retrieval": {"k": 3, "temperature": 0.05},
-    "composition": {"calibrate": "none", "alpha": 1.0, "alpha_unseen": 1.0},
-    "benchmark": {"name": "mini-mtil", "preset": "mini-mtil", "protocol": "mtil"},
-    "datasets": {"a": {"classes": 4, "tint": 0.2}, "b": {"classes": 5, "outline": 0.5}},
-    "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
+    }
 }
+DATA = Path("data") / "mini-mtil"  # the miniature benchmark's outputs in a project (dvc.yaml's layout)
+MODEL = Path("data") / "backbone" / "clip.safetensors"
 
 
 def full_params(data: dict) -> dict:
@@ -106,8 +165,11 @@ def params_text(data: dict) -> str:
     return OmegaConf.to_yaml(OmegaConf.create(data))
 
 
-def run_command(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+def run_command(args: list[str], cwd: Path, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`args` in `cwd` with the environment's tools first on PATH (and `env` added); fails the test unless it
+    succeeds, when `check`."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "PATH": path, "DVC_NO_ANALYTICS": "1", **(env or {})}
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env)
     assert not check or result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
     return result
@@ -158,7 +220,9 @@ def write_conf(root: Path, data: dict, variants: dict[str, dict] | None = None) 
     (root / "conf" / "benchmark").mkdir(parents=True, exist_ok=True)
     general = {key: value for key, value in data.items() if key not in PRESET_BLOCKS}
     (root / "conf" / "config.yaml").write_text(
-        yaml.safe_dump({"defaults": ["_self_", {"benchmark": preset}], **general}, sort_keys=False)
+        yaml.safe_dump(
+            {"defaults": ["_self_", {"benchmark": preset}, {"optional local": "overrides"}], **general}, sort_keys=False
+        )
     )
     for name, blocks in presets.items():
         text = "# @package _global_\n" + yaml.safe_dump(blocks, sort_keys=False)
@@ -192,46 +256,15 @@ def project(tmp_path_factory):
 
 
 def run_pipeline(data: dict, root: Path) -> dict:
-    """backbone -> extract -> train -> hub -> evaluate -> report with every path under `root`."""
+    """Every stage of dvc.yaml in order, in this process (flows/runner.py), `root` as the project; the metrics."""
+    from flows.graph import pipeline
+    from flows.runner import run_call
     from moder.params import parse_params
-    from stages.backbone import backbone
-    from stages.evaluate import evaluate
-    from stages.extract import extract
-    from stages.finetune import finetune
-    from stages.hub import hub
-    from stages.report import report
-    from stages.train import train
 
     params = parse_params(data)
-    model = root / "backbone" / "clip.safetensors"
-    backbone(params, model, root / "reports" / "backbone.json")
-    for dataset in params.datasets:
-        extract(params, dataset, model, root / "features" / dataset)
-    for dataset in params.datasets:
-        train(params, dataset, model, root / "features", root / "experts" / dataset)
-    finetune(params, model, root / "features", root / "finetune.parquet")
-    for step in params.tasks:
-        hub(params, step, model, root / "features", root / "experts", root / "hub" / f"{step}.parquet")
-        evaluate(
-            params,
-            step,
-            model,
-            root / "features",
-            root / "experts",
-            root / "hub" / f"{step}.parquet",
-            root / "eval" / f"{step}.parquet",
-            root / "unseen" / f"{step}.parquet",
-        )
-    return report(
-        params,
-        root / "eval",
-        root / "finetune.parquet",
-        root / "unseen",
-        root / "hub",
-        root / "experts",
-        root / "metrics.json",
-        root / "reports",
-    )
+    for call in pipeline(REPO / "dvc.yaml", params.model_dump(mode="json")).values():
+        run_call(call, params, root)
+    return json.loads((root / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="session")

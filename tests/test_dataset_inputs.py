@@ -20,6 +20,7 @@ from moder.datasets import BadImage, DatasetFormatError, load_split
 from moder.params import parse_params
 from stages.extract import image_splits
 from stages.extract import main as extract_main
+from tests.conftest import MINI
 from tests.layouts import csv_list, cub200, eurosat, imagefolder, pets
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -206,14 +207,11 @@ def test_reading_a_truncated_or_garbage_image_names_the_file(tmp_path):
 
 
 def _params(root: Path, **extract) -> object:
-    return parse_params(
-        {
-            "model": {"architecture": "moder-micro-clip"},
-            "extract": {"batch_size": 3, **extract},
-            "datasets": {"shapes": {"source": "imagefolder", "root": str(root)}},
-            "tasks": {"shapes": {"dataset": "shapes"}},
-        }
-    )
+    data = MINI | {
+        "datasets": {"shapes": {"source": "imagefolder", "root": str(root)}},
+        "tasks": {"shapes": {"dataset": "shapes"}},
+    }
+    return parse_params(data | {"extract": {**MINI["extract"], "batch_size": 3, **extract}})
 
 
 @pytest.mark.parametrize("workers", [0, 2])

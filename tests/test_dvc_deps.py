@@ -1,5 +1,5 @@
-"""Every stage declares the code it runs: DVC (and the Prefect cache keys, built from the same lists)
-re-run a stage when any module it imports changes."""
+"""Every stage declares exactly the code it runs: DVC (and the flow's cache keys, built from the same lists)
+re-run a stage when a file its imports reach changes, and only then."""
 
 import ast
 import re
@@ -12,9 +12,11 @@ from tests.conftest import REPO
 
 # Read at run time rather than imported: declared beside the module that reads them.
 DATA_READ_BY = {"moder/clip.py": "moder/model_configs", "moder/datasets/__init__.py": "moder/datasets/catalog"}
-# Imported by name at run time (importlib), invisible to an import scan.
-DYNAMIC = {"extract": ["moder/datasets/aircraft.py", "moder/datasets/csv_list.py", "moder/datasets/imagenet_r.py"]}
+# Packages whose modules are imported by name at run time (importlib), invisible to an import scan: such a
+# package is a dependency as a whole (the dataset adapters).
+BY_NAME = {"moder/datasets/__init__.py": "moder/datasets"}
 STAGES = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+NOT_CODE = ("data/", "params.yaml", "conf")  # outputs of other stages, the params file and its sources
 
 
 def _module_file(name: str) -> Path | None:
@@ -35,7 +37,7 @@ def _imported_names(path: Path) -> set[str]:
     return names
 
 
-def imported_files(start: Path) -> set[str]:
+def imported_files(start: Path, packages: tuple[str, ...] = ("moder", "stages", "flows")) -> set[str]:
     """`start` and every project module it imports, transitively (packages include their __init__)."""
     seen, todo = set(), [start]
     while todo:
@@ -45,29 +47,62 @@ def imported_files(start: Path) -> set[str]:
         seen.add(path)
         for name in _imported_names(path):
             parts = name.split(".")
-            if parts[0] in ("moder", "stages"):
+            if parts[0] in packages:
                 todo += [f for i in range(1, len(parts) + 1) if (f := _module_file(".".join(parts[:i])))]
     return {p.relative_to(REPO).as_posix() for p in seen}
 
 
-def _covered(file: str, deps: list[str]) -> bool:
-    return any(file == dep or file.startswith(dep.rstrip("/") + "/") for dep in deps)
+def needed(module: str) -> set[str]:
+    """What a stage module's run reads of the project: the files its imports reach, the data files those read,
+    and whole the packages it imports modules of by name."""
+    files = imported_files(_module_file(module))
+    whole = {BY_NAME[f] for f in files if f in BY_NAME}
+    files |= {DATA_READ_BY[f] for f in files if f in DATA_READ_BY}
+    return {f for f in files if not any(f.startswith(f"{d}/") for d in whole)} | whole
+
+
+def code_deps(spec: dict) -> set[str]:
+    return {d for d in spec["deps"] if not d.startswith(NOT_CODE)}
+
+
+def mismatch(spec: dict) -> str:
+    """'' when the stage's code deps are exactly what its module needs, else what is missing and extra."""
+    module = re.search(r"python -m (stages\.\w+)", spec["cmd"]).group(1)
+    want, have = needed(module), code_deps(spec)
+    missing, extra = sorted(want - have), sorted(have - want)
+    return (f"missing {missing} " if missing else "") + (f"extra {extra}" if extra else "")
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
-def test_every_module_a_stage_imports_is_among_its_deps(stage):
-    spec = STAGES[stage].get("do", STAGES[stage])
-    module = re.search(r"python -m (stages\.\w+)", spec["cmd"]).group(1)
-    needed = imported_files(_module_file(module))
-    needed |= {DATA_READ_BY[f] for f in needed if f in DATA_READ_BY} | set(DYNAMIC.get(stage, []))
-    deps = [d for d in spec["deps"] if not d.startswith("data/")]
-    missing = sorted(f for f in needed if not _covered(f, deps))
-    assert not missing, f"{stage} imports {missing} but dvc.yaml does not list them among its deps"
+def test_every_stage_lists_exactly_the_code_it_runs(stage):
+    problem = mismatch(STAGES[stage].get("do", STAGES[stage]))
+    assert not problem, f"dvc.yaml, stage {stage}: {problem}"
+
+
+def test_the_dependency_check_fails_on_a_missing_or_an_extra_file():
+    spec = dict(STAGES["backbone"])
+    assert mismatch(spec) == ""
+    assert (
+        mismatch({**spec, "deps": [d for d in spec["deps"] if d != "moder/pretrain.py"]})
+        == "missing ['moder/pretrain.py'] "
+    )
+    assert mismatch({**spec, "deps": [*spec["deps"], "moder/baselines.py"]}) == "extra ['moder/baselines.py']"
 
 
 def test_the_import_scan_sees_transitive_and_function_level_imports():
     files = imported_files(REPO / "stages" / "finetune.py")
     assert {"stages/common.py", "moder/baselines.py", "moder/params.py", "moder/world.py", "moder/io.py"} <= files
-    # why each stage lists moder/ whole: its imports reach most of the package
-    package = {p.relative_to(REPO).as_posix() for p in (REPO / "moder").rglob("*.py")}
-    assert len(files & package) > len(package) / 2
+    # pre-training reaches neither the dataset adapters nor training: editing those re-runs no pre-training
+    backbone = needed("stages.backbone")
+    assert not any(f.startswith("moder/datasets") for f in backbone) and "moder/train.py" not in backbone
+
+
+def test_the_library_and_the_stages_import_nothing_of_the_flow():
+    for package in ("moder", "stages"):
+        for module in sorted((REPO / package).rglob("*.py")):
+            reached = imported_files(module)
+            assert not [f for f in reached if f.startswith("flows/")], f"{module} reaches {sorted(reached)}"
+
+
+def test_the_params_schema_imports_nothing_of_the_library():
+    assert imported_files(REPO / "moder" / "params.py") == {"moder/params.py"}

@@ -13,6 +13,7 @@ import yaml
 
 from moder.params import parse_params
 from moder.results import METHODS
+from stages.compose import compose_text
 from tests.conftest import (
     ALWAYS_RUN,
     FULL,
@@ -25,6 +26,8 @@ from tests.conftest import (
     run_command,
     stale_stages,
 )
+
+pytestmark = pytest.mark.slow  # a DVC project or a Prefect server: the slow tier
 
 
 def _changed(cwd: Path, params: dict) -> set[str]:
@@ -48,12 +51,27 @@ def test_second_repro_is_a_no_op(project):
     assert ran_stages(dvc(root, "repro").stdout) == ALWAYS_RUN  # it lists files; nothing changed, nothing else runs
 
 
-def test_plots_render_the_accuracy_heatmap_and_step_curves(project, tmp_path):
+def test_plots_render_the_accuracy_heatmap_and_step_curves(project):
+    """The specs DVC renders hold the run's own numbers: the heatmap one rect per method, step and task, the
+    curves one point per step and method."""
     root, _ = project
-    dvc(root, "plots", "show", "-o", str(tmp_path / "plots"))
-    html = (tmp_path / "plots" / "index.html").read_text()
-    assert '"mark": "rect"' in html.replace("'", '"') or '"rect"' in html
-    assert "tasks not yet trained" in html and "zeroshot" in html
+    plots = json.loads(dvc(root, "plots", "show", "--json").stdout)["data"]
+    heatmap = plots["reports/accuracy.json"][0]["content"]
+    cells = json.loads((root / "reports" / "accuracy.json").read_text())
+    assert heatmap["spec"]["layer"][0]["mark"] == "rect"
+    values = [{k: v[k] for k in ("method", "step", "task", "accuracy")} for v in heatmap["data"]["values"]]
+    assert values == cells and {c["method"] for c in cells} == {
+        "zeroshot",
+        "finetune",
+        "oracle",
+        "no_composition",
+        "moder",
+    }
+    unseen = plots["reports/unseen.csv"][0]["content"]
+    assert unseen["title"]["text"] == "Mean accuracy over the tasks not yet trained (Transfer)"
+    assert [(v["step"], v["method"]) for v in unseen["data"]["values"]] == [
+        ("1. a", m) for m in ("zeroshot", "finetune", "oracle", "no_composition", "moder")
+    ]
 
 
 def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
@@ -83,32 +101,16 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     assert _changed(root, FULL) == set()
 
 
-def test_exp_run_with_a_new_k_reruns_only_evaluation_and_report(project):
+def test_switching_the_benchmark_makes_stale_only_what_reads_the_change(project):
+    """The other preset of the same benchmark (mini-mtil-b shifts dataset b otherwise), as `dvc exp run -S
+    benchmark=mini-mtil-b` composes it: its features and experts are made again and everything that reads them
+    (hubs and evaluation read every dataset's features); the backbone and dataset a's are kept."""
     root, _ = project
-    result = dvc(root, "exp", "run", "-S", "retrieval.k=2")
-    ran = ran_stages(result.stdout) - ALWAYS_RUN
-    # report re-runs only if an evaluation output changed (with this tiny model it may not)
-    expected = {"params", "hub@a", "hub@b", "evaluate@a", "evaluate@b"}
-    assert expected <= ran <= expected | {"report"}
-
-
-def test_exp_run_switches_the_benchmark_with_S_and_reruns_only_what_reads_the_change(project):
-    root, _ = project
-    switched = dvc(root, "exp", "run", "-S", "benchmark=mini-mtil-b")
-    assert yaml.safe_load((root / "params.yaml").read_text()) == {
-        **FULL,
-        "benchmark": {**FULL["benchmark"], "preset": "mini-mtil-b"},
-        "datasets": MINI_B,
-    }
-    # mini-mtil-b shifts dataset b otherwise: its features and experts are made again and everything that reads
-    # them (hubs and evaluation read every dataset's features); the backbone and dataset a's are kept. (A k
-    # that the test above left in the workspace goes back to conf/'s: it re-runs nothing outside this set.)
-    assert ran_stages(switched.stdout) == MINI_STAGES - {"backbone", "extract@a", "train@a"}
-    back = dvc(root, "exp", "run", "-S", "benchmark=mini-mtil")
-    # DVC's run cache restores every stage but the two whose outputs it does not cache (params has none,
-    # report's metrics and plots are git-tracked, cache: false); report then writes the same files
-    assert ran_stages(back.stdout) - ALWAYS_RUN == {"params", "report"}
-    assert yaml.safe_load((root / "params.yaml").read_text()) == FULL
+    switched = yaml.safe_load(compose_text(root / "conf", ["benchmark=mini-mtil-b"]))
+    assert switched == {**FULL, "benchmark": {**FULL["benchmark"], "preset": "mini-mtil-b"}, "datasets": MINI_B}
+    # report re-runs too, through the evaluation outputs (dvc status lists the stages whose own deps changed)
+    assert _changed(root, switched) == MINI_STAGES - {"backbone", "scan", "extract@a", "train@a", "report"}
+    assert _changed(root, FULL) == set()
 
 
 def test_a_benchmark_sweep_queues_one_experiment_per_preset(project):
@@ -145,7 +147,9 @@ def test_a_typo_anywhere_fails_repro_even_when_no_stage_reads_the_section(projec
     assert ran_stages(dvc(root, "repro").stdout) == ALWAYS_RUN  # it lists files; nothing changed, nothing else runs
 
 
-@pytest.mark.parametrize("stage", ["backbone", "extract@a", "train@b", "finetune", "hub@b", "evaluate@a", "report"])
+# a stage writing a directory (atomic_directory) and one writing a group of files together (atomic_files): every
+# stage writes through one of the two, and tests/test_reliability.py checks each write on its own
+@pytest.mark.parametrize("stage", ["train@b", "report"])
 def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results(project, stage):
     """kill -9 of the whole process group a moment into the stage; the next `dvc repro` redoes it,
     the results are byte-identical and DVC sees nothing left over."""
@@ -171,27 +175,3 @@ def test_a_stage_killed_midway_is_redone_by_the_next_repro_with_the_same_results
     assert (root / "metrics.json").read_bytes() == metrics
     assert stale_stages(root) == set()
     assert not [p for p in root.rglob("*.tmp") if ".git" not in p.parts and ".dvc" not in p.parts]
-
-
-def test_appending_a_task_adds_one_hub_and_leaves_the_earlier_hubs_byte_identical(project):
-    """The earlier hubs re-run (they read the task list) but give the same bytes, so nothing reads them anew."""
-    root, _ = project
-    (root / "params.yaml").write_text(params_text(FULL))  # earlier tests may have left others
-    dvc(root, "repro")
-    hubs = root / "data" / "mini-mtil" / "hub"
-    before = {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")}
-    extra = parse_params({**MINI, "datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}})
-    added = extra.model_dump(mode="json")
-    appended = {
-        **FULL,
-        "datasets": {**FULL["datasets"], **added["datasets"]},
-        "tasks": {**FULL["tasks"], **added["tasks"]},
-    }
-    (root / "params.yaml").write_text(params_text(appended))
-    try:
-        dvc(root, "repro")
-        assert {step: (hubs / f"{step}.parquet").read_bytes() for step in ("a", "b")} == before
-        assert (hubs / "c.parquet").is_file()
-    finally:  # the workspace back at the fixture's committed run, its outputs from DVC's cache
-        run_command(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics.json", "reports"], root)
-        dvc(root, "checkout")

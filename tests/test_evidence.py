@@ -7,11 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TEMPLATES, random_lora
+from conftest import TEMPLATES, evaluation_settings, random_lora
 
 from moder.evaluation import (
-    AccuracyRow,
-    EvaluationSettings,
     TrainedTask,
     accuracy_rows,
     evaluate_step,
@@ -21,7 +19,7 @@ from moder.evaluation import (
 from moder.hub import ExpertHub, HubEntry
 from moder.metrics import headroom_share, transfer, transfer_over
 from moder.prompts import zeroshot_prototypes
-from moder.results import accuracy_matrices, effects, method_figures
+from moder.results import AccuracyRow, accuracy_matrices, effects, method_figures
 from moder.tasks import Task, TaskData
 
 
@@ -129,7 +127,7 @@ def two_steps(clip, tower, lora_factory):
     return sequence, trained, hub
 
 
-SETTINGS = EvaluationSettings("mtil", 2, 0.3, None, None, "parameter", 0.8, 0.5, "mean")
+SETTINGS = evaluation_settings(k=2, temperature=0.3, alpha=0.8, alpha_unseen=0.5, calibrate="mean")
 
 
 def test_moder_without_composition_keeps_zero_shot_for_untrained_classes_and_moder_for_trained(lora_factory, two_steps):

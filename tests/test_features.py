@@ -63,7 +63,7 @@ def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(cli
     from torchvision import transforms
 
     from moder.datasets import ImageSplit
-    from moder.features import UintPreprocess, encode_image_split, encode_images
+    from moder.encode import UintPreprocess, encode_image_split, encode_images
 
     generator = torch.Generator().manual_seed(0)
     files = []

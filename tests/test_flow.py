@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,9 +16,11 @@ import pytest
 import yaml
 
 from moder.results import METHODS
-from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params, run_command
+from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params, ran_stages, run_command
 
 prefect = pytest.importorskip("prefect")
+
+pytestmark = pytest.mark.slow  # a DVC project or a Prefect server: the slow tier
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +77,30 @@ def _write(path: Path, data: dict) -> Path:
     return path
 
 
-def _task_runs(state) -> list:
+def _task_runs(state, expected: int | None = None) -> list:
+    """The flow run's task runs as the server has them, once the server has settled: every run in a final state
+    (and `expected` of them, when given); a loaded machine can take seconds to record the last ones."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    runs: list = []
     with get_client(sync_client=True) as client:
-        return client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
-        )
+        for _ in range(60):
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+            )
+            settled = all(
+                run.state is not None and (run.state.is_final() or run.state.name == "NotReady") for run in runs
+            )
+            if settled and (expected is None or len(runs) == expected):
+                return runs
+            time.sleep(0.5)
+    return runs
 
 
-def _run(params_path: Path | None, out: Path, store: Path, params=None, **runner) -> tuple[dict, dict[str, str]]:
+def _run(
+    params_path: Path | None, out: Path, store: Path, params=None, dvc_yaml=REPO / "dvc.yaml", offer=False, **runner
+) -> tuple[dict, dict[str, str]]:
     """Run the flow in this process (settings from `params_path`, or typed `params`); return its metrics and
     {task run name: final state name}. Its log messages are kept in `_run.logs`."""
     from flows.pipeline import moder_pipeline, with_task_runner
@@ -94,7 +110,8 @@ def _run(params_path: Path | None, out: Path, store: Path, params=None, **runner
         params_path=str(params_path),
         out_dir=str(out),
         store=str(store),
-        dvc_yaml=str(REPO / "dvc.yaml"),
+        dvc_yaml=str(dvc_yaml),
+        offer_dvc_outputs=offer,
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -214,28 +231,6 @@ def test_cache_reuses_earlier_steps_and_recomputes_exactly_what_a_change_touches
     assert recorded == typed.model_dump(mode="json") and recorded["retrieval"]["k"] == 1
 
 
-def test_stage_cache_keys_follow_dvc_yaml_params_and_code(tmp_path):
-    from flows.pipeline import stage_calls
-
-    for name in ("dvc.yaml", "moder", "stages"):
-        source = REPO / name
-        shutil.copytree(source, tmp_path / name) if source.is_dir() else shutil.copy(source, tmp_path / name)
-    calls = stage_calls(tmp_path / "dvc.yaml", FULL)
-    assert calls["train@a"].params == {
-        "seed": 0,
-        "model": FULL["model"],
-        "expert": FULL["expert"],
-        "train": FULL["train"],
-        "composition.alpha": FULL["composition"]["alpha"],
-        "datasets.a": FULL["datasets"]["a"],
-    }
-    assert set(calls["report"].params) == {"benchmark.name", "benchmark.protocol", "tasks"}
-    (tmp_path / "stages" / "train.py").write_text((tmp_path / "stages" / "train.py").read_text() + "\n# edited\n")
-    edited = stage_calls(tmp_path / "dvc.yaml", FULL)
-    changed = {name for name in calls if calls[name].code != edited[name].code}
-    assert changed == {"train@a", "train@b"}
-
-
 def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
     from moder.params import parse_params
 
@@ -275,37 +270,46 @@ def test_served_deployment_run_matches_the_dvc_run(server, project, tmp_path):
 
 
 def test_the_flow_and_dvc_repro_run_each_stage_once_between_them(server, project, tmp_path):
-    from flows.calls import SHARED_STAGES
+    """The exchange is the flow's: it offers what `dvc repro` made to its store before it submits tasks, and
+    `python -m flows.exchange restore` brings what the flow made into the workspace, recorded by DVC."""
     from moder.params import parse_params
 
     root, _ = project
-    shared = {label for label in MINI_STAGES if label.partition("@")[0] in SHARED_STAGES}
-    store = root / "out" / "store"  # where the project's `dvc repro` put what those stages made
-    metrics, states = _run(root / "params.yaml", tmp_path / "flow", store)
-    assert {label for label, state in states.items() if state == "Cached"} == shared
-    assert _executed(states) == {"report"} and metrics == json.loads((root / "metrics.json").read_text())
-    # the other way round: the flow makes everything for seed 1, then `dvc exp run` restores it all
+    store = tmp_path / "store"
+    metrics, states = _run(root / "params.yaml", tmp_path / "flow", store, dvc_yaml=root / "dvc.yaml", offer=True)
+    assert _executed(states) == set() and metrics == json.loads((root / "metrics.json").read_text())
+    # the other way round: the flow makes everything for seed 1, then the workspace takes it and DVC runs nothing
     flow_metrics, states = _run(None, tmp_path / "flow-seed1", store, params=parse_params({**FULL, "seed": 1}))
     assert _executed(states) == MINI_STAGES - {"params", "scan"}
-    ran = dvc(root, "exp", "run", "-S", "seed=1")
-    for label in shared:
-        assert f"{label}: restored from" in ran.stdout
-    assert "pretrain CLIP" not in ran.stderr and "train experts" not in ran.stderr  # no progress bar: nothing trained
-    assert json.loads((root / "metrics.json").read_text()) == flow_metrics
-    # the workspace back at the fixture's committed run, its outputs from DVC's cache
-    run_command(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics.json", "reports"], root)
-    dvc(root, "checkout")
+    try:
+        run_command([sys.executable, "-m", "stages.compose", "seed=1"], root)
+        restored = run_command([sys.executable, "-m", "flows.exchange", "restore", "--store", str(store)], root)
+        assert f"{len(MINI_STAGES) - 2} stage(s) restored from" in restored.stdout  # not params (no outputs), scan
+        ran = dvc(root, "repro")
+        assert ran_stages(ran.stdout) == {"params", "scan"}  # params: params.yaml changed; scan runs every time
+        assert json.loads((root / "metrics.json").read_text()) == flow_metrics
+    finally:  # the workspace back at the fixture's committed run, its outputs from DVC's cache
+        run_command([sys.executable, "-m", "stages.compose", "--reset"], root)
+        run_command(["git", "checkout", "--", "params.yaml", "dvc.lock", "metrics.json", "reports"], root)
+        dvc(root, "checkout")
     assert json.loads((root / "metrics.json").read_text()) == metrics
 
 
-def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, capfd):
+def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, project, tmp_path, caplog):
     root, _ = project
     # a new store, so nothing is cached: every task runs on the workers
     metrics, states = _run(root / "params.yaml", tmp_path / "dask", tmp_path / "store", dask_workers=2)
-    assert _executed(states) == set(states) - {"scan"} and len(states) == 12  # 10 stages and the two hubs
-    console = "".join(capfd.readouterr())
-    assert "| INFO    | distributed." not in console  # Dask's INFO chatter is off (was ~35 lines)
-    assert metrics == json.loads((root / "metrics.json").read_text())
+    assert _executed(states) == set(states) - {"scan"} and len(states) == len(MINI_STAGES) - 1  # all but params
+    # Dask's INFO chatter is off (was ~35 lines on the console): its loggers make no record below WARNING
+    assert not [r for r in caplog.records if r.name.startswith("distributed") and r.levelno < logging.WARNING]
+    # Dask's workers run torch on one thread each (distributed sets OMP_NUM_THREADS=1): the same graph run in one
+    # process at one thread gives the same bytes (CPU float results depend on the thread count)
+    script = (
+        "import json, sys, tempfile, pathlib; from tests.conftest import run_pipeline, FULL; "
+        "print(json.dumps(run_pipeline(FULL, pathlib.Path(tempfile.mkdtemp()))))"
+    )
+    one_thread = run_command([sys.executable, "-c", script], REPO, env={"OMP_NUM_THREADS": "1"})
+    assert metrics == json.loads(one_thread.stdout.strip().splitlines()[-1])
 
 
 def test_gpu_tag_limit_is_created_and_updated(server):
@@ -321,9 +325,7 @@ def test_gpu_tag_limit_is_created_and_updated(server):
 def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_input(server, tmp_path):
     from flows.pipeline import moder_pipeline
 
-    broken = full_params(
-        {**MINI, "model": {"architecture": "moder-micro-clip"}, "world": {**MINI["world"], "image_size": 32}}
-    )
+    broken = full_params({**MINI, "world": {**MINI["world"], "image_size": 32}})  # the micro CLIP takes 16 px
     state = moder_pipeline(
         params_path=str(_write(tmp_path / "bad.yaml", broken)),
         out_dir=str(tmp_path / "out"),
@@ -336,7 +338,7 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
         Exception, match=r"backbone failed: world.image_size is 32 but moder-micro-clip takes 16-pixel images"
     ):
         state.result()
-    runs = _task_runs(state)
+    runs = _task_runs(state, expected=len(MINI_STAGES) - 1)  # every stage but `params`
     backbone_run = next(run for run in runs if run.name == "backbone")
     assert backbone_run.run_count == 1  # a bad input is not retried
     # the runs it blocked never start, so Prefect names them after the task, plus 3 hex digits: the stage instance
@@ -345,77 +347,37 @@ def test_a_failing_task_names_its_stage_and_inputs_and_is_not_retried_for_bad_in
     assert all(re.fullmatch(r"-[0-9a-f]{3}", name[-4:]) for name in blocked)
 
 
-def _plant(store, key: str, kind: str, payload: bytes) -> str:
-    """Put a tampered backbone result of `kind` into `store` under `key`; return the file the error must name."""
-    import hashlib
-
-    from tests.test_store import _prefect_result_record
-
-    record = Path(store.record(key))
-    if kind == "pickle":
-        record.write_bytes(payload)
-    elif kind == "prefect record naming pickle":
-        record.write_bytes(_prefect_result_record(payload))
-    elif kind == "escaping path":
-        digest = hashlib.sha256(b"x").hexdigest()
-        record.write_text(
-            json.dumps(
-                {
-                    "files": {"../escape": digest},
-                    "digest": hashlib.sha256(b"../escape\0" + bytes.fromhex(digest)).hexdigest(),
-                }
-            )
-        )
-    else:  # a blob whose bytes changed after it was stored
-        fake = record.parent / "fake"
-        (fake / "backbone").mkdir(parents=True)
-        (fake / "backbone" / "clip.safetensors").write_bytes(b"weights")
-        stored = store.put(fake, [fake / "backbone"])
-        store.save(key, stored)
-        blob = Path(store.blob(stored.files["backbone/clip.safetensors"]))
-        blob.write_bytes(payload)
-        return f"blob {blob} does not match its digest.*backbone/clip.safetensors"
-    return f"{record} is not a valid artifact record"
-
-
-@pytest.mark.parametrize("kind", ["pickle", "prefect record naming pickle", "escaping path", "tampered blob"])
-def test_a_tampered_cache_runs_no_code_and_fails_naming_the_file(server, tmp_path, kind):
+def test_a_tampered_cache_runs_no_code_and_is_recomputed_with_a_warning(server, tmp_path):
+    """A pickle planted where Prefect's own cache and ours would look for the backbone's result: Prefect reads no
+    result, our store parses JSON only, so the payload never runs; the record is a miss, named in a warning, and
+    the stage runs and replaces it."""
     import pickle
 
     from prefect.results import ResultRecord
 
-    from flows.pipeline import cache_key, moder_pipeline, stage_calls
-    from flows.store import Store, StoreError
+    from flows.graph import pipeline
+    from flows.runner import cache_key
     from tests.test_store import MakesMarker, _prefect_result_record
 
     marker = tmp_path / "marker"
-    payload = pickle.dumps(MakesMarker(marker))
-    ResultRecord.deserialize(_prefect_result_record(payload))
+    payload = _prefect_result_record(pickle.dumps(MakesMarker(marker)))
+    ResultRecord.deserialize(payload)
     assert marker.exists()  # the payload is live: Prefect runs it when it reads such a result record
     marker.rmdir()
 
-    key = cache_key(stage_calls(REPO / "dvc.yaml", FULL)["backbone"], {})
-    # Where Prefect's own cache would look for the backbone's result under this key, and in our store.
+    key = cache_key(pipeline(REPO / "dvc.yaml", FULL)["backbone"], {})
     (server["home"] / "storage").mkdir(exist_ok=True)
-    (server["home"] / "storage" / key).write_bytes(_prefect_result_record(payload))
-    store = Store(str(tmp_path / "store"))
-    named = _plant(store, key, kind, payload)
+    (server["home"] / "storage" / key).write_bytes(payload)  # where Prefect's own cache would look
+    record = tmp_path / "store" / "records" / f"{key}.json"
+    record.parent.mkdir(parents=True)
+    record.write_bytes(payload)  # and where ours looks
     try:
-        state = moder_pipeline(
-            params_path=str(_write(tmp_path / "params.yaml", FULL)),
-            out_dir=str(tmp_path / "out"),
-            store=str(tmp_path / "store"),
-            dvc_yaml=str(REPO / "dvc.yaml"),
-            return_state=True,
-        )
+        metrics, states = _run(_write(tmp_path / "params.yaml", FULL), tmp_path / "out", tmp_path / "store")
     finally:
         (server["home"] / "storage" / key).unlink()
-    assert not marker.exists() and not (tmp_path / "store" / "escape").exists()
-    assert state.is_failed() and not (tmp_path / "out" / "metrics.json").exists()
-    with pytest.raises(StoreError, match=named):
-        state.result()
-    backbone_run = next(run for run in _task_runs(state) if run.name == "backbone")
-    assert backbone_run.run_count == 1  # a tampered store is not retried
+    assert not marker.exists() and states["backbone"] == "Completed" and metrics["moder"]
+    assert any(f"store miss: {record} is not a valid artifact record" in m for m in _run.logs), _run.logs
+    assert json.loads(record.read_text())["files"]  # replaced by the stage's own record
 
 
 def test_only_transient_failures_are_retried():

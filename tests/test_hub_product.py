@@ -20,10 +20,8 @@ from moder.experts import load_experts
 from moder.factory import ExpertFactory
 from moder.features import read_features
 from moder.params import parse_params
-from moder.world import render
-from tests.conftest import MINI, REPO
-
-MODEL = Path("backbone") / "clip.safetensors"
+from moder.world import World, render
+from tests.conftest import DATA, MINI, MODEL, REPO
 
 
 def _moder(*args: str) -> subprocess.CompletedProcess:
@@ -31,13 +29,13 @@ def _moder(*args: str) -> subprocess.CompletedProcess:
 
 
 def _moder_accuracy(root: Path, step: str, task: str) -> float:
-    rows = pq.read_table(root / "eval" / f"{step}.parquet").to_pylist()
+    rows = pq.read_table(root / DATA / "eval" / f"{step}.parquet").to_pylist()
     return next(r["accuracy"] for r in rows if r["task"] == task and r["method"] == "moder")
 
 
 def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(mtil_run, tmp_path):
     root, _ = mtil_run
-    test = read_features(root / "features" / "b" / "test.parquet")
+    test = read_features(root / DATA / "features" / "b" / "test.parquet")
     names = test.class_names
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     (tmp_path / "templates.txt").write_text("\n".join(MINI["templates"]) + "\n")
@@ -46,7 +44,7 @@ def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(m
         "--backbone",
         str(root / MODEL),
         "--hub",
-        str(root / "hub" / "a.parquet"),
+        str(root / DATA / "hub" / "a.parquet"),
         "--classes",
         str(tmp_path / "classes.txt"),
         "--templates",
@@ -55,7 +53,7 @@ def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(m
         "b",
         "--top-k",
         "1",
-        str(root / "features" / "b" / "test.parquet"),
+        str(root / DATA / "features" / "b" / "test.parquet"),
     )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -66,11 +64,12 @@ def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(m
 
 def test_a_hub_class_gets_its_own_experts_prototype(mtil_run):
     root, _ = mtil_run
-    classifier = Classifier.from_files(root / MODEL, root / "hub" / "b.parquet")
-    experts, names, _, _ = load_experts(root / "experts" / "a" / "split-1.safetensors")
-    factory = ExpertFactory(classifier.tower, parse_params(MINI).expert.spec(), MINI["templates"])
-    zeroshot = read_features(root / "features" / "a" / "classes.parquet").vectors
-    own = seen_prototypes(classifier.tower, factory.prompts(names), experts, zeroshot, 1.0)
+    classifier = Classifier.from_files(root / MODEL, root / DATA / "hub" / "b.parquet")
+    experts, names, _, _ = load_experts(root / DATA / "experts" / "a" / "split-1.safetensors")
+    factory = ExpertFactory(classifier.tower, parse_params(MINI).expert, MINI["templates"])
+    zeroshot = read_features(root / DATA / "features" / "a" / "classes.parquet").vectors
+    alpha = MINI["composition"]["alpha"]  # own experts smoothed toward zero-shot as evaluation smooths them
+    own = seen_prototypes(classifier.tower, factory.prompts(names), experts, zeroshot, alpha)
     assert torch.allclose(classifier.prototypes(names, dataset="a"), own, atol=1e-6)
     composed = classifier.prototypes(names, dataset="b")  # the same names as if never trained
     assert not torch.allclose(composed, own, atol=1e-3)
@@ -78,13 +77,13 @@ def test_a_hub_class_gets_its_own_experts_prototype(mtil_run):
 
 def test_the_exported_head_predicts_as_predict_does(mtil_run, tmp_path):
     root, _ = mtil_run
-    names = read_features(root / "features" / "b" / "classes.parquet").class_names
+    names = read_features(root / DATA / "features" / "b" / "classes.parquet").class_names
     result = _moder(
         "export-head",
         "--backbone",
         str(root / MODEL),
         "--hub",
-        str(root / "hub" / "a.parquet"),
+        str(root / DATA / "hub" / "a.parquet"),
         "--classes",
         ",".join(names),
         "--out",
@@ -94,17 +93,18 @@ def test_the_exported_head_predicts_as_predict_does(mtil_run, tmp_path):
     with safe_open(str(tmp_path / "head.safetensors"), "pt") as head:
         weights, bias = head.get_tensor("weights"), head.get_tensor("bias")
         assert json.loads(head.metadata()["moder"])["class_names"] == names
-    features = read_features(root / "features" / "b" / "test.parquet").vectors
+    features = read_features(root / DATA / "features" / "b" / "test.parquet").vectors
     logits = torch.nn.functional.normalize(features, dim=-1) @ weights + bias
-    prediction = Classifier.from_files(root / MODEL, root / "hub" / "a.parquet").predict(features, names, top_k=1)
+    classifier = Classifier.from_files(root / MODEL, root / DATA / "hub" / "a.parquet")
+    prediction = classifier.predict(features, names, top_k=1)
     assert [names[i] for i in logits.argmax(dim=1)] == [labels[0] for labels in prediction.labels]
 
 
 def test_classify_reads_image_folders_and_names_a_bad_image(mtil_run, tmp_path):
     root, _ = mtil_run
     params = parse_params(MINI)
-    world = params.world.world(params.seed)
-    images = render(world, params.datasets["b"].domain(), "b", torch.arange(3), torch.Generator().manual_seed(0))
+    world = World.of(params.world, params.seed)
+    images = render(world, params.datasets["b"], "b", torch.arange(3), torch.Generator().manual_seed(0))
     folder = tmp_path / "images"
     folder.mkdir()
     for i, image in enumerate(images):
@@ -114,7 +114,7 @@ def test_classify_reads_image_folders_and_names_a_bad_image(mtil_run, tmp_path):
         "--backbone",
         str(root / MODEL),
         "--hub",
-        str(root / "hub" / "b.parquet"),
+        str(root / DATA / "hub" / "b.parquet"),
         "--classes",
         "red circle,green square,blue star",
         "--top-k",
@@ -147,10 +147,10 @@ def test_classify_reads_image_folders_and_names_a_bad_image(mtil_run, tmp_path):
 )
 def test_bad_input_is_one_line_naming_it(mtil_run, tmp_path, change, message):
     root, _ = mtil_run
-    options = {"--backbone": str(root / MODEL), "--hub": str(root / "hub" / "a.parquet"), "--classes": "a,b"}
+    options = {"--backbone": str(root / MODEL), "--hub": str(root / DATA / "hub" / "a.parquet"), "--classes": "a,b"}
     options.update(dict(zip(change[::2], change[1::2], strict=True)))
     result = _moder(
-        "classify", *[v for pair in options.items() for v in pair], str(root / "features" / "b" / "test.parquet")
+        "classify", *[v for pair in options.items() for v in pair], str(root / DATA / "features" / "b" / "test.parquet")
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith("error: ") and message in result.stderr
@@ -166,18 +166,18 @@ def test_a_hub_made_on_another_backbone_is_refused(mtil_run, tmp_path):
         "--backbone",
         str(tmp_path / "other.safetensors"),
         "--hub",
-        str(root / "hub" / "a.parquet"),
+        str(root / DATA / "hub" / "a.parquet"),
         "--classes",
         "a,b",
-        str(root / "features" / "b" / "test.parquet"),
+        str(root / DATA / "features" / "b" / "test.parquet"),
     )
     assert result.returncode == 1 and "hub was built on backbone" in result.stderr
 
 
 def test_hub_show_lists_the_classes_per_step_and_the_expert_size(mtil_run):
     root, _ = mtil_run
-    result = _moder("hub", "show", str(root / "hub" / "b.parquet"))
+    result = _moder("hub", "show", str(root / DATA / "hub" / "b.parquet"))
     assert result.returncode == 0, result.stderr
     assert "9 classes, backbone moder-micro-clip" in result.stdout
     assert "step 1 a (a): 4 classes" in result.stdout and "step 2 b (b): 5 classes" in result.stdout
-    assert "parameters" in result.stdout and '"kind": "context"' in result.stdout
+    assert "parameters" in result.stdout and '"kind": "lora"' in result.stdout

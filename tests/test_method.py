@@ -4,32 +4,23 @@ prototypes, per-task calibration, the textual alignment term and dataset-specifi
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASSES, TEMPLATES, random_lora
+from conftest import CLASSES, TEMPLATES, evaluation_settings, random_lora, train_params
 
 from moder.classifier import Classifier, HubSettings
 from moder.compose import compose_prototypes
-from moder.evaluation import EvaluationSettings, calibration_offsets, compose_unseen
+from moder.evaluation import calibration_offsets, compose_unseen
 from moder.hub import ExpertHub, HubEntry
+from moder.params import DomainParams, EvaluationSettings
 from moder.prompts import zeroshot_prototypes
-from moder.train import TrainConfig, _loss, class_centroids
-from moder.world import Domain, World, render
+from moder.train import _loss, class_centroids
+from moder.world import World, render
 
 UNSEEN = ["orange circle", "pink star", "cyan cross"]
 
 
 def _settings(**changes) -> EvaluationSettings:
-    base = dict(
-        protocol="mtil",
-        k=3,
-        temperature=0.3,
-        null_score=None,
-        gate=None,
-        space="parameter",
-        alpha=1.0,
-        alpha_unseen=1.0,
-        calibrate="mean",
-    )
-    return EvaluationSettings(**{**base, **changes})
+    base = dict(k=3, temperature=0.3, null_score=None, gate=None, alpha=1.0, alpha_unseen=1.0, calibrate="mean")
+    return evaluation_settings(**{**base, "space": "parameter", **changes})
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +105,7 @@ def test_alignment_term_is_one_minus_cosine_to_each_class_image_centroid():
     centroids = class_centroids(features, labels, 3)
     for c in range(3):
         assert torch.allclose(centroids[c], F.normalize(features[labels == c].mean(0), dim=0), atol=1e-6)
-    config = TrainConfig(1, 4, 1e-3, 0.0, 10.0, 0.0, align=0.7, anchor_earlier=0.0, templates_per_step=None, seed=0)
+    config = train_params(epochs=1, batch_size=4, lr=1e-3, logit_scale=10.0, align=0.7, anchor_earlier=0.0)
     expected = (
         F.cross_entropy(10.0 * features @ prototypes.T, labels) + 0.7 * (1 - (prototypes * centroids).sum(-1)).mean()
     )
@@ -129,7 +120,7 @@ def test_anchor_term_classifies_earlier_centroids_among_new_and_stored_prototype
     prototypes = F.normalize(torch.randn(2, 8, generator=generator), dim=-1)
     negatives = F.normalize(torch.randn(3, 8, generator=generator), dim=-1)  # stored prototypes of 3 earlier classes
     anchors = (F.normalize(torch.randn(2, 8, generator=generator), dim=-1), torch.tensor([2, 0]))
-    config = TrainConfig(1, 4, 1e-3, 0.0, 10.0, 0.0, align=0.0, anchor_earlier=0.5, templates_per_step=None, seed=0)
+    config = train_params(epochs=1, batch_size=4, lr=1e-3, logit_scale=10.0, align=0.0, anchor_earlier=0.5)
     classifier = torch.cat([prototypes, negatives])
     expected = F.cross_entropy(10.0 * features @ classifier.T, labels) + 0.5 * F.cross_entropy(
         10.0 * anchors[0] @ classifier.T, torch.tensor([4, 2])
@@ -141,10 +132,10 @@ def test_own_tint_is_a_shift_no_other_domain_shares():
     world = World({"red": (0.9, 0.1, 0.1), "blue": (0.1, 0.2, 0.9)}, ("circle",), 16, seed=4)
     labels = torch.tensor([0, 1])
 
-    def images(domain: Domain, name: str) -> torch.Tensor:
+    def images(domain: DomainParams, name: str) -> torch.Tensor:
         return render(world, domain, name, labels, torch.Generator().manual_seed(0))
 
-    shared, own = Domain(tint=0.5, noise=0.0), Domain(tint=0.5, noise=0.0, own_tint=True)
+    shared, own = DomainParams(tint=0.5, noise=0.0), DomainParams(tint=0.5, noise=0.0, own_tint=True)
     assert torch.equal(images(shared, "a"), images(shared, "b"))  # the world's directions
     assert not torch.equal(images(own, "a"), images(own, "b"))
     assert not torch.equal(images(own, "a"), images(shared, "a"))

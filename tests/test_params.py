@@ -1,11 +1,13 @@
+import copy
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
-from moder.params import ParamsError, load_params, parse_params
+from moder.params import DomainParams, Params, ParamsError, load_params, parse_params
 from stages.check_params import departure_notes
 from stages.compose import compose_data, compose_params, compose_text
 
@@ -15,24 +17,75 @@ def test_repository_params_are_valid():
     assert params.seed == 0 and params.expert.kind in ("context", "lora")
 
 
-BENCHMARK = {"datasets": {"a": {"classes": 4}}, "tasks": {"a": {"dataset": "a"}}}
+COMMITTED = yaml.safe_load(Path("params.yaml").read_text())
 
 
-def test_defaults_fill_missing_sections():
-    params = parse_params({"seed": 3, **BENCHMARK})
-    assert params.retrieval.k == 16 and params.train.config(params.seed).seed == 3
+def _with(changes: dict) -> dict:
+    """The committed params with `changes` merged in (mappings key by key, everything else replaced)."""
+
+    def merged(base: dict, update: dict) -> dict:
+        return {
+            **base,
+            **{
+                k: merged(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                for k, v in update.items()
+            },
+        }
+
+    return merged(copy.deepcopy(COMMITTED), changes)
 
 
-def test_the_schema_defaults_are_the_committed_params():
-    """One home for every default: a section deleted from params.yaml falls back to the same values."""
-    committed = load_params("params.yaml")
-    defaults = parse_params({"datasets": committed.model_dump()["datasets"], "tasks": committed.model_dump()["tasks"]})
-    assert defaults == committed
+def test_conf_is_the_one_home_of_every_value():
+    """The schema holds types and bounds, no default: each value conf/config.yaml sets, taken away from the
+    composed params, is a missing key named in the error (a dataset's shifts, optional by nature, aside)."""
+    conf = {k: v for k, v in yaml.safe_load(Path("conf/config.yaml").read_text()).items() if k != "defaults"}
+
+    def settings(model: type[BaseModel], data: dict, prefix: str = "") -> list[str]:
+        """The keys of `data` that are settings of `model` (a section's fields, not the entries of a mapping)."""
+        keys = []
+        for name in data:
+            annotation = model.model_fields[name].annotation
+            if isinstance(annotation, type) and issubclass(annotation, BaseModel) and data[name]:
+                keys += settings(annotation, data[name], f"{prefix}{name}.")
+            else:
+                keys.append(f"{prefix}{name}")
+        return keys
+
+    for key in settings(Params, conf):
+        if key == "generated":
+            continue
+        data = _with({})
+        *parents, leaf = key.split(".")
+        node = data
+        for part in parents:
+            node = node[part]
+        del node[leaf]
+        with pytest.raises(ParamsError, match=rf"missing key '{re.escape(key)}' \(conf/ sets every key"):
+            parse_params(data)
+    assert load_params("params.yaml").pretrain.domain == DomainParams()  # conf/ says: the clean domain
 
 
 def test_a_params_file_without_the_benchmark_is_refused():
-    with pytest.raises(ParamsError, match="key 'datasets': Field required"):
-        parse_params({"seed": 0})
+    data = _with({})
+    del data["datasets"]
+    with pytest.raises(ParamsError, match="missing key 'datasets'"):
+        parse_params(data)
+
+
+def test_booleans_are_not_numbers_and_a_key_given_twice_is_refused(tmp_path):
+    with pytest.raises(ParamsError, match=r"key 'train.epochs': Input should be a valid integer \(got True\)"):
+        parse_params(_with({"train": {"epochs": True}}))
+    with pytest.raises(ParamsError, match=r"key 'retrieval.temperature': Input should be a valid number"):
+        parse_params(_with({"retrieval": {"temperature": False}}))
+    assert parse_params(_with({"train": {"lr": 1}})).train.lr == 1.0  # an integer is a float
+    twice = tmp_path / "params.yaml"
+    twice.write_text(
+        Path("params.yaml").read_text().replace("\nretrieval:\n  k: 16\n", "\nretrieval:\n  k: 16\n  k: 8\n")
+    )
+    with pytest.raises(
+        ParamsError, match=r"params.yaml: not valid YAML: key 'k' is given twice in one mapping .* line 3\d"
+    ):
+        load_params(twice)
 
 
 @pytest.mark.parametrize(
@@ -41,7 +94,7 @@ def test_a_params_file_without_the_benchmark_is_refused():
         ({"retrieval": {"k": 0}}, "key 'retrieval.k': Input should be greater than or equal to 1 (got 0)"),
         ({"expert": {"kind": "adapter"}}, "key 'expert.kind': Input should be 'context' or 'lora' (got 'adapter')"),
         ({"composition": {"space": "weights"}}, "Input should be 'parameter' or 'output'"),
-        ({"learning_rate": 1}, "unknown key 'learning_rate'; allowed keys: seed, templates, model"),
+        ({"learning_rate": 1}, "unknown key 'learning_rate'; allowed keys: generated, seed, templates, model"),
         ({"expert": {"lora": {"rnk": 2}}}, "unknown key 'expert.lora.rnk'; allowed keys: rank, alpha, layers, modules"),
         ({"expert": {"lora": {"modules": ["qkv"]}}}, "'attn_in', 'attn_out', 'mlp_fc' or 'mlp_proj' (got 'qkv')"),
         ({"templates": ["a photo"]}, "template 'a photo' does not insert the class name once"),
@@ -59,13 +112,14 @@ def test_a_params_file_without_the_benchmark_is_refused():
         ({"datasets": {"a/b": {"classes": 4}}}, "datasets key 'a/b' becomes a directory name"),
         ({"tasks": {"..": {"dataset": "a"}}}, "tasks key '..' becomes a directory name"),
         ({"model": {"pretrained": "openai", "checkpoint": "w.pt"}}, "either pretrained"),
+        ({"model": {"device": "cuda:x"}}, "key 'model.device': unknown device 'cuda:x'"),
         ({"seed": -1}, "key 'seed'"),
         ([1, 2], "expected a mapping"),
     ],
 )
 def test_bad_params_name_the_key(data, message):
     with pytest.raises(ParamsError) as error:
-        parse_params(data, "params.yaml")
+        parse_params(_with(data) if isinstance(data, dict) else data, "params.yaml")
     assert message in str(error.value)
     assert str(error.value).startswith("params.yaml")
 
@@ -102,87 +156,71 @@ def test_every_preset_composes_valid_params_and_names_itself(preset):
     assert params.benchmark.preset == preset
 
 
-def _edited_project(tmp_path: Path) -> Path:
-    """A project directory with the repository's conf/ and params.yaml, retrieval.k edited by hand to 5."""
-    shutil.copytree(CONF, tmp_path / "conf")
-    target = tmp_path / "params.yaml"
-    target.write_text(Path("params.yaml").read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))
-    return target
+def _project(tmp_path: Path) -> Path:
+    """A project directory with the repository's conf/ and params.yaml; its params.yaml path."""
+    shutil.copytree(CONF, tmp_path / "conf", ignore=shutil.ignore_patterns("local"))
+    shutil.copy("params.yaml", tmp_path / "params.yaml")
+    return tmp_path / "params.yaml"
 
 
-def test_compose_switches_the_preset_and_refuses_to_drop_a_hand_edit(tmp_path):
-    target = _edited_project(tmp_path)
-    edited = target.read_text()
-    with pytest.raises(ParamsError) as error:
-        compose_params(target, ["benchmark=embedded-classil"])
-    assert str(error.value) == (
-        f"{target} holds values {tmp_path / 'conf'}/ does not, which composing would drop: retrieval.k=5; "
-        f"put them in {tmp_path / 'conf'}/, give them again as overrides, or pass --discard"
-    )
-    assert target.read_text() == edited  # nothing written
-    compose_params(target, ["benchmark=embedded-classil", "retrieval.k=5"])
-    params = load_params(target)
-    assert params.benchmark.preset == "embedded-classil" and list(params.tasks) == [f"paint-{i}" for i in (1, 2, 3, 4)]
-    assert params.retrieval.k == 5
-    compose_params(target, ["benchmark=embedded-mtil", "retrieval.k=5"])
-    assert target.read_text() == edited  # the same edit, the same file: nothing else was lost
-    compose_params(target, [], discard=True)
-    assert target.read_text() == Path("params.yaml").read_text()
-
-
-def test_compose_keeps_the_preset_in_use_and_takes_edits_of_conf(tmp_path):
-    target = _edited_project(tmp_path)
-    (tmp_path / ".dvc").mkdir()  # a DVC project: the last composition is kept in .dvc/tmp/
-    compose_params(target, ["benchmark=embedded-classil", "retrieval.k=5"])
-    config = tmp_path / "conf" / "config.yaml"
-    for gate in (0.9, 0.8):  # conf/ edited twice, composed after each edit: nothing edited params.yaml
-        config.write_text(re.sub(r"\n  gate: \S+", f"\n  gate: {gate}", config.read_text(), count=1))
-        compose_params(target, [])
-        params = load_params(target)
-        assert params.benchmark.preset == "embedded-classil" and params.retrieval.gate == gate
-    assert params.retrieval.k == 16  # the override was not repeated: conf/'s value
-    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 7\n", 1))
-    with pytest.raises(ParamsError, match="would drop: retrieval.k=7;"):
-        compose_params(target, [])  # edited since: the edit is kept
-
-
-def test_a_fresh_clone_takes_edits_of_conf(tmp_path):
-    """The committed params.yaml is a composition nobody edited: `make run` after editing conf/ composes it."""
-    target = _edited_project(tmp_path)
-    target.write_text(Path("params.yaml").read_text())
-    for command in (
-        ["init", "-q"],
-        ["add", "params.yaml"],
-        ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"],
-    ):
-        subprocess.run(["git", *command], cwd=tmp_path, check=True)
+def test_params_yaml_says_it_is_generated_and_every_compose_rewrites_it(tmp_path):
+    target = _project(tmp_path)
+    assert target.read_text().startswith("generated: 'composed from conf/ (stages.compose, dvc exp run): edit conf/'\n")
+    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))  # a hand edit
+    compose_params(target)
+    assert target.read_text() == Path("params.yaml").read_text()  # conf/ is the one home: the edit is gone
     config = tmp_path / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("\n  gate: null", "\n  gate: 0.9", 1))
-    compose_params(target, [])
+    compose_params(target)
     assert load_params(target).retrieval.gate == 0.9
 
 
-def test_compose_errors_name_the_preset_or_key(tmp_path):
-    target = _edited_project(tmp_path)
+def test_overrides_given_to_compose_are_kept_in_conf_until_reset(tmp_path):
+    target = _project(tmp_path)
+    kept = tmp_path / "conf" / "local" / "overrides.yaml"
+    compose_params(target, ["benchmark=embedded-classil", "retrieval.k=8"])
+    params = load_params(target)
+    assert params.benchmark.preset == "embedded-classil" and params.retrieval.k == 8
+    compose_params(target)  # `make run` composes again: the overrides hold
+    assert load_params(target).retrieval.k == 8 and load_params(target).benchmark.preset == "embedded-classil"
+    compose_params(target, ["retrieval.temperature=0.1"])  # merged with those kept
+    params = load_params(target)
+    assert (params.retrieval.k, params.retrieval.temperature, params.benchmark.preset) == (8, 0.1, "embedded-classil")
+    # DVC's own composition (what `dvc exp run` writes) composes the kept overrides too
+    from dvc.utils.hydra import compose_and_dump
+
+    dumped = tmp_path / "dumped.yaml"
+    compose_and_dump(dumped, str((tmp_path / "conf").resolve()), None, "config", str(tmp_path), [])
+    assert dumped.read_text() == target.read_text()
+    compose_and_dump(dumped, str((tmp_path / "conf").resolve()), None, "config", str(tmp_path), ["retrieval.k=4"])
+    assert yaml.safe_load(dumped.read_text())["retrieval"]["k"] == 4  # `-S` wins for its experiment
+    compose_params(target, reset=True)
+    assert not kept.exists() and target.read_text() == Path("params.yaml").read_text()
+
+
+def test_compose_errors_name_the_preset_or_key_and_keep_nothing(tmp_path):
+    target = _project(tmp_path)
+    kept = tmp_path / "conf" / "local" / "overrides.yaml"
     with pytest.raises(
         ParamsError,
-        match=r"with benchmark=nope: In 'config': Could not find 'benchmark/nope' "
-        r"Available options in 'benchmark': classil-cifar100 .* mtil-order2$",
+        match=r"Could not find 'benchmark/nope' Available options in 'benchmark': classil-cifar100 .* mtil-order2$",
     ):
         compose_params(target, ["benchmark=nope"])
-    with pytest.raises(ParamsError, match="Could not override 'retrieval.kk'"):
-        compose_params(target, ["retrieval.kk=3"], discard=True)
     with pytest.raises(ParamsError, match=r"key 'retrieval.k': Input should be greater than or equal to 1 \(got 0\)"):
-        compose_params(target, ["retrieval.k=0"], discard=True)
+        compose_params(target, ["retrieval.k=0"])
+    with pytest.raises(ParamsError, match=r"override '\+extra=1': only key=value is kept"):
+        compose_params(target, ["+extra=1"])
+    assert not kept.exists() and target.read_text() == Path("params.yaml").read_text()  # nothing kept, nothing written
     with pytest.raises(ParamsError, match="conf/config.yaml not found"):
-        compose_params(tmp_path / "elsewhere" / "params.yaml", [])
+        compose_params(tmp_path / "elsewhere" / "params.yaml")
 
 
 def test_check_params_names_each_departure_from_conf(tmp_path):
-    target = _edited_project(tmp_path)
+    target = _project(tmp_path)
+    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))
     assert departure_notes(target) == [
         f"note: {target}: retrieval.k = 5, {tmp_path / 'conf'}/ composes 16 (an override of this run or an edit; "
-        f"`dvc exp run` rewrites {target} from {tmp_path / 'conf'}/)"
+        f"the next compose rewrites {target} from {tmp_path / 'conf'}/)"
     ]
     assert departure_notes(Path("params.yaml")) == []
     (tmp_path / "alone").mkdir()
@@ -214,10 +252,11 @@ def test_check_params_names_each_departure_from_conf(tmp_path):
     ],
 )
 def test_benchmark_block_errors_name_the_key(change, message):
-    base = {
+    two = {
         "datasets": {"a": {"classes": 4}, "b": {"classes": 4}},
         "tasks": {"a": {"dataset": "a"}, "b": {"dataset": "b"}},
     }
+    data = _with({"benchmark": {"protocol": "mtil"}}) | two  # two datasets, one task each
     with pytest.raises(ParamsError) as error:
-        parse_params({**base, **change})
+        parse_params({**data, **{k: v if k in two else _with(change)[k] for k, v in change.items()}})
     assert message in str(error.value)

@@ -19,20 +19,19 @@ import torch
 import yaml
 
 from moder.clip import ModelLoadError, load_clip
+from moder.errors import TrainingDiverged
 from moder.experts import ExpertFileError, load_experts
 from moder.features import FeatureFileError, FeatureTable, write_features
-from moder.io import OWNER_FILE, OutputError, TensorFileError, atomic_directory, atomic_path
+from moder.io import OWNER_FILE, OutputError, atomic_directory, atomic_path
 from moder.names import PromptError
 from moder.params import parse_params
 from moder.prompts import template_prompts
-from moder.train import TrainingDiverged
+from moder.tensors import TensorFileError
 from stages.evaluate import evaluate
 from stages.finetune import finetune
 from stages.report import report
 from stages.train import train
-from tests.conftest import MINI, REPO, stage_cli
-
-MODEL = Path("backbone") / "clip.safetensors"
+from tests.conftest import DATA, MINI, MODEL, REPO, stage_cli
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -49,7 +48,10 @@ def run(mtil_run, tmp_path):
     """A private copy of the miniature run's outputs, safe to damage."""
     root, _ = mtil_run
     copy = tmp_path / "run"
-    shutil.copytree(root, copy)
+    shutil.copytree(root / DATA, copy)  # the benchmark's outputs at the top: features/, experts/, ...
+    for path in (MODEL.parent, Path("reports")):
+        shutil.copytree(root / path, copy / path)
+    shutil.copy(root / "metrics.json", copy / "metrics.json")
     (copy / "params.yaml").write_text(yaml.safe_dump(MINI))  # as _cli writes it, so snapshots compare
     return copy
 
@@ -183,7 +185,7 @@ def test_report_replaces_all_its_outputs_together(run, monkeypatch):
 
 def test_a_diverging_training_fails_and_writes_nothing(run):
     shutil.rmtree(run / "experts" / "a")
-    diverging = {**MINI, "expert": {"kind": "lora"}, "train": {**MINI["train"], "lr": 1e6}}
+    diverging = {**MINI, "train": {**MINI["train"], "lr": 1e6}}
     with pytest.raises(TrainingDiverged, match=r"training diverged: the loss is nan at step \d+ \(lr 1000000.0\)"):
         train(parse_params(diverging), "a", run / MODEL, run / "features", run / "experts" / "a")
     assert not (run / "experts" / "a").exists() and not [p for p in (run / "experts").iterdir() if ".tmp" in p.name]
@@ -255,7 +257,7 @@ def test_malformed_metadata_json_is_named(tmp_path):
 
 
 def test_tensors_with_shapes_that_do_not_fit_are_refused(tmp_path):
-    from moder.io import save_tensors
+    from moder.tensors import save_tensors
 
     path = tmp_path / "e.safetensors"
     description = {"experts": {"kind": "context", "n_ctx": 3}, "backbone": "model", "extra": {}}
@@ -274,7 +276,7 @@ def test_tensors_with_shapes_that_do_not_fit_are_refused(tmp_path):
 
 def test_non_finite_values_are_never_written(tmp_path):
     with pytest.raises(TensorFileError, match=r"refusing to write .*t.safetensors: tensor w has non-finite values"):
-        from moder.io import save_tensors
+        from moder.tensors import save_tensors
 
         save_tensors(tmp_path / "t.safetensors", {"w": torch.tensor([1.0, float("inf")])}, {})
     with pytest.raises(FeatureFileError, match=r"refusing to write .*f.parquet: the d features have non-finite values"):
@@ -399,8 +401,9 @@ def test_concurrent_training_gives_the_bytes_of_sequential_training(mtil_run, tm
 
     def jobs(out: Path):
         return [
-            lambda d=d: train(params, d, root / MODEL, root / "features", out / "experts" / d) for d in ("a", "b")
-        ] + [lambda: finetune(params, root / MODEL, root / "features", out / "finetune.parquet")]
+            lambda d=d: train(params, d, root / MODEL, root / DATA / "features", out / "experts" / d)
+            for d in ("a", "b")
+        ] + [lambda: finetune(params, root / MODEL, root / DATA / "features", out / "finetune.parquet")]
 
     for job in jobs(tmp_path / "sequential"):
         job()
@@ -410,5 +413,5 @@ def test_concurrent_training_gives_the_bytes_of_sequential_training(mtil_run, tm
     for thread in threads:
         thread.join()
     assert snapshot(tmp_path / "threads") == snapshot(tmp_path / "sequential")
-    assert snapshot(tmp_path / "sequential")["finetune.parquet"] == snapshot(root)["finetune.parquet"]
+    assert snapshot(tmp_path / "sequential")["finetune.parquet"] == snapshot(root / DATA)["finetune.parquet"]
     assert not torch.are_deterministic_algorithms_enabled()  # no process-global switch was flipped on

@@ -3,7 +3,7 @@ what training already encoded."""
 
 import pytest
 import torch
-from conftest import CLASSES, MINI, TEMPLATES, random_lora
+from conftest import CLASSES, DATA, MINI, MODEL, TEMPLATES, random_lora, train_params
 
 import moder.compose
 import moder.train
@@ -11,12 +11,12 @@ from moder.compose import compose_prototypes, expert_prototypes
 from moder.experts import ExpertFileError, load_experts, save_experts
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT
-from moder.params import TrainParams, parse_params
+from moder.params import parse_params
 from moder.prompts import template_prompts
 from moder.text import TextTower
 from moder.train import sample_templates, train_experts
-from stages.common import load_frozen_clip, read_task_experts
 from stages.evaluate import evaluate
+from stages.files import load_frozen_clip, read_task_experts
 
 QUERIES = ["orange circle", "pink star", "white square", "black ring", "grey cross", "teal diamond", "navy heart"]
 
@@ -60,8 +60,8 @@ def test_a_class_expert_applied_to_its_prompts_at_once_equals_one_copy_per_promp
 def _train(tower, factory, features, labels, **change):
     prompts = factory.prompts(CLASSES)
     experts = random_lora(factory, len(CLASSES), seed=2)
-    config = TrainParams(**{"epochs": 1, "batch_size": 8, "lr": 1e-2, **change}).config(0)
-    return train_experts(tower, prompts, experts, features, labels, config)
+    config = train_params(**{"epochs": 1, "batch_size": 8, "lr": 1e-2, **change})
+    return train_experts(tower, prompts, experts, features, labels, config, seed=0)
 
 
 def test_training_in_class_chunks_takes_the_same_steps_as_one_forward(tower, lora_factory, monkeypatch):
@@ -105,7 +105,7 @@ def test_templates_per_step_at_the_template_count_trains_exactly_as_all_template
 
 def test_evaluation_encodes_only_the_classes_it_composes(mtil_run, monkeypatch, tmp_path):
     """After the last step every class is trained: evaluation runs the text tower not once. After the
-    first, it encodes the later task's prompts once (context experts: one prompt per class)."""
+    first, it encodes the later task's prompts once (LoRA experts: each class's templates)."""
     root, _ = mtil_run
     params = parse_params(MINI)
     encoded = []
@@ -116,28 +116,28 @@ def test_evaluation_encodes_only_the_classes_it_composes(mtil_run, monkeypatch, 
         return original(self, tokens, *args, **kwargs)
 
     monkeypatch.setattr(TextTower, "encode", counting)
-    for step, expected in (("b", []), ("a", [MINI["datasets"]["b"]["classes"]])):
+    for step, expected in (("b", []), ("a", [MINI["datasets"]["b"]["classes"] * len(MINI["templates"])])):
         encoded.clear()
         evaluate(
             params,
             step,
-            root / "backbone" / "clip.safetensors",
-            root / "features",
-            root / "experts",
-            root / "hub" / f"{step}.parquet",
+            root / MODEL,
+            root / DATA / "features",
+            root / DATA / "experts",
+            root / DATA / "hub" / f"{step}.parquet",
             tmp_path / f"{step}.parquet",
             tmp_path / f"unseen-{step}.parquet",
         )
         assert encoded == expected, step
-    assert (tmp_path / "a.parquet").read_bytes() == (root / "eval" / "a.parquet").read_bytes()
+    assert (tmp_path / "a.parquet").read_bytes() == (root / DATA / "eval" / "a.parquet").read_bytes()
 
 
 def test_trained_prototypes_are_stored_with_the_experts_and_checked(mtil_run, context_factory, tmp_path):
     root, _ = mtil_run
     params = parse_params(MINI)
-    experts, names, _, prototypes = load_experts(root / "experts" / "a" / "split-1.safetensors")
-    clip = load_frozen_clip(params, root / "backbone" / "clip.safetensors")
-    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert.spec(), params.templates)
+    experts, names, _, prototypes = load_experts(root / DATA / "experts" / "a" / "split-1.safetensors")
+    clip = load_frozen_clip(params, root / MODEL)
+    factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert, params.templates)
     assert prototypes is not None
     assert torch.equal(prototypes, expert_prototypes(factory.tower, factory.prompts(names), experts))
     with pytest.raises(ValueError, match=r"prototypes of shape \[2, 4\] for 1 experts"):

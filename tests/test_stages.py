@@ -11,23 +11,24 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from moder.clip import file_digest
+from moder.compose import smooth_toward_zeroshot
 from moder.experts import load_experts
 from moder.features import FeatureFileError, read_features
+from moder.io import file_digest
 from moder.metrics import accuracy, summarize
 from moder.params import parse_params
 from moder.results import METHODS
 from stages.backbone import backbone
 from stages.report import read_matrices
 from stages.train import train
-from tests.conftest import MINI, run_pipeline, stage_cli
+from tests.conftest import DATA, MINI, MODEL, merged, run_pipeline, stage_cli
 from tests.layouts import imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 
 MINI_CLASSIL = {
     **MINI,
-    "benchmark": {"name": "mini-classil", "protocol": "classil"},
+    "benchmark": {"name": "mini-classil", "preset": "mini-classil", "protocol": "classil"},
     "datasets": {"p": {"splits": 3, "tint": 0.2}},
     "tasks": {
         "p1": {"dataset": "p", "split": 1},
@@ -35,21 +36,40 @@ MINI_CLASSIL = {
         "p3": {"dataset": "p", "split": 3},
     },
 }
+CLASSIL_DATA = Path("data") / "mini-classil"
+
+
+def _all_names(path: Path) -> dict[tuple[str, str], float]:
+    """An evaluation file's accuracy per (task, method), over each task's whole test set."""
+    return {(r["task"], r["method"]): r["accuracy"] for r in pq.read_table(path).to_pylist() if r["names"] == "all"}
 
 
 def test_pretrain_writes_a_loadable_checkpoint_and_its_accuracy(mtil_run):
+    """The saved backbone, loaded back as every later stage loads it, scores the accuracy its summary reports."""
+    from moder.pretrain import clean_accuracy
+    from moder.text import TextTower
+    from moder.world import World
+    from stages.files import load_frozen_clip
+
     root, _ = mtil_run
     summary = json.loads((root / "reports" / "backbone.json").read_text())
-    assert set(summary) == {"clean_zeroshot_accuracy", "final_loss"} and 0 <= summary["clean_zeroshot_accuracy"] <= 100
+    assert set(summary) == {"clean_zeroshot_accuracy", "final_loss"}
+    params = parse_params(MINI)
+    clip = load_frozen_clip(params, root / MODEL)
+    world, pretrain = World.of(params.world, params.seed), params.pretrain
+    tower = TextTower(clip.model, clip.tokenizer)
+    mean, std = clip.identity.mean, clip.identity.std
+    accuracy = clean_accuracy(clip.model, tower, world, pretrain.domain, pretrain.captions, mean, std, params.seed)
+    assert round(accuracy, 2) == summary["clean_zeroshot_accuracy"]
 
 
 def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
     root, _ = mtil_run
-    digest = file_digest(root / "backbone" / "clip.safetensors")
-    train_split = read_features(root / "features" / "b" / "train.parquet")
-    test_split = read_features(root / "features" / "b" / "test.parquet")
-    classes = read_features(root / "features" / "b" / "classes.parquet")
-    assert json.loads(train_split.model)["weights"] == f"file:{digest}"
+    digest = file_digest(root / MODEL)
+    train_split = read_features(root / DATA / "features" / "b" / "train.parquet")
+    test_split = read_features(root / DATA / "features" / "b" / "test.parquet")
+    classes = read_features(root / DATA / "features" / "b" / "classes.parquet")
+    assert json.loads(train_split.model)["weights"] == f"file:{digest[:16]}"
     assert train_split.dataset == "b" and len(train_split.class_names) == 5
     assert np.bincount(train_split.labels.numpy()).tolist() == [4] * 5  # balanced
     assert np.bincount(test_split.labels.numpy()).tolist() == [3] * 5
@@ -61,8 +81,8 @@ def test_extract_writes_features_per_split_with_the_model_identity(mtil_run):
 
 def test_train_writes_one_expert_per_class_of_its_task(mtil_run):
     root, _ = mtil_run
-    classes = read_features(root / "features" / "a" / "classes.parquet")
-    experts, names, extra, _ = load_experts(root / "experts" / "a" / "split-1.safetensors")
+    classes = read_features(root / DATA / "features" / "a" / "classes.parquet")
+    experts, names, extra, _ = load_experts(root / DATA / "experts" / "a" / "split-1.safetensors")
     assert names == classes.class_names and len(experts) == 4
     assert set(extra) == {"dataset", "split", "offsets"} and (extra["dataset"], extra["split"]) == ("a", 1)
     assert len(extra["offsets"]) == 4
@@ -71,16 +91,16 @@ def test_train_writes_one_expert_per_class_of_its_task(mtil_run):
 def test_evaluate_scores_zeroshot_as_the_frozen_model_and_report_summarizes_the_rows(mtil_run):
     root, figures = mtil_run
     params = parse_params(MINI)
-    rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
+    rows = pq.read_table(root / DATA / "eval" / "a.parquet").to_pylist()
     scored = ("zeroshot", "oracle", "moder", "no_composition", "no_calibration")
     assert {(r["task"], r["method"]) for r in rows} == {(t, m) for t in "ab" for m in scored}
     # zero-shot on task b, recomputed here from the feature files alone
-    test = read_features(root / "features" / "b" / "test.parquet")
-    prototypes = read_features(root / "features" / "b" / "classes.parquet").vectors
+    test = read_features(root / DATA / "features" / "b" / "test.parquet")
+    prototypes = read_features(root / DATA / "features" / "b" / "classes.parquet").vectors
     expected = accuracy(test.vectors, test.labels, prototypes)
     zeroshot_b = [r["accuracy"] for r in rows if (r["task"], r["method"], r["names"]) == ("b", "zeroshot", "all")]
     assert zeroshot_b == [pytest.approx(expected)]
-    found = read_matrices(params, root / "eval", root / "finetune.parquet")
+    found = read_matrices(params, root / DATA / "eval", root / DATA / "finetune.parquet")
     matrices = {m: a for (m, names), a in found.items() if names == "all"}
     methods = {m: {k: round(v, 2) for k, v in summarize(a, "mtil").items()} for m, a in matrices.items()}
     # every method's metrics, then Transfer over new and over recurring names (task b after step a)
@@ -122,21 +142,32 @@ def test_same_seed_gives_identical_metrics(mtil_run, tmp_path):
     assert (tmp_path / "metrics.json").read_bytes() == (root / "metrics.json").read_bytes()
 
 
+def test_appending_a_task_leaves_the_earlier_hubs_and_experts_byte_identical(mtil_run, tmp_path):
+    """The earlier hubs re-run (they read the task list and every dataset's experts) but give the same bytes, so
+    nothing reads them anew; the earlier datasets' experts do not depend on the new one."""
+    root, _ = mtil_run
+    run_pipeline(merged(MINI, {"datasets": {"c": {"classes": 3}}, "tasks": {"c": {"dataset": "c"}}}), tmp_path)
+    for path in ("hub/a.parquet", "hub/b.parquet", "experts/a/split-1.safetensors", "experts/b/split-1.safetensors"):
+        assert (tmp_path / DATA / path).read_bytes() == (root / DATA / path).read_bytes(), path
+    assert (tmp_path / DATA / "hub" / "c.parquet").is_file()
+
+
 def test_classil_label_spaces_grow_with_the_steps(tmp_path):
     figures = run_pipeline(MINI_CLASSIL, tmp_path)
     # Class-IL: one dataset, so every name of a task not yet trained is new
     assert set(figures["zeroshot"]) == {"transfer", "transfer_new", "avg", "last", "future"}
     assert all(figures[m]["transfer_new"] == figures[m]["transfer"] for m in ("zeroshot", "moder", "oracle"))
-    test = read_features(tmp_path / "features" / "p" / "test.parquet")
-    classes = read_features(tmp_path / "features" / "p" / "classes.parquet")
-    experts, names, _, _ = load_experts(tmp_path / "experts" / "p" / "split-1.safetensors")
+    data = tmp_path / "data" / "mini-classil"
+    test = read_features(data / "features" / "p" / "test.parquet")
+    classes = read_features(data / "features" / "p" / "classes.parquet")
+    experts, names, _, _ = load_experts(data / "experts" / "p" / "split-1.safetensors")
     own = torch.tensor([classes.class_names.index(n) for n in names])
     keep = torch.isin(test.labels, own)
     remap = torch.full((9,), -1)
     remap[own] = torch.arange(3)
     among_seen = accuracy(test.vectors[keep], remap[test.labels[keep]], classes.vectors[own])  # after step 1
     among_all = accuracy(test.vectors[keep], test.labels[keep], classes.vectors)  # task 1 before... all classes
-    rows = {s: pq.read_table(tmp_path / "eval" / f"{s}.parquet").to_pylist() for s in ("p1", "p3")}
+    rows = {s: pq.read_table(data / "eval" / f"{s}.parquet").to_pylist() for s in ("p1", "p3")}
     pick = lambda step: next(  # noqa: E731
         r["accuracy"] for r in rows[step] if (r["task"], r["method"], r["names"]) == ("p1", "zeroshot", "all")
     )
@@ -149,14 +180,14 @@ def test_features_made_by_another_model_are_refused(mtil_run, tmp_path):
     other = tmp_path / "other.safetensors"
     backbone(params, other, tmp_path / "backbone.json")
     with pytest.raises(FeatureFileError, match=r"features/a/train.parquet was made by another model"):
-        train(params, "a", other, root / "features", tmp_path / "a")
+        train(params, "a", other, root / DATA / "features", tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
 
 def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
     root, _ = mtil_run
     with pytest.raises(FeatureFileError, match=r"feature file not found: .*empty/b/train.parquet"):
-        train(parse_params(MINI), "b", root / "backbone" / "clip.safetensors", tmp_path / "empty", tmp_path / "b")
+        train(parse_params(MINI), "b", root / MODEL, tmp_path / "empty", tmp_path / "b")
 
 
 @pytest.mark.parametrize(
@@ -174,21 +205,10 @@ def test_missing_dataset_features_name_the_file(mtil_run, tmp_path):
     ],
 )
 def test_cli_reports_bad_params_naming_the_key(tmp_path, change, message):
-    result = stage_cli(
-        "train",
-        {**copy.deepcopy(MINI), **change},
-        tmp_path,
-        "--dataset",
-        "a",
-        "--model",
-        "m.safetensors",
-        "--features",
-        "features",
-        "--out",
-        "experts/a",
-    )
+    """Every stage's command line loads the params first (stages.common.run_cli); scan's imports are the lightest."""
+    result = stage_cli("scan", {**copy.deepcopy(MINI), **change}, tmp_path, "--out", "scans")
     assert result.returncode == 1 and message in result.stderr
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "scans").exists()
 
 
 def test_cli_reports_a_missing_pretrained_model(tmp_path):
@@ -222,7 +242,9 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
         and "accuracy.json does not cover the tasks in params.yaml (a, c): run dvc repro" in result.stderr
     )
     shown = stage_cli("report", MINI, tmp_path, "--summary-only", "--reports", str(root / "reports"), *metrics)
-    assert shown.returncode == 0 and "Transfer" in shown.stdout and "retrieval k=3" in shown.stdout
+    assert (
+        shown.returncode == 0 and "Transfer" in shown.stdout and f"retrieval k={MINI['retrieval']['k']}" in shown.stdout
+    )
     figures = json.loads((root / "metrics.json").read_text())
     transfer = "".join(
         f"{figures[m]['transfer']:>10.1f}"
@@ -237,14 +259,13 @@ def test_summary_refuses_reports_of_another_task_list(mtil_run, tmp_path):
 
 
 def test_lora_experts_and_output_space_composition_run_through_the_stages(tmp_path):
-    data = {
-        **MINI,
-        "expert": {"kind": "lora", "lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
+    changes = {
+        "expert": {"lora": {"rank": 2, "alpha": 4.0, "layers": [1]}},
         "composition": {"space": "output"},
         "retrieval": {"k": 2, "null_score": 0.5},
     }
-    figures = run_pipeline(data, tmp_path)
-    experts, _, _, _ = load_experts(tmp_path / "experts" / "b" / "split-1.safetensors")
+    figures = run_pipeline(merged(MINI, changes), tmp_path)
+    experts, _, _, _ = load_experts(tmp_path / DATA / "experts" / "b" / "split-1.safetensors")
     assert (
         experts.kind == "lora"
         and experts.rank == 2
@@ -261,20 +282,20 @@ def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
     lines = (root / "reports" / "unseen_classes.csv").read_text().splitlines()
     assert lines[0] == "step,task,class,names,zeroshot,moder,diff,similarity,retrieved"
     rows = [line.split(",") for line in lines[1:]]
-    names = read_features(root / "features" / "b" / "classes.parquet").class_names
-    task_a = read_features(root / "features" / "a" / "classes.parquet").class_names
+    names = read_features(root / DATA / "features" / "b" / "classes.parquet").class_names
+    task_a = read_features(root / DATA / "features" / "a" / "classes.parquet").class_names
     # after step a, task b is unseen: each class's name is recurring if task a trained it
     expected = [("a", "b", name, "recurring" if name in task_a else "new") for name in names]
     assert [tuple(r[:4]) for r in rows] == expected and {r[3] for r in rows} == {"new", "recurring"}
     for row in [r[:3] + r[4:] for r in rows]:
         entries = row[7].split("; ")
-        assert len(entries) == 3  # k = 3, no null expert
+        assert len(entries) == min(MINI["retrieval"]["k"], len(task_a))  # the hub's classes, at most k; no null expert
         assert all(entry.rsplit(" [", 1)[0] in task_a and entry.split("] ")[0].endswith("[a") for entry in entries)
         assert sum(float(entry.rsplit(" ", 1)[1]) for entry in entries) == pytest.approx(1.0, abs=2e-3)
         assert float(row[5]) == pytest.approx(float(row[4]) - float(row[3]), abs=0.011)
         assert -1 <= float(row[6]) <= 1
     # a balanced test set: the mean of the per-class accuracies is the task's accuracy
-    task_rows = pq.read_table(root / "eval" / "a.parquet").to_pylist()
+    task_rows = pq.read_table(root / DATA / "eval" / "a.parquet").to_pylist()
     for column, method in ((4, "zeroshot"), (5, "moder")):
         for names in ("all", "new", "recurring"):
             task_accuracy = next(
@@ -286,21 +307,21 @@ def test_unseen_class_report_explains_each_composed_prototype(mtil_run):
 
 def test_oracle_scores_every_task_with_its_own_experts_and_equals_moder_once_trained(mtil_run):
     root, _ = mtil_run
-    after_a, after_b = (
-        {
-            (r["task"], r["method"]): r["accuracy"]
-            for r in pq.read_table(root / "eval" / f).to_pylist()
-            if r["names"] == "all"
-        }
-        for f in ("a.parquet", "b.parquet")
-    )
+    after_a, after_b = (_all_names(root / DATA / "eval" / f) for f in ("a.parquet", "b.parquet"))
     assert after_a[("a", "oracle")] == after_a[("a", "moder")]
-    assert after_a[("b", "oracle")] == after_b[("b", "moder")]  # b's own experts, before and after b is trained
+    assert after_b[("b", "oracle")] == after_b[("b", "moder")]
+    # before b is trained, the oracle scores b with b's own experts (stored by train@b), smoothed toward zero-shot
+    # by alpha_unseen as MoDER's composed prototypes are; in MTIL calibration shifts all of b's classes alike
+    _, _, _, own = load_experts(root / DATA / "experts" / "b" / "split-1.safetensors")
+    classes = read_features(root / DATA / "features" / "b" / "classes.parquet")
+    test = read_features(root / DATA / "features" / "b" / "test.parquet")
+    perfect = smooth_toward_zeroshot(own, classes.vectors, MINI["composition"]["alpha_unseen"])
+    assert after_a[("b", "oracle")] == pytest.approx(accuracy(test.vectors, test.labels, perfect))
 
 
 def test_finetune_baseline_scores_every_task_after_every_step(mtil_run):
     root, figures = mtil_run
-    rows = pq.read_table(root / "finetune.parquet").to_pylist()
+    rows = pq.read_table(root / DATA / "finetune.parquet").to_pylist()
     # every task after every step, and task b before it is trained over its new and its recurring names too
     assert sorted((r["step"], r["task"], r["names"]) for r in rows) == [
         ("a", "a", "all"),
@@ -328,7 +349,7 @@ def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained
         ("earlier", None, [7.0, 8.0]),
         ("dataset", [2, 3, 4, 5], [7.0, 8.0, 4, 5]),
     ):
-        params = parse_params({**MINI_CLASSIL, "train": {"negatives": mode, "anchor_earlier": 0.0}})
+        params = parse_params(merged(MINI_CLASSIL, {"train": {"negatives": mode, "anchor_earlier": 0.0}}))
         got, anchors = negatives_and_anchors(params, tasks[0], [], {}, {}, classes)
         assert (got is None) if first is None else torch.equal(got, torch.eye(6)[first])
         assert anchors is None  # no earlier split
@@ -346,22 +367,18 @@ def test_negatives_read_the_stored_prototypes_of_earlier_tasks_and_the_untrained
 
 def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_classes(tmp_path):
     train = {"negatives": "dataset", "anchor_earlier": 0.0}
-    plain = run_pipeline({**MINI_CLASSIL, "train": train}, tmp_path / "plain")
+    plain = run_pipeline(
+        merged(MINI_CLASSIL, {"train": train, "composition": {"calibrate": "none"}}), tmp_path / "plain"
+    )
     calibrated = run_pipeline(
-        {**MINI_CLASSIL, "train": train, "composition": {**MINI["composition"], "calibrate": "mean"}},
-        tmp_path / "calibrated",
+        merged(MINI_CLASSIL, {"train": train, "composition": {"calibrate": "mean"}}), tmp_path / "calibrated"
     )
     assert plain["moder"]["last"] == calibrated["moder"]["last"]  # every class trained: one shared offset, no change
-    assert plain["moder"]["transfer"] != calibrated["moder"]["transfer"]  # unseen tasks compete with trained classes
+    # MoDER without calibration is exactly MoDER run with calibration off: calibration is all that differs
+    assert calibrated["no_calibration"] == plain["moder"] == plain["no_calibration"]
     for step in ("p1", "p2", "p3"):
-        rows = {
-            (r["task"], r["method"]): r["accuracy"]
-            for r in pq.read_table(tmp_path / "plain" / "eval" / f"{step}.parquet").to_pylist()
-        }
-        moved = {
-            (r["task"], r["method"]): r["accuracy"]
-            for r in pq.read_table(tmp_path / "calibrated" / "eval" / f"{step}.parquet").to_pylist()
-        }
+        rows = _all_names(tmp_path / "plain" / CLASSIL_DATA / "eval" / f"{step}.parquet")
+        moved = _all_names(tmp_path / "calibrated" / CLASSIL_DATA / "eval" / f"{step}.parquet")
         trained = ["p1", "p2", "p3"][: ["p1", "p2", "p3"].index(step) + 1]
         for task in trained:
             assert rows[(task, "moder")] == moved[(task, "moder")]
@@ -372,10 +389,11 @@ def test_calibration_changes_only_label_spaces_that_mix_trained_and_untrained_cl
 
 def test_per_task_calibration_applies_to_the_oracle_and_to_every_trained_class(tmp_path):
     train = {"negatives": "earlier", "anchor_earlier": 0.0}
-    plain = run_pipeline({**MINI_CLASSIL, "train": train}, tmp_path / "plain")
+    plain = run_pipeline(
+        merged(MINI_CLASSIL, {"train": train, "composition": {"calibrate": "none"}}), tmp_path / "plain"
+    )
     per_class = run_pipeline(
-        {**MINI_CLASSIL, "train": train, "composition": {**MINI["composition"], "calibrate": "task"}},
-        tmp_path / "task",
+        merged(MINI_CLASSIL, {"train": train, "composition": {"calibrate": "task"}}), tmp_path / "task"
     )
     assert per_class["zeroshot"] == plain["zeroshot"]
     assert (
@@ -424,5 +442,5 @@ def test_per_task_calibration_changes_nothing_where_each_label_space_is_one_task
     """MTIL: a task is classified among its own classes, all trained or all composed, so lowering every class
     of a task by the same offset cannot reorder anything."""
     _, plain = mtil_run
-    calibrated = run_pipeline({**MINI, "composition": {**MINI["composition"], "calibrate": "task"}}, tmp_path)
+    calibrated = run_pipeline(merged(MINI, {"composition": {"calibrate": "task"}}), tmp_path)
     assert calibrated["moder"] == plain["moder"] and calibrated["oracle"] == plain["oracle"]

@@ -1,9 +1,8 @@
 import pytest
 import torch
-from conftest import TEMPLATES
+from conftest import TEMPLATES, train_params
 
 from moder.metrics import accuracy
-from moder.params import TrainParams
 from moder.prompts import zeroshot_prototypes
 from moder.train import train_experts
 from tests.synthetic import shifted_features
@@ -20,16 +19,16 @@ def _problem(tower, seed=0):
     return zeroshot, features, labels
 
 
-def _train(tower, factory, config, **kwargs):
+def _train(tower, factory, config, seed=0, **kwargs):
     zeroshot, features, labels = _problem(tower)
     prompts = factory.prompts(NAMES)
-    experts = factory.new(len(NAMES), torch.Generator().manual_seed(config.seed))
+    experts = factory.new(len(NAMES), torch.Generator().manual_seed(seed))
     return (
         zeroshot,
         features,
         labels,
         prompts,
-        train_experts(tower, prompts, experts, features, labels, config, **kwargs),
+        train_experts(tower, prompts, experts, features, labels, config, seed=seed, **kwargs),
     )
 
 
@@ -38,7 +37,7 @@ def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_fac
 
     for factory, lr in ((context_factory, 5e-3), (lora_factory, 1e-2)):
         zeroshot, features, labels, prompts, result = _train(
-            tower, factory, TrainParams(epochs=15, batch_size=32, lr=lr).config(0)
+            tower, factory, train_params(epochs=15, batch_size=32, lr=lr)
         )
         before = accuracy(features, labels, zeroshot)
         after = accuracy(features, labels, encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES))))
@@ -48,9 +47,9 @@ def test_training_lowers_loss_and_raises_accuracy_for_both_kinds(tower, lora_fac
 
 
 def test_training_is_deterministic_for_a_seed(tower, lora_factory):
-    config = TrainParams(epochs=2, batch_size=16, lr=1e-2).config(4)
-    first = _train(tower, lora_factory, config)[-1]
-    second = _train(tower, lora_factory, config)[-1]
+    config = train_params(epochs=2, batch_size=16, lr=1e-2)
+    first = _train(tower, lora_factory, config, seed=4)[-1]
+    second = _train(tower, lora_factory, config, seed=4)[-1]
     assert first.losses == second.losses
     for name, tensor in first.experts.tensors().items():
         assert torch.equal(tensor, second.experts.tensors()[name])
@@ -70,7 +69,8 @@ def test_one_batched_forward_per_optimisation_step(tower, context_factory, monke
         context_factory.new(len(NAMES), torch.Generator()),
         features,
         labels,
-        TrainParams(epochs=1, batch_size=60).config(0),
+        train_params(epochs=1, batch_size=60),
+        seed=0,
     )  # 180 samples -> 3 steps
     assert calls == [len(NAMES)] * 3
 
@@ -82,7 +82,7 @@ def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory)
         zeroshot, _, _, prompts, result = _train(
             tower,
             context_factory,
-            TrainParams(epochs=5, lr=1e-2, reg_zeroshot=reg).config(0),
+            train_params(epochs=5, lr=1e-2, reg_zeroshot=reg),
             zeroshot=zeroshot_prototypes(tower, NAMES, TEMPLATES),
         )
         own = encode_prototypes(tower, prompts, result.experts, torch.arange(len(NAMES)))
@@ -92,7 +92,7 @@ def test_zero_shot_regularisation_keeps_prototypes_close(tower, context_factory)
 
 
 def test_prior_prototypes_as_negatives_enter_the_loss(tower, context_factory):
-    config = TrainParams(epochs=1, batch_size=180).config(0)
+    config = train_params(epochs=1, batch_size=180)
     plain = _train(tower, context_factory, config)[-1]
     negatives = zeroshot_prototypes(tower, ["pink star", "black circle", "white square"], TEMPLATES)
     with_negatives = _train(tower, context_factory, config, negatives=negatives)[-1]
@@ -113,7 +113,8 @@ def test_one_shared_expert_trains_on_every_class(tower, lora_factory):
         shared,
         features,
         labels,
-        TrainParams(epochs=10, batch_size=32, lr=1e-2).config(0),
+        train_params(epochs=10, batch_size=32, lr=1e-2),
+        seed=0,
         rows=everyone,
     )
     assert len(result.experts) == 1

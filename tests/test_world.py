@@ -1,14 +1,15 @@
 import pytest
 import torch
 
-from moder.world import SHAPES, Domain, World, class_splits, dataset_classes, outlined_shapes, render, seed_for
+from moder.params import SHAPES, DomainParams
+from moder.world import World, class_splits, dataset_classes, outlined_shapes, render, seed_for
 
 COLOURS = {"red": (0.9, 0.15, 0.15), "green": (0.2, 0.75, 0.25), "blue": (0.15, 0.3, 0.95)}
 WORLD = World(COLOURS, ("circle", "square", "star"), 16, seed=0)
 
 
 def _render(domain=None, name="d", labels=None, seed=1):
-    domain = Domain() if domain is None else domain
+    domain = DomainParams() if domain is None else domain
     labels = torch.arange(9).repeat_interleave(4) if labels is None else labels
     return render(WORLD, domain, name, labels, torch.Generator().manual_seed(seed))
 
@@ -21,7 +22,7 @@ def test_rendering_is_deterministic_from_the_seed_and_varies_with_it():
 
 
 def test_object_colour_is_the_class_colour():
-    domain = Domain(background=(0.0, 0.0), noise=0.0)
+    domain = DomainParams(background=(0.0, 0.0), noise=0.0)
     images = _render(domain)
     colour_of, _ = WORLD.attributes(torch.arange(9).repeat_interleave(4))
     for image, colour in zip(images, colour_of, strict=True):
@@ -32,8 +33,8 @@ def test_object_colour_is_the_class_colour():
 
 
 def test_tint_moves_a_colour_the_same_way_in_every_class_that_has_it():
-    clean = Domain(background=(0.0, 0.0), noise=0.0)
-    tinted = Domain(background=(0.0, 0.0), noise=0.0, tint=0.3)
+    clean = DomainParams(background=(0.0, 0.0), noise=0.0)
+    tinted = DomainParams(background=(0.0, 0.0), noise=0.0, tint=0.3)
     labels = torch.tensor([0, 1, 2])  # red circle, red square, red star
     shift = []
     for label in labels:
@@ -47,15 +48,15 @@ def test_tint_moves_a_colour_the_same_way_in_every_class_that_has_it():
 
 def test_outlined_shapes_are_a_fixed_fraction_drawn_per_domain():
     world = World(COLOURS, SHAPES, 16, seed=0)
-    chosen = outlined_shapes(world, Domain(outline=0.5), "sketch")
-    assert len(chosen) == 4 and chosen == outlined_shapes(world, Domain(outline=0.5), "sketch")
-    assert outlined_shapes(world, Domain(), "sketch") == []
+    chosen = outlined_shapes(world, DomainParams(outline=0.5), "sketch")
+    assert len(chosen) == 4 and chosen == outlined_shapes(world, DomainParams(outline=0.5), "sketch")
+    assert outlined_shapes(world, DomainParams(), "sketch") == []
     # an outlined shape covers fewer pixels than the filled one
     labels = torch.tensor([0]).repeat(8)
-    filled = _render(Domain(background=(0, 0), noise=0), labels=labels)
+    filled = _render(DomainParams(background=(0, 0), noise=0), labels=labels)
     hollow = render(
         World(COLOURS, ("circle", "square", "star"), 16, 0),
-        Domain(background=(0, 0), noise=0, outline=1.0),
+        DomainParams(background=(0, 0), noise=0, outline=1.0),
         "d",
         labels,
         torch.Generator().manual_seed(1),

@@ -28,6 +28,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from moder.errors import UserError
+
 Split = Literal["train", "test"]
 SPLITS: tuple[Split, ...] = get_args(Split)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})  # files read as images
@@ -53,11 +55,11 @@ ADAPTERS: dict[str, str] = {
 }
 
 
-class DatasetNotFound(FileNotFoundError):
+class DatasetNotFound(UserError, FileNotFoundError):
     """A dataset's files are not where params.yaml points; the message says what was looked for and how to fix it."""
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError, ValueError):
     """A dataset's files are there but do not hold what the adapter expects; the message names the file."""
 
 
