@@ -99,17 +99,28 @@ def restore(root: Path, store: Store) -> list[str]:
     return restored
 
 
+def check_outputs(record: ArtifactRecord, call: StageCall) -> None:
+    """A record restored into a workspace must hold the outputs dvc.yaml gives its stage instance, and nothing
+    else: a record substituted by a store writer cannot put a file anywhere but where that stage writes."""
+    below = [o.rstrip("/") for o in call.outs]
+    stray = [name for name in record.files if not any(name == o or name.startswith(f"{o}/") for o in below)]
+    missing = [o for o in below if not any(name == o or name.startswith(f"{o}/") for name in record.files)]
+    if stray or missing:
+        found = f"holds {stray[0]}, not an output of it" if stray else f"lacks its output {missing[0]}"
+        raise StoreError(f"the store's record of {call.label} {found}: nothing restored")
+
+
 def _place(record: ArtifactRecord, call: StageCall, root: Path, store: Store) -> None:
-    """The record's files as the stage's outputs in the workspace: every blob verified in a scratch directory
-    first, then each output replaced whole (as `dvc repro` replaces a stage's outputs)."""
+    """The record's files as the stage's outputs in the workspace: checked against the stage's outputs, every
+    blob verified in a scratch directory first, then each output replaced whole (as `dvc repro` replaces a
+    stage's outputs)."""
+    check_outputs(record, call)
     scratch_base = root / ".dvc" / "tmp"  # DVC's own temporaries: never part of an output
     scratch_base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=scratch_base) as scratch:
         store.materialise(record, Path(scratch), call.label)
         for out in call.outs:
             source, target = Path(scratch) / out, root / out
-            if not source.exists():
-                raise StoreError(f"the store's record of {call.label} does not hold its output {out}")
             target.parent.mkdir(parents=True, exist_ok=True)
             if target.is_dir():
                 shutil.rmtree(target)

@@ -43,7 +43,7 @@ from moder.errors import USER_ERRORS
 from moder.params import Params, ParamsError, load_params, parse_params
 from moder.progress import LogLines, progress_to
 from moder.results import METHODS
-from stages.check_params import check_datasets
+from stages.check_params import check_datasets, check_model
 from stages.report import summary_text
 
 GPU_TAG = "gpu"  # tasks that use the accelerator; `python -m flows.setup` caps them at the GPU count
@@ -105,7 +105,8 @@ def moder_pipeline(
     """
     if params is None:
         params = load_params(params_path)
-    check_datasets(params)  # a missing dataset fails the run here, before any stage
+    check_model(params)  # settings the model's shape refuses, and a missing dataset, fail the run here
+    check_datasets(params)
     params_data = params.model_dump(mode="json")  # defaults written out, as DVC sees them in params.yaml
     calls = pipeline(Path(dvc_yaml), params_data)
     artifacts = Store(store, get_run_logger().warning)

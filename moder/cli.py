@@ -29,20 +29,24 @@ class InputError(UserError, ValueError):
 
 
 def class_names(spec: str) -> list[str]:
-    """`catalog:<source>` (a real dataset's CLIP class names), a text file (one name per line), or "a,b,c"."""
+    """`catalog:<source>` (a real dataset's CLIP class names), "a,b,c" (a comma is what makes a list), or a text
+    file (one name per line), which must exist: a single word is never taken as the one class of every image."""
     if spec.startswith("catalog:"):
         try:
             return catalog(spec.removeprefix("catalog:")).class_names
         except KeyError as error:
             raise InputError(str(error.args[0])) from None
-    path = Path(spec)
-    if path.suffix == ".txt" and not path.is_file():
-        raise InputError(f"--classes {spec}: no such file")
-    names = (
-        [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if path.is_file()
-        else [name.strip() for name in spec.split(",") if name.strip()]
-    )
+    if "," in spec:
+        names = [name.strip() for name in spec.split(",") if name.strip()]
+    else:
+        try:
+            text = Path(spec).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = "no such file" if isinstance(error, FileNotFoundError) else f"not a readable text file ({error})"
+            raise InputError(
+                f"--classes {spec}: {reason}; give a file with one name per line, 'a,b,c' or catalog:<source>"
+            ) from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise InputError(
             f"--classes {spec!r}: no class names (give a file with one per line, 'a,b,c' or catalog:<source>)"
@@ -120,6 +124,7 @@ def classify(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     kept = [name for name in names if name not in set(prediction.skipped)]
+    ranks = prediction.scores.shape[1]  # --top-k, or every class when there are fewer
     rows: list[dict[str, Any]] = [
         {"image": str(file), "labels": labels, "scores": [round(float(s), 6) for s in scores]}
         for file, labels, scores in zip(kept, prediction.labels, prediction.scores.tolist(), strict=True)
@@ -127,7 +132,7 @@ def classify(args: argparse.Namespace) -> None:
     if args.out is not None and args.out.suffix == ".json":
         text = json.dumps(rows, indent=1) + "\n"
     else:
-        lines = [["image", *[f"{kind}_{rank}" for rank in range(1, args.top_k + 1) for kind in ("label", "score")]]]
+        lines = [["image", *[f"{kind}_{rank}" for rank in range(1, ranks + 1) for kind in ("label", "score")]]]
         lines += [
             [row["image"], *[v for pair in zip(row["labels"], row["scores"], strict=True) for v in pair]]
             for row in rows

@@ -253,6 +253,13 @@ def load_clip(
     return LoadedClip(model, preprocess, open_clip.get_tokenizer(architecture), identity, quick_gelu)
 
 
+def text_layers(architecture: str) -> int:
+    """How many blocks the architecture's text encoder has, from its config alone (no weights loaded)."""
+    if architecture not in open_clip.list_models():
+        raise ModelLoadError(f"unknown CLIP architecture {architecture!r} (model.architecture)")
+    return int(open_clip.get_model_config(architecture)["text_cfg"]["layers"])
+
+
 def save_backbone(clip: LoadedClip, path: Path | str, source: str) -> None:
     """The frozen CLIP as one safetensors file that `load_clip(architecture, checkpoint=path)` rebuilds
     exactly: the weights plus what the architecture name alone does not fix (the activation the

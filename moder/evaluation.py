@@ -19,25 +19,11 @@ from moder.metrics import class_accuracy, label_space, predict
 from moder.names import normalized
 from moder.params import Calibration, EvaluationSettings, Protocol
 from moder.prompts import PromptSet
-from moder.results import AccuracyRow
+from moder.results import AccuracyRow, UnseenClassRow
 from moder.tasks import TaskData
 from moder.train import TrainedTask
 
 ClassKey = tuple[str, str]  # (dataset, class name): the same name in two datasets is two classes
-
-
-@dataclass(frozen=True)
-class UnseenClassRow:
-    """Why composition helped or hurt one class not yet trained: what it retrieved, and its accuracy."""
-
-    step: str
-    task: str
-    class_name: str
-    names: str  # new, or recurring (its name trained by an earlier step, in any dataset)
-    zeroshot: float  # percent of the class's test images right, in the task's label space
-    moder: float
-    similarity: float  # cosine of its zero-shot prototype to the closest hub class's key
-    retrieved: str  # "hub class [its task] weight; ..." in retrieval order; "null" is the frozen model
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import Tensor
 from moder.errors import UserError
 from moder.io import atomic_path
 
+UNIT_TOLERANCE = 1e-3  # how far a stored feature's norm may be from 1 (float32 rounding is ~1e-7)
 _MODEL_KEY, _DATASET_KEY, _CLASSES_KEY = b"moder.model", b"moder.dataset", b"moder.classes"
 _TEMPLATES_KEY = b"moder.templates"
 
@@ -106,6 +107,13 @@ def read_features(path: Path | str, model: str | None = None, dataset: str | Non
     if not np.isfinite(vectors).all():
         raise FeatureFileError(
             f"{path}: {int((~np.isfinite(vectors)).any(1).sum())} feature rows have non-finite values"
+        )
+    norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+    off = np.abs(norms - 1.0) > UNIT_TOLERANCE
+    if off.any():  # finite values can still be damage: 3.4e38 is a float32, its row's norm is not 1
+        raise FeatureFileError(
+            f"{path}: {int(off.sum())} feature rows are not unit vectors (norms {norms[off].min():.3g} to "
+            f"{norms[off].max():.3g}): every feature and prototype is written L2-normalised, so the file is damaged"
         )
     outside = labels[(labels < 0) | (labels >= len(class_names))]
     if outside.size:

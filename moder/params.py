@@ -328,6 +328,8 @@ class BenchmarkParams(_Section):
     @field_validator("name", "preset")
     @classmethod
     def _path_safe(cls, name: str, info: ValidationInfo) -> str:
+        if info.field_name == "name" and name == "backbone":
+            raise ValueError("data/backbone/ holds the backbone every benchmark shares: name the benchmark otherwise")
         return path_name(name, f"benchmark {info.field_name}")
 
 

@@ -30,6 +30,20 @@ class AccuracyRow:
     names: str = "all"  # Names
 
 
+@dataclass(frozen=True)
+class UnseenClassRow:
+    """Why composition helped or hurt one class not yet trained: what it retrieved, and its accuracy."""
+
+    step: str
+    task: str
+    class_name: str
+    names: str  # new, or recurring (its name trained by an earlier step, in any dataset)
+    zeroshot: float  # percent of the class's test images right, in the task's label space
+    moder: float
+    similarity: float  # cosine of its zero-shot prototype to the closest hub class's key
+    retrieved: str  # "hub class [its task] weight; ..." in retrieval order; "null" is the frozen model
+
+
 # metrics.json's order, which is `dvc exp show`'s column order: what the method gives, what isolates its
 # parts, then what it must beat
 METHODS = ("moder", "no_composition", "no_calibration", "zeroshot", "oracle", "finetune")

@@ -13,7 +13,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from moder.errors import UserError
-from moder.io import atomic_path
+from moder.io import OutputError, atomic_path
 
 
 class TensorFileError(UserError, ValueError):
@@ -52,11 +52,14 @@ def save_tensors(path: Path | str, tensors: dict[str, torch.Tensor], metadata: d
         raise TensorFileError(f"refusing to write {path}: its metadata holds non-finite numbers") from None
     digest = _content_digest(iter(sorted(tensors.items())), text)
     with atomic_path(path) as temporary:
-        save_file(
-            {k: v.detach().contiguous() for k, v in tensors.items()},
-            str(temporary),
-            metadata={_METADATA_KEY: json.dumps({**metadata, _DIGEST_KEY: digest}, sort_keys=True)},
-        )
+        try:
+            save_file(
+                {k: v.detach().contiguous() for k, v in tensors.items()},
+                str(temporary),
+                metadata={_METADATA_KEY: json.dumps({**metadata, _DIGEST_KEY: digest}, sort_keys=True)},
+            )
+        except SafetensorError as error:  # safetensors reports a full disk as its own error, the OS's in its text
+            raise OutputError(f"could not write {path}: {' '.join(str(error).split())}") from None
 
 
 def _read_metadata(path: Path | str) -> tuple[dict[str, Any] | None, str | None]:

@@ -15,10 +15,23 @@ import argparse
 import sys
 from pathlib import Path
 
+from moder.clip import text_layers
 from moder.datasets import SPLITS, DatasetFormatError, DatasetNotFound, load_split
-from moder.params import Params, read_yaml
+from moder.params import Params, ParamsError, read_yaml
 from stages.common import parser, run_cli
 from stages.compose import conf_dir, departures
+
+
+def check_model(params: Params) -> None:
+    """Settings that only the model's shape can refuse, from its config (no weights): the LoRA layers (the
+    finetune baseline's LoRA reads them whatever the experts' kind)."""
+    depth = text_layers(params.model.architecture)
+    outside = [layer for layer in params.expert.lora.layers or [] if not -depth <= layer < depth]
+    if outside:
+        raise ParamsError(
+            f"expert.lora.layers: {outside} outside the {depth} text layers of {params.model.architecture} "
+            f"(0..{depth - 1}, or -{depth}..-1 from the end)"
+        )
 
 
 def check_datasets(params: Params) -> list[str]:
@@ -55,6 +68,7 @@ def departure_notes(path: Path) -> list[str]:
 
 
 def check(params: Params, path: str) -> None:
+    check_model(params)
     lines = check_datasets(params)
     print(f"{path}: valid ({params.benchmark.name}, {len(params.datasets)} datasets, {len(params.tasks)} tasks)")
     for line in lines:

@@ -8,6 +8,9 @@ command line with the same `cli()` and calls `run` (flows/runner.py)."""
 from __future__ import annotations
 
 import argparse
+import ctypes
+import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -45,8 +48,27 @@ def check_task(params: Params, task: str) -> None:
         raise ParamsError(f"unknown task {task!r}; params.yaml tasks: {', '.join(params.tasks)}")
 
 
+def _die_with_parent() -> None:
+    """On Linux, this process gets SIGTERM when the one that started it (`dvc repro`) dies: a stage killed through
+    DVC's process stops instead of running on as an orphan that keeps writing. Its partial outputs are temporaries,
+    which the next write of the same output removes (moder.io)."""
+    if sys.platform != "linux":
+        return
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # no prctl: the stage simply runs to its end
+        return
+    if os.getppid() != parent:  # the parent died before the request was in place
+        sys.exit("error: the process that started this stage is gone")
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def run_cli(run: Callable[[argparse.Namespace, Params], object], args: argparse.Namespace) -> None:
     """Load the params named on the command line and `run`; a user error exits with its one line."""
+    _die_with_parent()
     try:
         run(args, load_params(args.params))
     except USER_ERRORS as error:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moder.evaluation import StepEvaluation, UnseenClassRow, evaluate_step
+from moder.evaluation import StepEvaluation, evaluate_step
 from moder.factory import ExpertFactory
 from moder.hub import ExpertHub, HubFileError
 from moder.params import Params
-from moder.results import AccuracyRow
+from moder.results import AccuracyRow, UnseenClassRow
 from moder.text import TextTower
 from stages.common import check_task, parser, run_cli
 from stages.files import expert_file, load_frozen_clip, load_sequence, made_by, read_task_experts, write_rows

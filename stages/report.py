@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moder.experts import ExpertFileError
 from moder.hub import HubCost, HubFileError, hub_cost
 from moder.io import atomic_files, csv_text
 from moder.params import Params
-from moder.results import METHODS, AccuracyRow, accuracy_matrices, effects, method_figures
+from moder.results import METHODS, AccuracyRow, UnseenClassRow, accuracy_matrices, effects, method_figures
 from stages.common import MissingInput, parser, path_with_suffix, run_cli
 
 USES_DEVICE = False
@@ -30,7 +33,7 @@ def read_matrices(params: Params, evaluation: Path, finetune: Path) -> Matrices:
     for path, stage in sources:
         if not path.is_file():
             raise MissingInput(f"evaluation rows not found: {path} (run {stage})")
-        rows += [AccuracyRow(**r) for r in pq.read_table(path).to_pylist()]
+        rows += [AccuracyRow(**r) for r in _read_rows(path, stage, AccuracyRow)]
     matrices = accuracy_matrices(rows, tasks)
     for method in METHODS:
         matrix = matrices.get((method, "all"), np.full((len(tasks), len(tasks)), np.nan))
@@ -41,6 +44,18 @@ def read_matrices(params: Params, evaluation: Path, finetune: Path) -> Matrices:
                 "re-run the evaluate and finetune stages (dvc repro)"
             )
     return matrices
+
+
+def _read_rows(path: Path, stage: str, row_type: type) -> list[dict]:
+    """A stage's rows (of `row_type`'s columns) as dicts, or one line naming the file and the stage to re-run."""
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise MissingInput(f"{path}: not a readable Parquet file ({error}) [written by {stage}: re-run it]") from None
+    columns = [f.name for f in fields(row_type)]
+    if table.column_names != columns:
+        raise MissingInput(f"{path}: columns {table.column_names}, not {columns} [written by {stage}: re-run it]")
+    return table.to_pylist()
 
 
 def metrics_of(params: Params, matrices: Matrices) -> dict[str, dict[str, float]]:
@@ -57,7 +72,7 @@ def unseen_class_rows(params: Params, unseen: Path) -> list[list]:
         path = unseen / f"{step}.parquet"
         if not path.is_file():
             raise MissingInput(f"per-class report not found: {path} (run evaluate@{step})")
-        for row in pq.read_table(path).to_pylist():
+        for row in _read_rows(path, f"evaluate@{step}", UnseenClassRow):
             rows.append(
                 [
                     row["step"],
@@ -242,15 +257,24 @@ def summary_text(params: Params, reports: Path, metrics: Path) -> str:
     tasks = list(params.tasks)
     labels = [f"{i + 1}. {t}" for i, t in enumerate(tasks)]
     matrices = {method: np.full((len(tasks), len(tasks)), np.nan) for method in ("zeroshot", "moder")}
-    for cell in json.loads(path.read_text()):
+    cells, figures = (_json(needed) for needed in (path, metrics))
+    for cell in cells:
         if cell["step"] in labels and cell["task"] in labels and cell["method"] in matrices:
             matrices[cell["method"]][labels.index(cell["step"]), labels.index(cell["task"])] = cell["accuracy"]
     if any(np.isnan(matrix).any() for matrix in matrices.values()):
         raise MissingInput(f"{path} does not cover the tasks in params.yaml ({', '.join(tasks)}): run dvc repro")
-    figures = json.loads(metrics.read_text())
-    if not all(isinstance(figures.get(key), dict) for key in (*METHODS, "composition", "calibration", "headroom")):
+    if not isinstance(figures, dict) or not all(
+        isinstance(figures.get(key), dict) for key in (*METHODS, "composition", "calibration", "headroom")
+    ):
         raise MissingInput(f"{metrics} was written by an older version: run dvc repro")
     return "\n".join([summary(params, matrices, figures), f"\n{settings_line(params)}", cost_line(figures["hub"])])
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as error:
+        raise MissingInput(f"{path}: not readable JSON ({error}): run dvc repro (the report stage writes it)") from None
 
 
 def settings_line(params: Params) -> str:

@@ -144,6 +144,28 @@ def test_imagefolder_empty_train_class_folder_is_refused_naming_it(tmp_path):
     assert str(root / "train" / "empty_class") in str(error.value)
 
 
+def test_a_class_without_test_images_is_refused_naming_its_folder(tmp_path):
+    """A class never tested would count for nothing; one with no test folder at all, the same."""
+    root = _imagefolder_root(tmp_path)
+    first, second = sorted((root / "test").iterdir())[:2]
+    for image in first.iterdir():
+        image.unlink()
+    with pytest.raises(DatasetFormatError, match=rf"class folder {first} has no images"):
+        load_split("imagefolder", root, "test")
+    shutil.rmtree(first)
+    with pytest.raises(DatasetFormatError, match=rf"class folder {first} has no images"):
+        load_split("imagefolder", root, "test")
+    assert second.is_dir()
+
+
+def test_a_listed_class_without_rows_is_refused_naming_it(tmp_path):
+    root = _csv_root(tmp_path)
+    names = sorted({row["label"] for row in csv.DictReader((root / "train.csv").open())})
+    (root / "classes.txt").write_text("\n".join([*names, "violet moon"]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"train.csv has no row of class\(es\) 'violet moon'"):
+        load_split("csv", root, "train")
+
+
 def test_imagefolder_split_without_images_is_refused_naming_it(tmp_path):
     root = _imagefolder_root(tmp_path)
     for folder in (root / "test").iterdir():

@@ -8,7 +8,7 @@ from moder.features import FeatureFileError, FeatureTable, read_features, write_
 def _table(model="model-A"):
     generator = torch.Generator().manual_seed(0)
     return FeatureTable(
-        torch.randn(6, 4, generator=generator),
+        torch.nn.functional.normalize(torch.randn(6, 4, generator=generator), dim=-1),
         torch.tensor([0, 0, 1, 1, 2, 2]),
         ["red star", "blue ring", "green cross"],
         "studio",

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from moder.classifier import Classifier
+from moder.cli import InputError, class_names
 from moder.compose import seen_prototypes
 from moder.experts import load_experts
 from moder.factory import ExpertFactory
@@ -130,16 +131,38 @@ def test_classify_reads_image_folders_and_names_a_bad_image(mtil_run, tmp_path):
     last = failed.stderr.strip().splitlines()[-1]  # after the progress bar
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr
     assert last.startswith(f"error: cannot decode image {folder / '3.png'}") and "--skip-bad-images" in last
-    skipped = _moder(*args, "--skip-bad-images", str(folder))
+    # --top-k above the 3 classes: every class ranked, the CSV's header and rows alike (they were ragged)
+    skipped = _moder(*args[:-1], "5", "--skip-bad-images", str(folder))
     assert skipped.returncode == 0 and "skipped 1 undecodable image(s)" in skipped.stderr
-    assert len(list(csv.DictReader(io.StringIO(skipped.stdout)))) == 3
+    table = list(csv.reader(io.StringIO(skipped.stdout)))
+    assert table[0] == ["image", *[f"{kind}_{rank}" for rank in (1, 2, 3) for kind in ("label", "score")]]
+    assert len(table) == 4 and {len(row) for row in table} == {7}
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        (",", "no class names"),
+        ("red circle,red circle", "repeated class name(s): red circle"),
+        ("missing.txt", "--classes missing.txt: no such file"),
+        ("missing", "--classes missing: no such file; give a file with one name per line"),  # never one class
+        ("x" * 300, f"--classes {'x' * 300}: not a readable text file"),  # too long a name for a file
+    ],
+)
+def test_class_lists_that_cannot_be_read_are_refused_naming_them(spec, message):
+    with pytest.raises(InputError) as error:
+        class_names(spec)
+    assert message in str(error.value)
+
+
+def test_a_long_comma_separated_class_list_is_names_not_a_file():
+    names = [f"class number {i}" for i in range(40)]  # over 255 characters
+    assert class_names(",".join(names)) == names
 
 
 @pytest.mark.parametrize(
     "change, message",
     [
-        (["--classes", ","], "no class names"),
-        (["--classes", "red circle,red circle"], "repeated class name(s): red circle"),
         (["--classes", "red_circle,Red circle"], "class names collide"),
         (["--classes", "missing.txt"], "--classes missing.txt: no such file"),
         (["--hub", "nowhere/hub.parquet"], "hub index not found: nowhere/hub.parquet"),

@@ -113,6 +113,7 @@ def test_booleans_are_not_numbers_and_a_key_given_twice_is_refused(tmp_path):
         ({"tasks": {"..": {"dataset": "a"}}}, "tasks key '..' becomes a directory name"),
         ({"model": {"pretrained": "openai", "checkpoint": "w.pt"}}, "either pretrained"),
         ({"model": {"device": "cuda:x"}}, "key 'model.device': unknown device 'cuda:x'"),
+        ({"benchmark": {"name": "backbone"}}, "data/backbone/ holds the backbone every benchmark shares"),
         ({"seed": -1}, "key 'seed'"),
         ([1, 2], "expected a mapping"),
     ],

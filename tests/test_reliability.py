@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,106 @@ def test_concurrent_training_gives_the_bytes_of_sequential_training(mtil_run, tm
     assert snapshot(tmp_path / "threads") == snapshot(tmp_path / "sequential")
     assert snapshot(tmp_path / "sequential")["finetune.parquet"] == snapshot(root / DATA)["finetune.parquet"]
     assert not torch.are_deterministic_algorithms_enabled()  # no process-global switch was flipped on
+
+
+# --- what the store, the exchange with DVC and the command lines must refuse ------------------------------------
+
+
+def test_a_restored_record_may_hold_only_its_stages_outputs():
+    """A store writer can substitute a self-consistent record; `flows.exchange restore` still places nothing
+    outside the outputs dvc.yaml gives the record's stage instance, nor an incomplete set of them."""
+    from flows.exchange import check_outputs
+    from flows.graph import pipeline
+    from flows.store import ArtifactRecord, StoreError
+    from tests.conftest import FULL
+
+    call = pipeline(REPO / "dvc.yaml", FULL)["backbone"]
+    digest = "0" * 64
+    check_outputs(ArtifactRecord.of({"data/backbone/clip.safetensors": digest, "reports/backbone.json": digest}), call)
+    foreign = {"data/backbone/clip.safetensors": digest, "reports/backbone.json": digest, "metrics.json": digest}
+    with pytest.raises(
+        StoreError, match="record of backbone holds metrics.json, not an output of it: nothing restored"
+    ):
+        check_outputs(ArtifactRecord.of(foreign), call)
+    with pytest.raises(StoreError, match="record of backbone lacks its output reports/backbone.json"):
+        check_outputs(ArtifactRecord.of({"data/backbone/clip.safetensors": digest}), call)
+
+
+def test_a_full_disk_while_writing_safetensors_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    from safetensors import SafetensorError
+
+    import moder.tensors
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(moder.tensors, "save_file", full)
+    target = tmp_path / "experts" / "split-1.safetensors"
+    with pytest.raises(OutputError, match=rf"could not write {target}: Error while serializing: .*StorageFull"):
+        moder.tensors.save_tensors(target, {"w": torch.ones(2)}, {})
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_features_that_are_finite_but_not_unit_vectors_are_refused(tmp_path):
+    """Four flipped bytes can make a float32 of 3.4e38: finite, but no L2-normalised row holds it."""
+    from moder.features import read_features
+
+    vectors = torch.nn.functional.normalize(torch.randn(3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    vectors[1, 2] = 3.4e38
+    write_features(tmp_path / "f.parquet", FeatureTable(vectors, torch.tensor([0, 1, 1]), ["a", "b"], "d", "m"))
+    with pytest.raises(FeatureFileError, match=r"f.parquet: 1 feature rows are not unit vectors \(norms 3.4e\+38"):
+        read_features(tmp_path / "f.parquet")
+
+
+def test_settings_only_the_model_can_refuse_fail_in_the_params_stage():
+    from moder.params import ParamsError
+    from stages.check_params import check_model
+
+    check_model(parse_params(MINI))
+    bad = parse_params({**MINI, "expert": {**MINI["expert"], "lora": {**MINI["expert"]["lora"], "layers": [-1, 99]}}})
+    with pytest.raises(ParamsError, match=r"expert.lora.layers: \[99\] outside the 2 text layers of moder-micro-clip"):
+        check_model(bad)
+
+
+def test_damaged_evaluation_outputs_give_one_line_naming_the_file(run):
+    from stages.common import MissingInput
+    from stages.report import read_matrices, summary_text
+
+    params = parse_params(MINI)
+    rows = run / "eval" / "b.parquet"
+    rows.write_bytes(rows.read_bytes()[:-4] + b"JUNK")  # the footer's magic bytes gone
+    with pytest.raises(
+        MissingInput, match=rf"{rows}: not a readable Parquet file .*\[written by evaluate@b: re-run it\]"
+    ):
+        read_matrices(params, run / "eval", run / "finetune.parquet")
+    (run / "metrics.json").write_text('{"moder": {"transfer": 1')  # truncated
+    with pytest.raises(MissingInput, match=r"metrics.json: not readable JSON"):
+        summary_text(params, run / "reports", run / "metrics.json")
+
+
+def test_a_stage_whose_starter_is_killed_stops_instead_of_running_on(tmp_path):
+    """`dvc repro` killed (not its process group): the stage it started gets SIGTERM (stages.common)."""
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(MINI))
+    stage = (
+        "import argparse, time; from stages.common import run_cli; "
+        f"run_cli(lambda args, params: time.sleep(60), argparse.Namespace(params={str(tmp_path / 'params.yaml')!r}))"
+    )
+    starter = (
+        "import subprocess, sys, time; "
+        f"child = subprocess.Popen([sys.executable, '-c', {stage!r}], cwd={str(REPO)!r}); "
+        "print(child.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", starter], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    time.sleep(3)  # the child's imports done and its request in place
+    parent.kill()
+    parent.wait()
+    for _ in range(100):
+        try:  # gone, or dead and not yet reaped by whoever adopted it
+            if Path(f"/proc/{child}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(child, 9)
+    pytest.fail("the stage ran on after the process that started it was killed")

@@ -87,5 +87,9 @@ def load(root: Path, split: Split) -> ImageSplit:
     for path, (line, _, _) in zip(paths, rows, strict=True):
         if not path.is_file():
             raise DatasetNotFound(f"csv: {path} (named in {split_file} line {line}) not found")
+    counts = Counter(label for *_, label in rows)
+    empty = [name for name in classes if not counts[name]]
+    if empty:  # a class taught from nothing, or never tested: its accuracy would mean nothing
+        raise DatasetFormatError(f"csv: {split_file} has no row of class(es) {', '.join(map(repr, empty[:5]))}")
     label_of = {name: i for i, name in enumerate(classes)}
     return ImageSplit([str(path) for path in paths], [label_of[label] for *_, label in rows], classes)

@@ -8,8 +8,8 @@ Layout under root:
 Class names are the train folder names, sorted, with "_" -> " " (folder "red_circle" is class
 "red circle"); labels index that list. Files with other suffixes are ignored. A test folder with
 no train folder is refused: the model would be asked for a class it was never shown; so are a
-train folder without images, a split without any, and a folder or file that is a symlink out of
-root (symlinks within root are followed).
+class folder without images in either split (a class taught from nothing, or never tested), and a folder or
+file that is a symlink out of root (symlinks within root are followed).
 """
 
 from __future__ import annotations
@@ -48,14 +48,12 @@ def load(root: Path, split: Split) -> ImageSplit:
         )
     label_of = {folder: i for i, folder in enumerate(classes)}
     images, labels = [], []
-    for folder in folders:
-        files = _images(root, root / split / folder)
-        if not files and split == "train":  # a class the model would be taught from no example
+    for folder in classes:  # every class in both splits: taught from no example, or never tested, it means nothing
+        files = _images(root, root / split / folder) if folder in folders else []
+        if not files:
             raise DatasetFormatError(
                 f"imagefolder: class folder {root / split / folder} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
             )
         images += files
         labels += [label_of[folder]] * len(files)
-    if not images:
-        raise DatasetFormatError(f"imagefolder: {root / split} has no images in its class folders")
     return ImageSplit(images, labels, [folder.replace("_", " ") for folder in classes])
