@@ -11,8 +11,9 @@ from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_pro
 from moder.text import TextTower
 
 # Composed expert parameters held at once (64 M floats, 256 MB in fp32): query classes are composed and
-# encoded in chunks under this bound, whatever the task's class count, k and expert size. A default rank-4
-# LoRA on ViT-B-16 at k = 16 is 6.3 M floats per query, so about 10 queries per chunk.
+# encoded in chunks under this bound, whatever the task's class count, k and expert size. The default
+# (rank 1 on ViT-B-16's last layer, k = 4) is 33 K floats per query; rank 4 on all 12 layers at k = 16 is
+# 6.3 M, about 10 queries per chunk.
 COMPOSED_FLOATS = 64 * 2**20
 
 

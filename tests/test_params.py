@@ -80,7 +80,7 @@ def test_booleans_are_not_numbers_and_a_key_given_twice_is_refused(tmp_path):
     assert parse_params(_with({"train": {"lr": 1}})).train.lr == 1.0  # an integer is a float
     twice = tmp_path / "params.yaml"
     twice.write_text(
-        Path("params.yaml").read_text().replace("\nretrieval:\n  k: 16\n", "\nretrieval:\n  k: 16\n  k: 8\n")
+        Path("params.yaml").read_text().replace("\nretrieval:\n  k: 4\n", "\nretrieval:\n  k: 4\n  k: 8\n")
     )
     with pytest.raises(
         ParamsError, match=r"params.yaml: not valid YAML: key 'k' is given twice in one mapping .* line 3\d"
@@ -167,7 +167,7 @@ def _project(tmp_path: Path) -> Path:
 def test_params_yaml_says_it_is_generated_and_every_compose_rewrites_it(tmp_path):
     target = _project(tmp_path)
     assert target.read_text().startswith("generated: 'composed from conf/ (stages.compose, dvc exp run): edit conf/'\n")
-    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))  # a hand edit
+    target.write_text(target.read_text().replace("\n  k: 4\n", "\n  k: 5\n", 1))  # a hand edit
     compose_params(target)
     assert target.read_text() == Path("params.yaml").read_text()  # conf/ is the one home: the edit is gone
     config = tmp_path / "conf" / "config.yaml"
@@ -218,7 +218,7 @@ def test_compose_errors_name_the_preset_or_key_and_keep_nothing(tmp_path):
 
 def test_check_params_names_each_departure_from_conf(tmp_path):
     target = _project(tmp_path)
-    target.write_text(target.read_text().replace("\n  k: 16\n", "\n  k: 5\n", 1))
+    target.write_text(target.read_text().replace("\n  k: 4\n", "\n  k: 5\n", 1))
     assert departure_notes(target) == [
         f"note: {target}: retrieval.k = 5, {tmp_path / 'conf'}/ composes 16 (an override of this run or an edit; "
         f"the next compose rewrites {target} from {tmp_path / 'conf'}/)"
