@@ -239,10 +239,17 @@ def test_imagefolder_names_classes_from_sorted_folders(tmp_path):
 def test_csv_classes_txt_fixes_order_and_names(tmp_path):
     root = write("csv", tmp_path)
     names = made_up_names(N_CLASSES)
-    (root / "classes.txt").write_text("\n".join(["unused class", *reversed(names)]) + "\n")
+    (root / "classes.txt").write_text("\n".join(reversed(names)) + "\n")
     split = load_split("csv", root, "test")
-    assert split.class_names == ["unused class", *reversed(names)]
+    assert split.class_names == list(reversed(names))
     assert {split.class_names[y] for y in split.labels} == set(names)
+
+
+def test_csv_class_listed_without_rows_is_refused_naming_it(tmp_path):
+    root = write("csv", tmp_path)
+    (root / "classes.txt").write_text("\n".join(["unused class", *made_up_names(N_CLASSES)]) + "\n")
+    with pytest.raises(DatasetFormatError, match=r"csv: .*train\.csv has no row of class\(es\) 'unused class'$"):
+        load_split("csv", root, "train")
 
 
 def test_csv_label_outside_classes_txt_is_refused_naming_the_line(tmp_path):

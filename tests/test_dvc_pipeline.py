@@ -68,7 +68,7 @@ def test_plots_render_the_accuracy_heatmap_and_step_curves(project):
         "moder",
     }
     unseen = plots["reports/unseen.csv"][0]["content"]
-    assert unseen["title"]["text"] == "Mean accuracy over the tasks not yet trained (Transfer)"
+    assert unseen["title"] == "Mean accuracy over the tasks not yet trained (Transfer)"
     assert [(v["step"], v["method"]) for v in unseen["data"]["values"]] == [
         ("1. a", m) for m in ("zeroshot", "finetune", "oracle", "no_composition", "moder")
     ]

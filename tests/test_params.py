@@ -220,7 +220,7 @@ def test_check_params_names_each_departure_from_conf(tmp_path):
     target = _project(tmp_path)
     target.write_text(target.read_text().replace("\n  k: 4\n", "\n  k: 5\n", 1))
     assert departure_notes(target) == [
-        f"note: {target}: retrieval.k = 5, {tmp_path / 'conf'}/ composes 16 (an override of this run or an edit; "
+        f"note: {target}: retrieval.k = 5, {tmp_path / 'conf'}/ composes 4 (an override of this run or an edit; "
         f"the next compose rewrites {target} from {tmp_path / 'conf'}/)"
     ]
     assert departure_notes(Path("params.yaml")) == []
