@@ -1,10 +1,15 @@
+import contextlib
 import copy
+import importlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -273,13 +278,29 @@ def mtil_run(tmp_path_factory):
     return root, run_pipeline(MINI, root)
 
 
+def call_main(main: Callable[[], object], argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`main()` as a command line `argv` in `cwd` would run it, in this process (a Python start that imports torch
+    and open_clip costs seconds here): its exit status, stdout and stderr as the process would give them."""
+    out, err = io.StringIO(), io.StringIO()
+    previous = Path.cwd()
+    status: object = 0
+    with mock.patch.object(sys, "argv", argv), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        os.chdir(cwd)
+        try:
+            main()
+        except SystemExit as exit_:
+            status = exit_.code
+        finally:
+            os.chdir(previous)
+    if status is not None and not isinstance(status, int):  # sys.exit("message"): Python prints it, status 1
+        err.write(f"{status}\n")
+        status = 1
+    return subprocess.CompletedProcess(argv, status or 0, out.getvalue(), err.getvalue())
+
+
 def stage_cli(stage: str, params: dict, cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """`python -m stages.<stage> ARGS` in `cwd` with `params` as its params.yaml, outside the venv's PATH."""
+    """`python -m stages.<stage> ARGS` in `cwd` with `params` as its params.yaml: the module's own main() in this
+    process (the stages run as processes under `dvc repro` in test_dvc_pipeline)."""
     (cwd / "params.yaml").write_text(yaml.safe_dump(params))
-    return subprocess.run(
-        [sys.executable, "-m", f"stages.{stage}", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
-    )
+    module = importlib.import_module(f"stages.{stage}")
+    return call_main(module.main, [f"stages/{stage}.py", *args], cwd)

@@ -16,17 +16,19 @@ from safetensors import safe_open
 
 from moder.classifier import Classifier
 from moder.cli import InputError, class_names
+from moder.cli import main as cli_main
 from moder.compose import seen_prototypes
 from moder.experts import load_experts
 from moder.factory import ExpertFactory
 from moder.features import read_features
 from moder.params import parse_params
 from moder.world import World, render
-from tests.conftest import DATA, MINI, MODEL, REPO
+from tests.conftest import DATA, MINI, MODEL, REPO, call_main
 
 
 def _moder(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moder.cli", *args], capture_output=True, text=True, cwd=REPO)
+    """`moder ARGS`: moder.cli's main in this process (the first test runs the installed command itself)."""
+    return call_main(cli_main, ["moder", *args], REPO)
 
 
 def _moder_accuracy(root: Path, step: str, task: str) -> float:
@@ -40,21 +42,27 @@ def test_classify_on_a_task_not_yet_trained_gives_exactly_evaluations_accuracy(m
     names = test.class_names
     (tmp_path / "classes.txt").write_text("\n".join(names) + "\n")
     (tmp_path / "templates.txt").write_text("\n".join(MINI["templates"]) + "\n")
-    result = _moder(
-        "classify",
-        "--backbone",
-        str(root / MODEL),
-        "--hub",
-        str(root / DATA / "hub" / "a.parquet"),
-        "--classes",
-        str(tmp_path / "classes.txt"),
-        "--templates",
-        str(tmp_path / "templates.txt"),
-        "--dataset",
-        "b",
-        "--top-k",
-        "1",
-        str(root / DATA / "features" / "b" / "test.parquet"),
+    moder_command = Path(sys.executable).parent / "moder"
+    result = subprocess.run(
+        [
+            str(moder_command),
+            "classify",
+            "--backbone",
+            str(root / MODEL),
+            "--hub",
+            str(root / DATA / "hub" / "a.parquet"),
+            "--classes",
+            str(tmp_path / "classes.txt"),
+            "--templates",
+            str(tmp_path / "templates.txt"),
+            "--dataset",
+            "b",
+            "--top-k",
+            "1",
+            str(root / DATA / "features" / "b" / "test.parquet"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
