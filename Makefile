@@ -28,12 +28,15 @@ run: $(STAMP) $(PLOTS_PAGE)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 	$(BIN)/python -m stages.report --summary-only --reports reports
 
+# Two pytest workers (pytest-xdist), one torch thread each (tests/conftest.py). A file's tests run on one worker
+# (its fixtures are built once), files handed out in collection order: the slow tier's first (tests/conftest.py)
+TWO_WORKERS := -n 2 --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TWO_WORKERS)
 
 # everything but the slow tier (DVC projects, a Prefect server): a quicker loop while working
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(TWO_WORKERS) -m "not slow"
 
 # ruff (lint and format) on everything, mypy on the library (settings in pyproject.toml)
 lint: $(STAMP)

@@ -20,6 +20,20 @@ from moder.factory import ExpertFactory
 from moder.params import EvaluationSettings, ExpertParams, TrainParams
 from moder.text import TextTower
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `make test` runs two workers on two cores: one torch thread each, and in the processes they start (two
+    # threads per worker would contend). CPU float results depend on the thread count; a test compares runs made
+    # by its own worker, so they share it.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tier first, in file order: under `make test`'s two workers, which take whole files in collection
+    order, its two longest files start at once and the quick ones fill in around them."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each file's order is kept
+
+
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
 CLASSES = ["red circle", "green square", "blue star", "yellow triangle", "purple hexagon"]
 

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from moder.results import METHODS
-from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params, ran_stages, run_command
+from tests.conftest import FULL, MINI, MINI_STAGES, REPO, dvc, full_params, ran_stages, run_command, run_pipeline
 
 prefect = pytest.importorskip("prefect")
 
@@ -302,14 +303,14 @@ def test_dask_task_runner_on_two_local_workers_gives_the_same_metrics(server, pr
     assert _executed(states) == set(states) - {"scan"} and len(states) == len(MINI_STAGES) - 1  # all but params
     # Dask's INFO chatter is off (was ~35 lines on the console): its loggers make no record below WARNING
     assert not [r for r in caplog.records if r.name.startswith("distributed") and r.levelno < logging.WARNING]
-    # Dask's workers run torch on one thread each (distributed sets OMP_NUM_THREADS=1): the same graph run in one
+    # Dask's workers run torch on one thread each (distributed sets OMP_NUM_THREADS=1): the same graph run in this
     # process at one thread gives the same bytes (CPU float results depend on the thread count)
-    script = (
-        "import json, sys, tempfile, pathlib; from tests.conftest import run_pipeline, FULL; "
-        "print(json.dumps(run_pipeline(FULL, pathlib.Path(tempfile.mkdtemp()))))"
-    )
-    one_thread = run_command([sys.executable, "-c", script], REPO, env={"OMP_NUM_THREADS": "1"})
-    assert metrics == json.loads(one_thread.stdout.strip().splitlines()[-1])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert metrics == run_pipeline(FULL, tmp_path / "one-thread")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_gpu_tag_limit_is_created_and_updated(server):
