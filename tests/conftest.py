@@ -14,24 +14,33 @@ from unittest import mock
 import pytest
 import torch
 import yaml
+from filelock import FileLock
 
 from moder.clip import load_clip
 from moder.factory import ExpertFactory
 from moder.params import EvaluationSettings, ExpertParams, TrainParams
 from moder.text import TextTower
 
-if "PYTEST_XDIST_WORKER" in os.environ:
-    # `make test` runs two workers on two cores: one torch thread each, and in the processes they start (two
-    # threads per worker would contend). CPU float results depend on the thread count; a test compares runs made
-    # by its own worker, so they share it.
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+# Tests run torch on one thread, and so do the processes they start: `make test` runs two workers on two cores
+# (two threads each would contend), and CPU float results depend on the thread count, so a DVC run, a flow run
+# and an in-process run of the same settings give the same bytes.
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+# The slow tier's files in the order they are handed to `make test`'s workers: the DVC project's first (it builds
+# the project), the flow's last (it copies the project, built by then).
+SLOW_FILES = ("test_dvc_pipeline.py", "test_real_pipeline.py", "test_flow.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The slow tier first, in file order: under `make test`'s two workers, which take whole files in collection
-    order, its two longest files start at once and the quick ones fill in around them."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: each file's order is kept
+    """The slow tier first, in SLOW_FILES order: `make test`'s two workers take whole files in collection order,
+    so the longest start at once and the quick ones fill in around them."""
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return SLOW_FILES.index(name) if name in SLOW_FILES else len(SLOW_FILES)
+
+    items.sort(key=rank)  # stable: each file's own order is kept
 
 
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -254,11 +263,25 @@ MINI_B = {**FULL["datasets"], "b": {**FULL["datasets"]["b"], "outline": 0.2}}
 
 
 @pytest.fixture(scope="session")
-def project(tmp_path_factory):
+def project(tmp_path_factory, worker_id):
     """A copy of the code with the miniature params composed from conf/ (DVC's Hydra composition on, as in
-    the repository), run once through `dvc repro` and committed."""
-    root = copy_code(tmp_path_factory.mktemp("project"))
-    (root / ".gitignore").write_text("/data/\n__pycache__/\n")
+    the repository), run once through `dvc repro` and committed. Built once per test run: under `make test`'s
+    workers the first to need it builds it, the other waits and copies it (each worker changes its own copy)."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if worker_id != "master" else shared  # the run's directory, common to its workers
+    built = shared / "project-built"
+    with FileLock(f"{built}.lock"):
+        if not (built / ".repro-output").is_file():
+            _build_project(built)
+    root = tmp_path_factory.mktemp("project")
+    shutil.copytree(built, root, symlinks=True, dirs_exist_ok=True)
+    output = (root / ".repro-output").read_text()
+    return root, subprocess.CompletedProcess(["dvc", "repro"], 0, output, "")
+
+
+def _build_project(root: Path) -> None:
+    copy_code(root)
+    (root / ".gitignore").write_text("/data/\n__pycache__/\n/.repro-output\n")
     write_conf(root, FULL, {"mini-mtil-b": MINI_B})
     run_command([sys.executable, "-m", "stages.compose"], root)
     assert (root / "params.yaml").read_text() == params_text(FULL)
@@ -271,7 +294,7 @@ def project(tmp_path_factory):
     repro = dvc(root, "repro")
     run_command(["git", "add", "-A"], root)
     run_command(["git", "commit", "-qm", "mini run"], root)
-    return root, repro
+    (root / ".repro-output").write_text(repro.stdout)  # last: its presence says the project is complete
 
 
 def run_pipeline(data: dict, root: Path) -> dict:
