@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from moder.evaluation import StepEvaluation, evaluate_step
@@ -10,21 +11,29 @@ from moder.factory import ExpertFactory
 from moder.hub import ExpertHub, HubFileError
 from moder.params import Params
 from moder.results import AccuracyRow, UnseenClassRow
+from moder.tasks import TaskData
 from moder.text import TextTower
+from moder.train import TrainedTask
 from stages.common import check_task, parser, run_cli
 from stages.files import expert_file, load_frozen_clip, load_sequence, made_by, read_task_experts, write_rows
 
 USES_DEVICE = True
 
 
-def evaluate(
-    params: Params, step: str, model: Path, features: Path, experts: Path, hub: Path, out: Path, unseen_out: Path
-) -> StepEvaluation:
-    """Reads every task's test features and experts (<experts>/<dataset>/split-<i>.safetensors; the
-    oracle uses those of later steps too) and the hub of this step (the hub stage's index).
+@dataclass(frozen=True)
+class StepInputs:
+    """What the evaluation of one step reads, loaded and checked."""
 
-    Writes the accuracy rows to `out` and the per-class report of classes not yet trained to `unseen_out`.
-    """
+    factory: ExpertFactory
+    sequence: list[TaskData]
+    trained: list[TrainedTask]  # every task's, later steps' too (the oracle reads them)
+    hub: ExpertHub  # the experts of the tasks trained up to this step
+    step: int  # 0-based position of the step in the sequence
+
+
+def load_step_inputs(params: Params, step: str, model: Path, features: Path, experts: Path, hub: Path) -> StepInputs:
+    """Reads every task's test features and experts (<experts>/<dataset>/split-<i>.safetensors) and the hub of
+    this step (the hub stage's index). scripts/headroom.py reads a step through this too."""
     check_task(params, step)
     clip = load_frozen_clip(params, model)
     identity = clip.identity.to_json()
@@ -39,12 +48,21 @@ def evaluate(
     except HubFileError as error:
         raise HubFileError(f"{error} [written by hub@{step}: re-run it]") from None
     factory = ExpertFactory(TextTower(clip.model, clip.tokenizer), params.expert, params.templates)
+    return StepInputs(factory, sequence, trained, step_hub, list(params.tasks).index(step))
+
+
+def evaluate(
+    params: Params, step: str, model: Path, features: Path, experts: Path, hub: Path, out: Path, unseen_out: Path
+) -> StepEvaluation:
+    """Writes the accuracy rows of every method after `step` to `out` and the per-class report of classes not
+    yet trained to `unseen_out`."""
+    inputs = load_step_inputs(params, step, model, features, experts, hub)
     evaluation = evaluate_step(
-        factory,
-        sequence,
-        trained,
-        hub=step_hub,
-        step=list(params.tasks).index(step),
+        inputs.factory,
+        inputs.sequence,
+        inputs.trained,
+        hub=inputs.hub,
+        step=inputs.step,
         settings=params.evaluation_settings(),
     )
     write_rows(out, evaluation.rows, AccuracyRow)
