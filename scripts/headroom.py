@@ -7,6 +7,9 @@ new names) when the classes not yet trained get each of these prototypes, everyt
                composed like k retrieved experts with equal weights; zero-shot where the dataset has none yet
     hindsight  the k hub experts whose prototype for the class (each alone) is closest to the class's own
                expert's prototype, weighted as retrieval weights them: what a perfect choice of k could reach
+    offset     in output space, the class's zero-shot prototype plus the mean of what their own experts moved
+               the prototypes of its dataset's trained classes (own - zero-shot); zero-shot where there are none
+    transfer   the same with the k retrieved classes' moves, weighted by retrieval
     oracle     the class's own expert (trained ahead of time)
 
 Every one of them is moved toward zero-shot by `composition.alpha_unseen` and calibrated as MoDER's composed
@@ -50,7 +53,7 @@ from scripts.suite_table import SUITE  # noqa: E402
 from scripts.validate import VALIDATION_SEEDS, case_params  # noqa: E402
 from stages import evaluate  # noqa: E402
 
-VARIANTS = ("frozen", "moder", "shared", "hindsight", "oracle")
+VARIANTS = ("frozen", "moder", "shared", "hindsight", "offset", "transfer", "oracle")
 
 
 def shared_prototypes(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, dataset: str) -> Tensor | None:
@@ -103,9 +106,18 @@ def variant_rows(
         "oracle": base.oracle,
         "shared": dict(base.no_composition),
         "hindsight": dict(base.no_composition),
+        "offset": dict(base.no_composition),
+        "transfer": dict(base.no_composition),
     }
+    own = {
+        key: p
+        for data, t in zip(sequence, trained, strict=True)
+        for key, p in zip(_keys(data), t.prototypes, strict=True)
+    }
+    hub_keys = list(zip(hub.datasets, hub.class_names, strict=True))
+    moves = torch.stack([own[key] - base.zeroshot[key] for key in hub_keys])  # what each hub class's expert did
     for data, task in zip(sequence[step + 1 :], trained[step + 1 :], strict=True):
-        keys = [(data.task.dataset, name) for name in data.class_names]
+        keys = _keys(data)
         prompts = factory.prompts(data.class_names, list(data.templates))
         shared = shared_prototypes(factory, prompts, hub, data.task.dataset)
         if shared is not None:
@@ -115,12 +127,23 @@ def variant_rows(
             factory, prompts, hub, task.prototypes, data.zeroshot, retrieval.k, retrieval.temperature
         )
         tables["hindsight"].update(zip(keys, smooth_toward_zeroshot(hindsight, data.zeroshot, alpha), strict=True))
+        same = torch.tensor([d == data.task.dataset for d in hub.datasets])
+        if same.any():
+            offset = F.normalize(data.zeroshot + moves[same].mean(dim=0), dim=-1)
+            tables["offset"].update(zip(keys, smooth_toward_zeroshot(offset, data.zeroshot, alpha), strict=True))
+        found = hub.query(data.zeroshot, retrieval.k, retrieval.temperature)
+        transfer = F.normalize(data.zeroshot + torch.einsum("qk,qkd->qd", found.weights, moves[found.indices]), dim=-1)
+        tables["transfer"].update(zip(keys, smooth_toward_zeroshot(transfer, data.zeroshot, alpha), strict=True))
     protocol = settings.protocol
     return [
         row
         for name, table in tables.items()
         for row in accuracy_rows(sequence, step, protocol, name, table, base.offsets)
     ]
+
+
+def _keys(data: TaskData) -> list[ClassKey]:
+    return [(data.task.dataset, name) for name in data.class_names]
 
 
 def case_figures(params: Params, store: Store) -> dict[str, dict[str, float]]:
@@ -131,7 +154,7 @@ def case_figures(params: Params, store: Store) -> dict[str, dict[str, float]]:
     rows: list[AccuracyRow] = []
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        for label in steps[:-1]:  # after the last step no class is left untrained
+        for label in steps:
             for path, record in inputs_of(calls[label], records).items():
                 store.materialise(record, root, f"{label} input {path}")
             args = evaluate.cli().parse_args(list(calls[label].argv))
