@@ -109,6 +109,20 @@ def compose_prototypes(
     return torch.cat(parts)
 
 
+def displace_prototypes(zeroshot: Tensor, moves: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
+    """Each query's zero-shot prototype moved by the weighted mean of its retrieved hub classes' moves (what each
+    one's own expert did to its prototype: own minus zero-shot), renormalised; the null expert moves nothing.
+
+    What an expert learns of its dataset (the shift of its images, the backbone's confusions there) shows in how
+    far and where it moved its class's prototype; neighbours in a dataset tend to move alike. Nothing is
+    encoded: a query costs k rows of `moves` [hub rows, d], whatever the expert's size.
+    """
+    if moves.shape[0] == 0:
+        return F.normalize(zeroshot.float(), dim=-1)
+    rows = moves[indices.clamp(min=0)] * (indices >= 0).unsqueeze(-1).to(moves.dtype)
+    return F.normalize(zeroshot.float() + torch.einsum("qk,qkd->qd", weights.to(moves.dtype), rows), dim=-1)
+
+
 @torch.no_grad()
 def expert_prototypes(tower: TextTower, prompts: PromptSet, experts: Experts) -> Tensor:
     """Each class encoded by its own expert (expert row c for class c), in memory-bounded chunks."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from moder.compose import compose_prototypes, smooth_toward_zeroshot
+from moder.compose import compose_prototypes, displace_prototypes, smooth_toward_zeroshot
 from moder.factory import ExpertFactory
 from moder.hub import NULL_EXPERT, ExpertHub, Retrieval
 from moder.metrics import class_accuracy, label_space, predict
@@ -162,8 +162,9 @@ class Composed:
 def compose_unseen(
     factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, zeroshot: Tensor, settings: EvaluationSettings
 ) -> Composed:
-    """Retrieve by zero-shot prototype; where the gate opens, compose the retrieved experts and move the
-    result toward zero-shot by `alpha_unseen`; where it stays shut, keep the zero-shot prototype.
+    """Retrieve by zero-shot prototype; where the gate opens, compose the retrieved experts (or, in the
+    displacement space, move the zero-shot prototype as theirs moved) and move the result toward zero-shot by
+    `alpha_unseen`; where it stays shut, keep the zero-shot prototype.
     The one implementation evaluation and `moder classify` share."""
     retrieval = hub.query(zeroshot, settings.retrieval.k, settings.retrieval.temperature, settings.retrieval.null_score)
     best = torch.where(retrieval.indices == NULL_EXPERT, float("-inf"), retrieval.scores).max(dim=1).values
@@ -172,15 +173,21 @@ def compose_unseen(
     prototypes = zeroshot.float().clone()
     rows = opened.nonzero().squeeze(1)
     if len(rows):
-        composed = compose_prototypes(
-            factory.tower,
-            prompts.select(rows),
-            hub.experts,
-            factory.null(),
-            retrieval.indices[rows],
-            retrieval.weights[rows],
-            settings.composition.space,
-        )
+        space = settings.composition.space
+        if space == "displacement":
+            composed = displace_prototypes(
+                prototypes[rows], hub.moves(), retrieval.indices[rows], retrieval.weights[rows]
+            )
+        else:
+            composed = compose_prototypes(
+                factory.tower,
+                prompts.select(rows),
+                hub.experts,
+                factory.null(),
+                retrieval.indices[rows],
+                retrieval.weights[rows],
+                space,
+            )
         prototypes[rows] = smooth_toward_zeroshot(composed, prototypes[rows], settings.composition.alpha_unseen)
     return Composed(prototypes, retrieval, opened, best)
 

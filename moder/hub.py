@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.errors import UserError
-from moder.experts import ExpertFileError, Experts, concat_experts, expert_parameters, load_experts
+from moder.experts import ExpertFileError, Experts, ExpertsFile, concat_experts, expert_parameters, load_experts
 from moder.io import atomic_path, file_digest
 
 NULL_EXPERT = -1
@@ -96,6 +96,7 @@ class ExpertHub:
         self.datasets: list[str] = []
         self.offsets: list[float] = []
         self._parts: list[Experts] = []  # one per appended step, concatenated once when first read
+        self._own: list[Tensor | None] = []  # per appended step: each class's prototype under its own expert
         self._sources: list[tuple[str, int]] = []  # (experts file, row) per hub row, for the index
 
     def __len__(self) -> int:
@@ -110,13 +111,22 @@ class ExpertHub:
         return self._parts[0] if self._parts else None
 
     def append(
-        self, step: int, class_names: list[str], keys: Tensor, experts: Experts, entry: HubEntry | None = None
+        self,
+        step: int,
+        class_names: list[str],
+        keys: Tensor,
+        experts: Experts,
+        entry: HubEntry | None = None,
+        own: Tensor | None = None,
     ) -> None:
-        """Add one step's classes; `entry` says where their experts are stored (for `save_index`)."""
+        """Add one step's classes; `entry` says where their experts are stored (for `save_index`), `own` each
+        class's prototype under its own expert (the experts file keeps them; the displacement space reads them)."""
         if not len(class_names) == keys.shape[0] == len(experts):
             raise ValueError(
                 f"{len(class_names)} classes, {keys.shape[0]} keys and {len(experts)} experts do not match"
             )
+        if own is not None and own.shape != keys.shape:
+            raise ValueError(f"own prototypes of shape {list(own.shape)} for keys of shape {list(keys.shape)}")
         if step in self.steps:
             raise ValueError(f"step {step} is already in the hub")
         offsets = entry.offsets if entry is not None and entry.offsets else (0.0,) * len(class_names)
@@ -127,12 +137,21 @@ class ExpertHub:
         if self._parts and experts.describe() != self._parts[0].describe():
             raise ValueError("cannot add experts of another kind, rank, scaling or targets to the hub")
         self._parts.append(experts)
+        self._own.append(None if own is None else own.detach().float())
         self.class_names += list(class_names)
         self.steps += [step] * len(class_names)
         self.tasks += [entry.task if entry else str(step)] * len(class_names)
         self.datasets += [entry.dataset if entry else ""] * len(class_names)
         self.offsets += [float(v) for v in offsets]
         self._sources += [(entry.experts_file if entry else "", row) for row in range(len(class_names))]
+
+    def moves(self) -> Tensor:
+        """[rows, d]: what each hub class's own expert did to its prototype (own minus its zero-shot key)."""
+        if self.keys is None:
+            return torch.empty(0, 0)
+        if any(own is None for own in self._own):
+            raise ValueError("the hub holds no own prototypes for some steps (built by an older version): re-run hub")
+        return torch.cat([own for own in self._own if own is not None]) - self.keys
 
     def query(self, queries: Tensor, k: int, temperature: float, null_score: float | None = None) -> Retrieval:
         """Top-k hub rows by cosine similarity, weights softmax(similarity / temperature).
@@ -213,20 +232,21 @@ class ExpertHub:
             members = [i for i, row in enumerate(rows) if row["step"] == step]
             first = rows[members[0]]
             name = first["experts_file"]
-            experts = _read_step_experts(path, experts_root, name, digests.get(name), stored_identity)
-            experts = experts.select(torch.tensor([rows[i]["row"] for i in members]))
+            stored = _read_step_experts(path, experts_root, name, digests.get(name), stored_identity)
+            selected = torch.tensor([rows[i]["row"] for i in members])
             hub.append(
                 step,
                 [rows[i]["class_name"] for i in members],
                 keys[members],
-                experts,
+                stored.experts.select(selected),
                 HubEntry(step, first["task"], first["dataset"], name, tuple(rows[i]["offset"] for i in members)),
+                None if stored.prototypes is None else stored.prototypes[selected],
             )
         hub.keys = keys if rows else None  # stored normalised: normalising again could move the last bits
         return hub
 
 
-def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str | None, identity: str) -> Experts:
+def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str | None, identity: str) -> ExpertsFile:
     """One experts file the index points at: inside the experts root, unchanged since the index was made."""
     relative = PurePosixPath(name)
     if relative.is_absolute() or ".." in relative.parts or digest is None:
@@ -239,7 +259,6 @@ def _read_step_experts(index: Path, experts_root: Path, name: str, digest: str |
             f"{index} points at {file}, which has changed since the hub was built (re-run the hub stage)"
         )
     try:
-        experts = load_experts(file, identity).experts
+        return load_experts(file, identity)
     except ExpertFileError as error:
         raise HubFileError(f"{index}: {error}") from None
-    return experts

@@ -184,7 +184,11 @@ class RetrievalParams(_Section):
 
 
 class CompositionParams(_Section):
-    space: Literal["parameter", "output"]
+    # How a class not yet trained gets its prototype from its k retrieved hub classes: parameter (their experts'
+    # weights mixed, the class's prompts encoded), output (each expert encodes the prompts, the prototypes mixed)
+    # or displacement (no encoding: the class's zero-shot prototype moved as the retrieved classes' own experts
+    # moved theirs, moder.compose.displace_prototypes)
+    space: Literal["parameter", "output", "displacement"]
     alpha: Float = Field(ge=0, le=1)  # trained classes: alpha * own expert + (1 - alpha) * zero-shot
     alpha_unseen: Float = Field(ge=0, le=1)  # composed classes: the same, toward their zero-shot prototype
     # Lower trained classes' scores by their prototype offsets (moder.train.prototype_offsets):

@@ -7,9 +7,10 @@ new names) when the classes not yet trained get each of these prototypes, everyt
                composed like k retrieved experts with equal weights; zero-shot where the dataset has none yet
     hindsight  the k hub experts whose prototype for the class (each alone) is closest to the class's own
                expert's prototype, weighted as retrieval weights them: what a perfect choice of k could reach
-    offset     in output space, the class's zero-shot prototype plus the mean of what their own experts moved
-               the prototypes of its dataset's trained classes (own - zero-shot); zero-shot where there are none
-    transfer   the same with the k retrieved classes' moves, weighted by retrieval
+    offset     the class's zero-shot prototype moved by the mean of what their own experts did to the prototypes
+               of its dataset's trained classes (own - zero-shot); zero-shot where there are none
+    displaced  the same with the k retrieved classes' moves, weighted by retrieval: composition.space
+               displacement (moder.compose.displace_prototypes), through moder.evaluation.compose_unseen
     oracle     the class's own expert (trained ahead of time)
 
 Every one of them is moved toward zero-shot by `composition.alpha_unseen` and calibrated as MoDER's composed
@@ -40,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flows.graph import pipeline  # noqa: E402
 from flows.runner import inputs_of, run_graph  # noqa: E402
 from flows.store import DEFAULT_STORE, Store  # noqa: E402
-from moder.compose import compose_prototypes, expert_prototypes, smooth_toward_zeroshot  # noqa: E402
-from moder.evaluation import ClassKey, accuracy_rows, step_prototypes  # noqa: E402
+from moder.compose import compose_prototypes, displace_prototypes, expert_prototypes, smooth_toward_zeroshot  # noqa: E402
+from moder.evaluation import ClassKey, accuracy_rows, compose_unseen, step_prototypes  # noqa: E402
 from moder.factory import ExpertFactory  # noqa: E402
 from moder.hub import ExpertHub  # noqa: E402
 from moder.params import EvaluationSettings, Params  # noqa: E402
@@ -53,7 +54,7 @@ from scripts.suite_table import SUITE  # noqa: E402
 from scripts.validate import VALIDATION_SEEDS, case_params  # noqa: E402
 from stages import evaluate  # noqa: E402
 
-VARIANTS = ("frozen", "moder", "shared", "hindsight", "offset", "transfer", "oracle")
+VARIANTS = ("frozen", "moder", "shared", "hindsight", "offset", "displaced", "oracle")
 
 
 def shared_prototypes(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, dataset: str) -> Tensor | None:
@@ -107,15 +108,11 @@ def variant_rows(
         "shared": dict(base.no_composition),
         "hindsight": dict(base.no_composition),
         "offset": dict(base.no_composition),
-        "transfer": dict(base.no_composition),
+        "displaced": dict(base.no_composition),
     }
-    own = {
-        key: p
-        for data, t in zip(sequence, trained, strict=True)
-        for key, p in zip(_keys(data), t.prototypes, strict=True)
-    }
-    hub_keys = list(zip(hub.datasets, hub.class_names, strict=True))
-    moves = torch.stack([own[key] - base.zeroshot[key] for key in hub_keys])  # what each hub class's expert did
+    displacement = settings.model_copy(
+        update={"composition": settings.composition.model_copy(update={"space": "displacement"})}
+    )
     for data, task in zip(sequence[step + 1 :], trained[step + 1 :], strict=True):
         keys = _keys(data)
         prompts = factory.prompts(data.class_names, list(data.templates))
@@ -127,13 +124,13 @@ def variant_rows(
             factory, prompts, hub, task.prototypes, data.zeroshot, retrieval.k, retrieval.temperature
         )
         tables["hindsight"].update(zip(keys, smooth_toward_zeroshot(hindsight, data.zeroshot, alpha), strict=True))
-        same = torch.tensor([d == data.task.dataset for d in hub.datasets])
-        if same.any():
-            offset = F.normalize(data.zeroshot + moves[same].mean(dim=0), dim=-1)
+        same = torch.tensor([r for r, d in enumerate(hub.datasets) if d == data.task.dataset], dtype=torch.long)
+        if len(same):
+            indices = same.expand(len(keys), -1)
+            offset = displace_prototypes(data.zeroshot, hub.moves(), indices, torch.full(indices.shape, 1 / len(same)))
             tables["offset"].update(zip(keys, smooth_toward_zeroshot(offset, data.zeroshot, alpha), strict=True))
-        found = hub.query(data.zeroshot, retrieval.k, retrieval.temperature)
-        transfer = F.normalize(data.zeroshot + torch.einsum("qk,qkd->qd", found.weights, moves[found.indices]), dim=-1)
-        tables["transfer"].update(zip(keys, smooth_toward_zeroshot(transfer, data.zeroshot, alpha), strict=True))
+        displaced = compose_unseen(factory, prompts, hub, data.zeroshot, displacement).prototypes
+        tables["displaced"].update(zip(keys, displaced, strict=True))
     protocol = settings.protocol
     return [
         row

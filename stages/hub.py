@@ -46,7 +46,7 @@ def hub(params: Params, step: str, model: Path, features: Path, experts: Path, o
         entry = HubEntry(
             task.step, task.name, task.dataset, path.relative_to(experts).as_posix(), tuple(trained.offsets.tolist())
         )
-        built.append(task.step, names, table.vectors[task.classes], task_experts, entry)
+        built.append(task.step, names, table.vectors[task.classes], task_experts, entry, trained.prototypes)
     built.save_index(out, experts, hub_settings(params))
     print(f"hub after {step}: {len(built)} classes from {position + 1} step(s)")
     return built

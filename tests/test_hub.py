@@ -5,7 +5,7 @@ import torch
 from conftest import random_lora
 
 from moder.experts import ContextExperts
-from moder.hub import NULL_EXPERT, ExpertHub
+from moder.hub import NULL_EXPERT, ExpertHub, HubEntry
 
 
 def _keys(*vectors):
@@ -99,3 +99,20 @@ def test_hub_index_refuses_another_backbone_a_changed_experts_file_and_a_missing
         ExpertHub.load_index(tmp_path / "h.parquet", tmp_path / "experts")
     with pytest.raises(HubFileError, match="hub index not found"):
         ExpertHub.load_index(tmp_path / "nowhere.parquet", tmp_path / "experts")
+
+
+def test_a_loaded_hub_reads_each_classs_own_prototype_from_its_experts_file(tmp_path, lora_factory):
+    from moder.experts import save_experts
+
+    identity = '{"architecture": "x"}'
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator), dim=-1)
+    own = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator), dim=-1)
+    experts = random_lora(lora_factory, 3, seed=1)
+    save_experts(tmp_path / "experts/d/split-1.safetensors", experts, ["a", "b", "c"], identity, {}, prototypes=own)
+    hub = ExpertHub(identity)
+    hub.append(1, ["a", "b", "c"], keys, experts, HubEntry(1, "t", "d", "d/split-1.safetensors"), own)
+    hub.save_index(tmp_path / "hub.parquet", tmp_path / "experts", {})
+    loaded = ExpertHub.load_index(tmp_path / "hub.parquet", tmp_path / "experts", identity)
+    torch.testing.assert_close(loaded.moves(), own - hub.keys, atol=0, rtol=0)
+    torch.testing.assert_close(hub.moves(), own - hub.keys, atol=0, rtol=0)  # keys are renormalised on append

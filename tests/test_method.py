@@ -148,3 +148,49 @@ def test_calibration_offsets_per_mode(hub):
     assert calibration_offsets("task", hub, [1, 2, 3]) == pytest.approx([0.01, 0.01, 0.035])
     assert calibration_offsets("mean", hub, [0, 4]) == pytest.approx([0.02, 0.02])
     assert calibration_offsets("none", hub, [0, 1]) == [0.0, 0.0] and calibration_offsets("mean", hub, []) == []
+
+
+def _hub_with_own(clip, tower, lora_factory, scale: float) -> ExpertHub:
+    """Five classes in two steps whose own prototypes are their zero-shot keys moved by `scale` * noise."""
+    built = ExpertHub(clip.identity.to_json())
+    keys = zeroshot_prototypes(tower, CLASSES, TEMPLATES)
+    shift = scale * torch.randn(keys.shape, generator=torch.Generator().manual_seed(4))
+    experts = random_lora(lora_factory, len(CLASSES), seed=3)
+    own = F.normalize(keys + shift, dim=-1)
+    for step, rows in ((1, [0, 1, 2]), (2, [3, 4])):
+        entry = HubEntry(step, f"task{step}", "data", f"data/split-{step}.safetensors")
+        built.append(step, [CLASSES[r] for r in rows], keys[rows], experts.select(torch.tensor(rows)), entry, own[rows])
+    return built
+
+
+def test_displacement_moves_zero_shot_by_the_retrieved_classes_weighted_moves(clip, tower, lora_factory):
+    built = _hub_with_own(clip, tower, lora_factory, 0.3)
+    zeroshot, composed = _unseen(tower, lora_factory, built, space="displacement")
+    retrieval = built.query(zeroshot, 3, 0.3)
+    moves = built.moves()  # own minus key, row by row
+    expected = torch.stack(
+        [
+            F.normalize(
+                zeroshot[q]
+                + sum(w * moves[r] for r, w in zip(retrieval.indices[q], retrieval.weights[q], strict=True)),
+                dim=-1,
+            )
+            for q in range(len(UNSEEN))
+        ]
+    )
+    torch.testing.assert_close(composed.prototypes, expected, atol=1e-6, rtol=0)
+    # own prototypes equal to the keys move nothing: every class keeps its zero-shot prototype
+    still = _hub_with_own(clip, tower, lora_factory, 0.0)
+    torch.testing.assert_close(_unseen(tower, lora_factory, still, space="displacement")[1].prototypes, zeroshot)
+    # alpha_unseen = 0 is zero-shot exactly, and the null expert moves nothing
+    assert torch.equal(
+        _unseen(tower, lora_factory, built, space="displacement", alpha_unseen=0.0)[1].prototypes, zeroshot
+    )
+    only_null = _unseen(tower, lora_factory, built, space="displacement", null_score=1.0, k=1)[1]
+    assert (only_null.retrieval.indices == -1).all()
+    torch.testing.assert_close(only_null.prototypes, zeroshot)
+
+
+def test_displacement_needs_the_hubs_own_prototypes(tower, lora_factory, hub):
+    with pytest.raises(ValueError, match="no own prototypes"):
+        _unseen(tower, lora_factory, hub, space="displacement")
