@@ -57,13 +57,20 @@ from stages import evaluate  # noqa: E402
 VARIANTS = ("frozen", "moder", "shared", "hindsight", "offset", "displaced", "oracle")
 
 
-def shared_prototypes(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, dataset: str) -> Tensor | None:
-    """Each query class under the mean of every hub expert of `dataset` (None where the hub has none)."""
+def dataset_mean(hub: ExpertHub, dataset: str, queries: int) -> tuple[Tensor, Tensor] | None:
+    """Retrieval of every hub row of `dataset` with equal weights, for each of `queries` (None: it has none)."""
     rows = torch.tensor([r for r, name in enumerate(hub.datasets) if name == dataset], dtype=torch.long)
     if len(rows) == 0:
         return None
-    indices = rows.expand(prompts.n_classes, -1)
-    weights = torch.full(indices.shape, 1.0 / len(rows))
+    return rows.expand(queries, -1), torch.full((queries, len(rows)), 1.0 / len(rows))
+
+
+def shared_prototypes(factory: ExpertFactory, prompts: PromptSet, hub: ExpertHub, dataset: str) -> Tensor | None:
+    """Each query class under the mean of every hub expert of `dataset` (None where the hub has none)."""
+    mean = dataset_mean(hub, dataset, prompts.n_classes)
+    if mean is None:
+        return None
+    indices, weights = mean
     return compose_prototypes(factory.tower, prompts, hub.experts, factory.null(), indices, weights, "parameter")
 
 
@@ -124,10 +131,9 @@ def variant_rows(
             factory, prompts, hub, task.prototypes, data.zeroshot, retrieval.k, retrieval.temperature
         )
         tables["hindsight"].update(zip(keys, smooth_toward_zeroshot(hindsight, data.zeroshot, alpha), strict=True))
-        same = torch.tensor([r for r, d in enumerate(hub.datasets) if d == data.task.dataset], dtype=torch.long)
-        if len(same):
-            indices = same.expand(len(keys), -1)
-            offset = displace_prototypes(data.zeroshot, hub.moves(), indices, torch.full(indices.shape, 1 / len(same)))
+        mean = dataset_mean(hub, data.task.dataset, len(keys))
+        if mean is not None:
+            offset = displace_prototypes(data.zeroshot, hub.moves(), *mean)
             tables["offset"].update(zip(keys, smooth_toward_zeroshot(offset, data.zeroshot, alpha), strict=True))
         displaced = compose_unseen(factory, prompts, hub, data.zeroshot, displacement).prototypes
         tables["displaced"].update(zip(keys, displaced, strict=True))
