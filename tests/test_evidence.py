@@ -123,7 +123,7 @@ def two_steps(clip, tower, lora_factory):
         trained.append(TrainedTask(own, torch.tensor([0.01, 0.03])))
     hub = ExpertHub(clip.identity.to_json())
     entry = HubEntry(1, "d1", "d1", "d1/split-1.safetensors", (0.01, 0.03))
-    hub.append(1, names[0], sequence[0].zeroshot, experts.select(torch.tensor([0, 1])), entry)
+    hub.append(1, names[0], sequence[0].zeroshot, experts.select(torch.tensor([0, 1])), entry, trained[0].prototypes)
     return sequence, trained, hub
 
 

@@ -93,7 +93,7 @@ def test_booleans_are_not_numbers_and_a_key_given_twice_is_refused(tmp_path):
     [
         ({"retrieval": {"k": 0}}, "key 'retrieval.k': Input should be greater than or equal to 1 (got 0)"),
         ({"expert": {"kind": "adapter"}}, "key 'expert.kind': Input should be 'context' or 'lora' (got 'adapter')"),
-        ({"composition": {"space": "weights"}}, "Input should be 'parameter' or 'output'"),
+        ({"composition": {"space": "weights"}}, "Input should be 'parameter', 'output' or 'displacement'"),
         ({"learning_rate": 1}, "unknown key 'learning_rate'; allowed keys: generated, seed, templates, model"),
         ({"expert": {"lora": {"rnk": 2}}}, "unknown key 'expert.lora.rnk'; allowed keys: rank, alpha, layers, modules"),
         ({"expert": {"lora": {"modules": ["qkv"]}}}, "'attn_in', 'attn_out', 'mlp_fc' or 'mlp_proj' (got 'qkv')"),

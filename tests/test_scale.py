@@ -104,10 +104,12 @@ def test_templates_per_step_at_the_template_count_trains_exactly_as_all_template
 
 
 def test_evaluation_encodes_only_the_classes_it_composes(mtil_run, monkeypatch, tmp_path):
-    """After the last step every class is trained: evaluation runs the text tower not once. After the
-    first, it encodes the later task's prompts once (LoRA experts: each class's templates)."""
+    """Trained classes are never re-encoded. By displacement (the default) evaluation runs the text tower not
+    once; in parameter space, after the first step it encodes the later task's prompts once (LoRA experts: each
+    class's templates), and after the last step, with every class trained, not at all."""
     root, _ = mtil_run
     params = parse_params(MINI)
+    parameter = params.model_copy(update={"composition": params.composition.model_copy(update={"space": "parameter"})})
     encoded = []
     original = TextTower.encode
 
@@ -116,20 +118,27 @@ def test_evaluation_encodes_only_the_classes_it_composes(mtil_run, monkeypatch, 
         return original(self, tokens, *args, **kwargs)
 
     monkeypatch.setattr(TextTower, "encode", counting)
-    for step, expected in (("b", []), ("a", [MINI["datasets"]["b"]["classes"] * len(MINI["templates"])])):
+    later_prompts = MINI["datasets"]["b"]["classes"] * len(MINI["templates"])
+    assert params.composition.space == "displacement"
+    for settings, step, expected in (
+        (params, "b", []),
+        (params, "a", []),
+        (parameter, "b", []),
+        (parameter, "a", [later_prompts]),
+    ):
         encoded.clear()
         evaluate(
-            params,
+            settings,
             step,
             root / MODEL,
             root / DATA / "features",
             root / DATA / "experts",
             root / DATA / "hub" / f"{step}.parquet",
-            tmp_path / f"{step}.parquet",
+            tmp_path / f"{settings.composition.space}-{step}.parquet",
             tmp_path / f"unseen-{step}.parquet",
         )
-        assert encoded == expected, step
-    assert (tmp_path / "a.parquet").read_bytes() == (root / DATA / "eval" / "a.parquet").read_bytes()
+        assert encoded == expected, (settings.composition.space, step)
+    assert (tmp_path / "displacement-a.parquet").read_bytes() == (root / DATA / "eval" / "a.parquet").read_bytes()
 
 
 def test_trained_prototypes_are_stored_with_the_experts_and_checked(mtil_run, context_factory, tmp_path):
