@@ -25,7 +25,6 @@ Runs the stages through the flow's store as scripts/validate.py does (what valid
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flows.graph import pipeline  # noqa: E402
 from flows.runner import inputs_of, run_graph  # noqa: E402
-from flows.store import DEFAULT_STORE, Store  # noqa: E402
+from flows.store import Store  # noqa: E402
 from moder.compose import compose_prototypes, displace_prototypes, expert_prototypes, smooth_toward_zeroshot  # noqa: E402
 from moder.evaluation import ClassKey, accuracy_rows, compose_unseen, step_prototypes  # noqa: E402
 from moder.factory import ExpertFactory  # noqa: E402
@@ -50,8 +49,7 @@ from moder.prompts import PromptSet  # noqa: E402
 from moder.results import AccuracyRow, accuracy_matrices, method_figures  # noqa: E402
 from moder.tasks import TaskData  # noqa: E402
 from moder.train import TrainedTask  # noqa: E402
-from scripts.suite_table import SUITE  # noqa: E402
-from scripts.validate import VALIDATION_SEEDS, case_params  # noqa: E402
+from scripts.validate import case_params, parse_validation_args, validation_parser  # noqa: E402
 from stages import evaluate  # noqa: E402
 
 VARIANTS = ("frozen", "moder", "shared", "hindsight", "offset", "displaced", "oracle")
@@ -173,15 +171,9 @@ def case_figures(params: Params, store: Store) -> dict[str, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=VALIDATION_SEEDS, help="validation seeds")
-    parser.add_argument("--cases", nargs="+", default=list(SUITE), help="presets in conf/benchmark/")
+    parser = validation_parser(__doc__, Path("out/headroom.json"))
     parser.add_argument("--overrides", default="", help="space-separated Hydra overrides (as scripts/validate.py)")
-    parser.add_argument("--store", default=DEFAULT_STORE, help=f"the flow's store, a cache here ({DEFAULT_STORE})")
-    parser.add_argument("--json", type=Path, default=Path("out/headroom.json"), help="every seed's figures")
-    args = parser.parse_args()
-    if set(args.seeds) & set(range(5)):
-        parser.error("seeds 0-4 are the reported (test) seeds; decompose on others")
+    args = parse_validation_args(parser)
     store = Store(args.store)
     results: dict[str, list[dict[str, dict[str, float]]]] = {}
     print(f"{'case':30s} {'':6s} " + " ".join(f"{name:>9s}" for name in VARIANTS) + "   shared  own part  missed")

@@ -75,10 +75,27 @@ FIGURES = {
 }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def validation_parser(description: str, json: Path) -> argparse.ArgumentParser:
+    """The arguments of every script that reads validation worlds (this one, scripts/headroom.py): the seeds,
+    the suite cases, the flow's store and where every seed's figures go."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=VALIDATION_SEEDS, help="validation seeds")
     parser.add_argument("--cases", nargs="+", default=list(SUITE), help="presets in conf/benchmark/")
+    parser.add_argument("--store", default=DEFAULT_STORE, help=f"the flow's store, a cache here ({DEFAULT_STORE})")
+    parser.add_argument("--json", type=Path, default=json, help="every seed's figures")
+    return parser
+
+
+def parse_validation_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line, refused where it names a test seed."""
+    args = parser.parse_args()
+    if set(args.seeds) & set(range(5)):
+        parser.error("seeds 0-4 are the reported (test) seeds; validate on others")
+    return args
+
+
+def main() -> None:
+    parser = validation_parser(__doc__, Path("out/validation.json"))
     parser.add_argument(
         "--candidate",
         nargs=2,
@@ -87,11 +104,7 @@ def main() -> None:
         required=True,
         help='a name and space-separated Hydra overrides, key=value ("" for conf/ as it is)',
     )
-    parser.add_argument("--store", default=DEFAULT_STORE, help=f"the flow's store, a cache here ({DEFAULT_STORE})")
-    parser.add_argument("--json", type=Path, default=Path("out/validation.json"), help="every seed's figures")
-    args = parser.parse_args()
-    if set(args.seeds) & set(range(5)):
-        parser.error("seeds 0-4 are the reported (test) seeds; validate on others")
+    args = parse_validation_args(parser)
     store = Store(args.store)
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for name, overrides in args.candidate:
