@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/text_truncation.py
 	$(BIN)/python benchmarks/batched_experts.py
 	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/frozen_prefix.py
 	$(BIN)/python benchmarks/prefect_vs_dvc.py
 
 clean:

@@ -31,8 +31,8 @@ def finetune_rows(
     after each step. `train_sets[i]` holds task i's training features and labels."""
     shared = factory.new(1, generator)
     rows: list[AccuracyRow] = []
-    with torch.no_grad():
-        prompts = [factory.prompts(d.class_names, list(d.templates)) for d in sequence]
+    # each task's hidden states before the shared LoRA's first block, kept: every step encodes every task
+    prompts = [factory.prompts(d.class_names, list(d.templates), keep_prefix=True) for d in sequence]
     for step, (data, (features, labels)) in enumerate(zip(sequence, train_sets, strict=True)):
         everyone = torch.zeros(len(data.class_names), dtype=torch.long)
         shared = train_experts(

@@ -28,7 +28,7 @@ from moder.hub import ExpertHub
 from moder.metrics import cosine_scores
 from moder.names import check_class_names
 from moder.params import EvaluationSettings, ExpertParams
-from moder.prompts import zeroshot_prototypes
+from moder.prompts import frozen_prototypes, zeroshot_prototypes
 from moder.text import TextTower
 
 
@@ -97,7 +97,12 @@ class Classifier:
         check_class_names(class_names)
         templates = list(templates or self.settings.templates)
         factory = ExpertFactory(self.tower, self.settings.expert, templates)
-        zeroshot = zeroshot_prototypes(self.tower, class_names, templates)
+        # LoRA experts read the template prompts, whose frozen blocks are run once for zero-shot, own and composed
+        prompts = factory.prompts(class_names, keep_prefix=True)
+        if self.settings.expert.kind == "lora":
+            zeroshot = frozen_prototypes(self.tower, prompts)
+        else:
+            zeroshot = zeroshot_prototypes(self.tower, class_names, templates)
         own = self._own_rows(class_names, dataset)
         prototypes = zeroshot.clone()
         known = [i for i, row in enumerate(own) if row is not None]
@@ -106,14 +111,17 @@ class Classifier:
         with torch.no_grad():
             if known and self.hub.experts is not None:  # a name is known only to a hub with experts
                 experts = self.hub.experts.select(torch.tensor([own[i] for i in known]))
-                prompts = factory.prompts([class_names[i] for i in known])
                 prototypes[known] = seen_prototypes(
-                    self.tower, prompts, experts, zeroshot[known], self.evaluation.composition.alpha
+                    self.tower,
+                    prompts.select(torch.tensor(known)),
+                    experts,
+                    zeroshot[known],
+                    self.evaluation.composition.alpha,
                 )
             if unknown:
                 composed = compose_unseen(
                     factory,
-                    factory.prompts([class_names[i] for i in unknown]),
+                    prompts.select(torch.tensor(unknown)),
                     self.hub,
                     zeroshot[unknown],
                     self.evaluation,

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moder.experts import ContextExperts, Experts, LoraExperts
-from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
+from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes, keep_frozen_prefix
 from moder.text import TextTower
 
 # Composed expert parameters held at once (64 M floats, 256 MB in fp32): query classes are composed and
@@ -100,7 +100,9 @@ def compose_prototypes(
     step = composition_chunk(null, indices.shape[1], prompts.per_class)
     parts = []
     for chunk in class_chunks(prompts.n_classes, step):
-        chunk_prompts, chunk_indices, chunk_weights = prompts.select(chunk), indices[chunk], weights[chunk]
+        # every retrieved expert acts from the null expert's first block on; output space encodes a chunk k times
+        chunk_prompts = keep_frozen_prefix(tower, prompts.select(chunk), null.first_layer)
+        chunk_indices, chunk_weights = indices[chunk], weights[chunk]
         if space == "parameter":
             composed = compose_parameters(bank, null, chunk_indices, chunk_weights)
             parts.append(expert_prototypes(tower, chunk_prompts, composed))

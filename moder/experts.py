@@ -41,6 +41,11 @@ class ContextExperts:
     def __len__(self) -> int:
         return self.ctx.shape[0]
 
+    @property
+    def first_layer(self) -> int:
+        """The first text block the experts change: the embedding's tokens reach every block."""
+        return 0
+
     def select(self, rows: Tensor) -> ContextExperts:
         return ContextExperts(_gather(self.ctx, rows))
 
@@ -78,6 +83,11 @@ class LoraExperts:
 
     def __len__(self) -> int:
         return next(iter(self.a.values())).shape[0]
+
+    @property
+    def first_layer(self) -> int:
+        """The first text block the experts change; the blocks before it see what the frozen model sees."""
+        return min(int(target.split(".")[0]) for target in self.a)
 
     @property
     def rank(self) -> int:

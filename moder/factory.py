@@ -13,7 +13,7 @@ from moder.experts import (
     lora_targets,
 )
 from moder.params import ExpertParams
-from moder.prompts import PromptSet, template_prompts
+from moder.prompts import PromptSet, keep_frozen_prefix, template_prompts
 from moder.text import TextTower
 
 
@@ -34,15 +34,24 @@ class ExpertFactory:
             raise ValueError(f"unknown expert kind {spec.kind!r}; allowed: context, lora")
 
     @property
+    def first_layer(self) -> int:
+        """The first text block this factory's experts change (0 for context experts: the embedding's tokens)."""
+        return self.null().first_layer
+
+    @property
     def scaling(self) -> float:
         return self.spec.lora.alpha / self.spec.lora.rank
 
-    def prompts(self, class_names: list[str], templates: list[str] | None = None) -> PromptSet:
+    def prompts(
+        self, class_names: list[str], templates: list[str] | None = None, *, keep_prefix: bool = False
+    ) -> PromptSet:
         """The prompts experts of this kind read for `class_names`; LoRA experts use `templates`
-        (a dataset's own templates) or else the factory's."""
+        (a dataset's own templates) or else the factory's. With `keep_prefix`, their hidden states before the
+        experts' first block are computed now and kept (`keep_frozen_prefix`): for prompts encoded again and again."""
         if self.spec.kind == "context":
             return PromptSet(self.tower.context_prompts(class_names, self.spec.context.init)[0], len(class_names), 1)
-        return template_prompts(self.tower, class_names, list(templates or self.templates))
+        prompts = template_prompts(self.tower, class_names, list(templates or self.templates))
+        return keep_frozen_prefix(self.tower, prompts, self.first_layer) if keep_prefix else prompts
 
     def new(self, n: int, generator: torch.Generator) -> Experts:
         if self.spec.kind == "context":

@@ -128,6 +128,18 @@ class TextTower:
             last = torch.eq(tokens, cast(int, self.eos_id)).int().argmax(dim=-1)
         return int(last.max()) + 1
 
+    def prefix(self, tokens: Tensor, layers: int) -> Tensor:
+        """Hidden states of `tokens` entering block `layers` (after the embedding and the blocks before it),
+        without gradient: they depend on the prompt only, so experts that act from block `layers` on can
+        start from them (`encode(..., prefix=)`) instead of running the frozen blocks again. `tokens` as given
+        (cut them to `sequence_length` first): `encode` of a batch of shorter prompts reads the leading
+        positions, which the causal mask keeps exact."""
+        with torch.no_grad():
+            x, mask = self._embed(tokens, None, 1)
+            for layer in range(layers):
+                x = self._block(self.blocks[layer], layer, x, mask, None)
+        return x
+
     def encode(
         self,
         tokens: Tensor,
@@ -136,12 +148,14 @@ class TextTower:
         normalize: bool = True,
         truncate: bool = True,
         sequences_per_expert: int = 1,
+        prefix: tuple[Tensor, int] | None = None,
     ) -> Tensor:
         """Encode token sequences; with experts, each run of `sequences_per_expert` consecutive sequences
         (a class's prompts) shares expert row `expert_index[run]`.
 
         A LoRA expert is applied once per run, to the run's sequences stacked, so a class's expert is
-        never copied per template (at 80 templates, 80 copies of every expert).
+        never copied per template (at 80 templates, 80 copies of every expert). `prefix` = (`prefix(tokens,
+        m)` of these tokens, m) starts at block m; the experts must act on blocks m and after only.
         """
         group = None
         if experts is not None:
@@ -150,27 +164,49 @@ class TextTower:
                     f"expert_index must give one expert row per {sequences_per_expert} sequence(s), "
                     f"for {tokens.shape[0]} sequences"
                 )
+            if prefix is not None and experts.first_layer < prefix[1]:
+                raise ValueError(f"experts act on block {experts.first_layer}, before the prefix's block {prefix[1]}")
             # experts and prototypes stay on the CPU (hub, training state); only the rows in use travel
             group = experts.select(expert_index).to(self.device)
         length = self.sequence_length(tokens) if truncate else tokens.shape[1]
         tokens = tokens[:, :length]
+        if prefix is None:
+            x, mask = self._embed(tokens, group, sequences_per_expert)
+            start = 0
+        else:
+            hidden, start = prefix
+            if hidden.shape[0] != tokens.shape[0] or hidden.shape[1] < length:
+                raise ValueError(f"a prefix of shape {list(hidden.shape)} for {list(tokens.shape)} tokens")
+            x, mask = hidden[:, :length], self._mask(length, hidden.dtype)
+        lora = group if isinstance(group, LoraExperts) else None
+        for layer in range(start, self.n_layers):
+            x = self._block(self.blocks[layer], layer, x, mask, lora)
+        x = self.ln_final(x)
+        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+        if self.text_projection is not None:
+            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _mask(self, length: int, dtype: torch.dtype) -> Tensor | None:
+        return None if self.attn_mask is None else self.attn_mask[:length, :length].to(dtype)
+
+    def _embed(self, tokens: Tensor, group: Experts | None, sequences_per_expert: int) -> tuple[Tensor, Tensor | None]:
+        """Token and position embeddings, a context expert's tokens in place of the init phrase's; the mask."""
+        length = tokens.shape[1]
         x = self.token_embedding(tokens).to(self.cast_dtype)
         if isinstance(group, ContextExperts):
             n_ctx = group.ctx.shape[1]
             ctx = group.ctx.to(x.dtype).repeat_interleave(sequences_per_expert, dim=0)
             x = torch.cat([x[:, :1], ctx, x[:, 1 + n_ctx :]], dim=1)
         x = x + self.positional_embedding[:length].to(self.cast_dtype)
-        mask = None if self.attn_mask is None else self.attn_mask[:length, :length].to(x.dtype)
-        lora = group if isinstance(group, LoraExperts) else None
-        for layer, block in enumerate(self.blocks):
-            x = x + block.ls_1(self._attention(block, layer, block.ln_1(x), mask, lora))
-            h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
-            x = x + block.ls_2(self._linear(block, layer, _LORA_PROJ, block.mlp.gelu(h), lora))
-        x = self.ln_final(x)
-        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
-        if self.text_projection is not None:
-            x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
-        return F.normalize(x, dim=-1) if normalize else x
+        return x, self._mask(length, x.dtype)
+
+    def _block(
+        self, block: ResidualAttentionBlock, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None
+    ) -> Tensor:
+        x = x + block.ls_1(self._attention(block, layer, block.ln_1(x), mask, lora))
+        h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
+        return x + block.ls_2(self._linear(block, layer, _LORA_PROJ, block.mlp.gelu(h), lora))
 
     def _linear(
         self, block: ResidualAttentionBlock, layer: int, module: str, x: Tensor, lora: LoraExperts | None

@@ -15,7 +15,7 @@ from moder.errors import TrainingDiverged
 from moder.experts import Experts
 from moder.params import TrainParams
 from moder.progress import Progress, progress_bar
-from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes
+from moder.prompts import PromptSet, class_chunks, classes_per_chunk, encode_prototypes, keep_frozen_prefix
 from moder.text import TextTower
 
 # Prompts encoded with gradient in one forward. Above it a step runs in two passes: every prototype
@@ -97,6 +97,8 @@ def _train(
     class_rows: Tensor,
     progress: Progress,
 ) -> TrainResult:
+    # the blocks before the experts' first give the same hidden states at every step: run them once
+    prompts = keep_frozen_prefix(tower, prompts, experts.first_layer)
     parameters = [p.detach().clone().requires_grad_(True) for p in experts.parameters()]
     trainable = experts.with_parameters(parameters)
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
@@ -164,7 +166,7 @@ def sample_templates(prompts: PromptSet, per_class: int | None, generator: torch
         return prompts
     chosen = torch.rand(prompts.n_classes, prompts.per_class, generator=generator).argsort(dim=1)[:, :per_class]
     rows = (torch.arange(prompts.n_classes)[:, None] * prompts.per_class + chosen).reshape(-1)
-    return PromptSet(prompts.tokens[rows.to(prompts.tokens.device)], prompts.n_classes, per_class)
+    return prompts.rows(rows, prompts.n_classes, per_class)
 
 
 def _backward(

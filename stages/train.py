@@ -102,7 +102,7 @@ def _train_task(
     task_features, labels = samples.select(task.classes)
     names = [classes.class_names[i] for i in task.classes]
     zeroshot = classes.vectors[task.classes]
-    prompts = factory.prompts(names)
+    prompts = factory.prompts(names, keep_prefix=True)  # trained, then encoded once more for `own`
     generator = torch.Generator().manual_seed(seed_for(params.seed, "experts", task.dataset, str(task.step)))
     negatives, anchors = negatives_and_anchors(params, task, earlier, stored, centroids, classes)
     result = train_experts(
