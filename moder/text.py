@@ -179,10 +179,15 @@ class TextTower:
                 raise ValueError(f"a prefix of shape {list(hidden.shape)} for {list(tokens.shape)} tokens")
             x, mask = hidden[:, :length], self._mask(length, hidden.dtype)
         lora = group if isinstance(group, LoraExperts) else None
+        # the pooled feature reads one position: the last block computes only that position's output
+        pooled = self._pooled_positions(tokens) if start < self.n_layers else None
         for layer in range(start, self.n_layers):
-            x = self._block(self.blocks[layer], layer, x, mask, lora)
-        x = self.ln_final(x)
-        x = text_global_pool(x, tokens, self.pool_type, eos_token_id=self.eos_id)
+            last = layer == self.n_layers - 1
+            x = self._block(self.blocks[layer], layer, x, mask, lora, pooled if last else None)
+        if pooled is None:
+            x = text_global_pool(self.ln_final(x), tokens, self.pool_type, eos_token_id=self.eos_id)
+        else:
+            x = self.ln_final(x[:, 0])
         if self.text_projection is not None:
             x = self.text_projection(x) if isinstance(self.text_projection, nn.Linear) else x @ self.text_projection
         return F.normalize(x, dim=-1) if normalize else x
@@ -201,10 +206,31 @@ class TextTower:
         x = x + self.positional_embedding[:length].to(self.cast_dtype)
         return x, self._mask(length, x.dtype)
 
+    def _pooled_positions(self, tokens: Tensor) -> Tensor | None:
+        """The one position per sequence that pooling reads (None where pooling reads more than one)."""
+        if self.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self.pool_type == "eos":
+            return torch.eq(tokens, cast(int, self.eos_id)).int().argmax(dim=-1)
+        if self.pool_type in ("first", "last"):
+            return torch.full((tokens.shape[0],), 0 if self.pool_type == "first" else tokens.shape[1] - 1)
+        return None
+
     def _block(
-        self, block: ResidualAttentionBlock, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None
+        self,
+        block: ResidualAttentionBlock,
+        layer: int,
+        x: Tensor,
+        mask: Tensor | None,
+        lora: LoraExperts | None,
+        pooled: Tensor | None = None,
     ) -> Tensor:
-        x = x + block.ls_1(self._attention(block, layer, block.ln_1(x), mask, lora))
+        """One residual block; with `pooled` (a position per sequence), only those positions' outputs [N, 1, width]:
+        every position's keys and values are needed, but nothing else past the last block."""
+        attended = self._attention(block, layer, block.ln_1(x), mask, lora, pooled)
+        if pooled is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), pooled.to(x.device)].unsqueeze(1)
+        x = x + block.ls_1(attended)
         h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
         return x + block.ls_2(self._linear(block, layer, _LORA_PROJ, block.mlp.gelu(h), lora))
 
@@ -223,12 +249,23 @@ class TextTower:
         return y
 
     def _attention(
-        self, block: ResidualAttentionBlock, layer: int, x: Tensor, mask: Tensor | None, lora: LoraExperts | None
+        self,
+        block: ResidualAttentionBlock,
+        layer: int,
+        x: Tensor,
+        mask: Tensor | None,
+        lora: LoraExperts | None,
+        pooled: Tensor | None,
     ) -> Tensor:
         batch, length, width = x.shape
         heads = block.attn.num_heads
         qkv = self._linear(block, layer, _LORA_ATTN_IN, x, lora)
         q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        if pooled is not None:  # the pooled positions' queries, each with its row of the mask
+            rows = torch.arange(batch, device=x.device)
+            pooled = pooled.to(x.device)
+            q = q[rows, :, pooled].unsqueeze(2)
+            mask = None if mask is None else mask[pooled].view(batch, 1, 1, length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(batch, length, width)
+        out = out.transpose(1, 2).reshape(batch, q.shape[2], width)
         return self._linear(block, layer, _LORA_ATTN_OUT, out, lora)

@@ -44,9 +44,9 @@ class BlockCounter:
         self.sequences = [0] * tower.n_layers
         block = tower._block
 
-        def counted(module, layer, x, mask, lora):
+        def counted(module, layer, x, *rest):
             self.sequences[layer] += x.shape[0]
-            return block(module, layer, x, mask, lora)
+            return block(module, layer, x, *rest)
 
         monkeypatch.setattr(tower, "_block", counted)
 

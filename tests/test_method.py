@@ -71,8 +71,10 @@ def test_the_gate_opens_where_the_closest_hub_key_is_similar_enough(tower, lora_
     assert gated.opened.tolist() == (best >= threshold).tolist() == [bool(v) for v in best >= threshold]
     assert torch.allclose(gated.best_similarity, best, atol=1e-6)
     for row, opened in enumerate(gated.opened.tolist()):
-        expected = everything.prototypes[row] if opened else zeroshot[row]
-        assert torch.equal(gated.prototypes[row], expected)
+        if opened:  # encoded in a smaller batch than `everything`'s: equal up to float reassociation
+            assert torch.allclose(gated.prototypes[row], everything.prototypes[row], atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(gated.prototypes[row], zeroshot[row])
 
 
 def test_alpha_unseen_moves_composed_prototypes_toward_zero_shot(tower, lora_factory, hub):

@@ -82,3 +82,25 @@ def test_experts_moved_to_a_device_pass_gradients_back_to_the_originals():
     (moved.a["0.attn_out"].sum() + 2 * moved.b["0.attn_out"].sum()).backward()
     assert a["0.attn_out"].grad[0].abs().sum() == 0 and torch.equal(a["0.attn_out"].grad[1], torch.ones(1, 4))
     assert torch.equal(b["0.attn_out"].grad[1], torch.full((4, 1), 2.0))
+
+
+def test_last_block_at_the_pooled_position_only_equals_the_whole_block(tower, lora_factory, monkeypatch):
+    """The last block computes only the position pooling reads; its outputs and the experts' gradients are those
+    of the whole block."""
+    prompts = template_prompts(tower, CLASSES, TEMPLATES)
+    rows = torch.arange(len(CLASSES)).repeat_interleave(len(TEMPLATES))
+
+    def encoded_and_gradients():
+        experts = random_lora(lora_factory, len(CLASSES))
+        parameters = [p.requires_grad_(True) for p in experts.parameters()]
+        out = tower.encode(prompts.tokens, experts, rows)
+        (out * torch.linspace(-1, 1, out.shape[1])).sum().backward()
+        return out.detach(), [p.grad for p in parameters]
+
+    pooled, pooled_gradients = encoded_and_gradients()
+    monkeypatch.setattr(tower, "_pooled_positions", lambda tokens: None)  # every position through every block
+    whole, whole_gradients = encoded_and_gradients()
+    assert torch.allclose(pooled, whole, atol=1e-5, rtol=0)
+    for mine, theirs in zip(pooled_gradients, whole_gradients, strict=True):
+        assert theirs is not None and float(theirs.abs().max()) > 0
+        assert torch.allclose(mine, theirs, atol=1e-5, rtol=1e-4)
