@@ -305,15 +305,15 @@ def summary(
         "files; hub and evaluate load every expert of their step into memory)",
         *evaluation_before_after(results),
     ]
-    total = measured
+    # the run as DVC makes it: every stage's own wall and its process's start
+    wall = measured + sum(r.start_seconds for r in pipeline)
     cut = [r for r in results if r.failure and r.group in ("train", "finetune")]
     if params.train.epochs < target_epochs:
         scale = target_epochs / params.train.epochs
-        total = measured + training * (scale - 1)
         lines.append(
             f"EXTRAPOLATED: the training loops (train_experts, in train and finetune) at params.yaml's {target_epochs} "
             f"epochs ~ {training * scale:,.0f} s (measured {training:,.0f} s at {params.train.epochs} x {scale:g}, "
-            f"linear in epochs); whole run ~ {total / 60:,.1f} min"
+            f"linear in epochs); whole run ~ {(wall + training * (scale - 1)) / 60:,.1f} min"
             + (f" -- a LOWER BOUND: {len(cut)} training stage(s) failed part-way" if cut else "")
         )
     scope = f" (this run keeps {args.limit_classes} classes per dataset: the targets are for the full size)"
@@ -325,8 +325,11 @@ def summary(
         + ("met" if peak <= TARGET_RSS_GB * GB and not failed else "MISSED"),
     ]
     if args.sequence == "mtil-order1":
-        verdict = "met" if total <= TARGET_MTIL_MINUTES * 60 and not failed else "MISSED"
-        lines.append(f"  wall {total / 60:,.1f} min, target <= {TARGET_MTIL_MINUTES:g} min on this machine: {verdict}")
+        verdict = "met" if wall <= TARGET_MTIL_MINUTES * 60 and not failed else "MISSED"
+        lines.append(
+            f"  wall {wall / 60:,.1f} min for {params.train.epochs} epoch(s), every stage and its process start, "
+            f"target <= {TARGET_MTIL_MINUTES:g} min on this machine (one epoch): {verdict}"
+        )
     return lines
 
 
