@@ -4,6 +4,7 @@ from `dvc exp show --json` (scripts/suite_table.py).
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 9 cases x seeds 0-4
     python scripts/run_suite.py --table-only    # rewrite docs/suite.md and docs/suite.csv from the experiments run
+    python scripts/run_suite.py --resume --jobs 2   # a queue left by a stopped run: restart its workers, wait, table
 
 Each experiment is queued as `dvc exp run --queue -S benchmark=<case> -S seed=<seed>`: DVC composes its
 params.yaml from conf/ (Hydra), the workspace's params.yaml is left alone. Experiments run on the code in
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -44,24 +46,39 @@ def queue(experiments: list[Experiment]) -> None:
         dvc("exp", "run", "--queue", "-n", name, *(arg for override in settings for arg in ("-S", override)))
 
 
+def workers_missing(status: str, jobs: int) -> int:
+    """How many workers to start so that `jobs` serve the queue, from `dvc queue status` output: none unless
+    experiments are queued. DVC's workers stop now and then with experiments still queued (one of two did so
+    in a suite run, which then ran one experiment at a time for an hour)."""
+    if "Queued" not in status:
+        return 0
+    found = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+    workers = int(found[1]) + int(found[2]) if found else 0
+    return max(jobs - workers, 0)
+
+
 def wait_for_queue(jobs: int, poll: float = 20.0) -> None:
     """Until nothing is queued or running in two polls in a row (between two tasks a worker can show
-    neither: once the ablation's table was written with experiments still queued). DVC's workers also
-    stop now and then with experiments still queued: those are started again. A failed experiment is
-    reported by the table as left out."""
+    neither: once the ablation's table was written with experiments still queued); workers that stopped
+    with experiments still queued are replaced. A failed experiment is reported by the table as left out."""
     quiet = 0
     while quiet < 2:
         time.sleep(poll)
         status = dvc("queue", "status", capture=True)
         quiet = 0 if "Queued" in status or "Running" in status else quiet + 1
-        if "Queued" in status and "Running" not in status:
-            dvc("queue", "start", "-j", str(jobs))
+        missing = workers_missing(status, jobs)
+        if missing:
+            dvc("queue", "start", "-j", str(missing))
+
+
+def git_commit(rev: str) -> str:
+    return subprocess.run(["git", "rev-parse", rev], check=True, text=True, capture_output=True).stdout.strip()
 
 
 def run_queued(experiments: list[Experiment], jobs: int) -> str:
     """Queue the experiments, run them `jobs` at a time and wait; returns the commit they hang under, so that
     commits made meanwhile do not hide them from `dvc exp show`."""
-    rev = subprocess.run(["git", "rev-parse", "HEAD"], check=True, text=True, capture_output=True).stdout.strip()
+    rev = git_commit("HEAD")
     started = time.monotonic()
     queue(experiments)
     dvc("queue", "start", "-j", str(jobs))
@@ -97,15 +114,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--cases", nargs="+", default=list(SUITE))
     parser.add_argument("--table-only", action="store_true", help="only rewrite docs/suite.md")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish the queue a stopped run left (its workers restarted), then the two-thread repeat and the table",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
     parser.add_argument("--out", type=Path, default=Path("docs/suite.md"))
     parser.add_argument("--csv", type=Path, default=Path("docs/suite.csv"), help="every seed's figures")
     parser.add_argument(
-        "--rev", default="HEAD", help="with --table-only: the commit the experiments were queued on (default: HEAD)"
+        "--rev",
+        default="HEAD",
+        help="with --table-only or --resume: the commit the experiments were queued on (default: HEAD)",
     )
     args = parser.parse_args()
     try:
-        if not args.table_only:
+        if args.resume:
+            wait_for_queue(args.jobs)
+            # the repeat runs on the workspace's commit, and the table reads the experiments under --rev only
+            if git_commit("HEAD") == git_commit(args.rev):
+                run_at_two_threads(args.cases[0], args.seeds[0])
+            else:
+                print(f"the two-thread repeat left out: the workspace is not at {args.rev}", file=sys.stderr)
+        elif not args.table_only:
             # case-major: the first experiments pre-train each seed's backbone once (in parallel under --jobs),
             # the later ones restore it from DVC's run cache
             suite = [(f"{case}-s{seed}", case, [f"seed={seed}"]) for case in args.cases for seed in args.seeds]
