@@ -47,28 +47,35 @@ def queue(experiments: list[Experiment]) -> None:
 
 
 def workers_missing(status: str, jobs: int) -> int:
-    """How many workers to start so that `jobs` serve the queue, from `dvc queue status` output: none unless
+    """How many workers `dvc queue status` output shows missing for `jobs` to serve the queue: none unless
     experiments are queued. DVC's workers stop now and then with experiments still queued (one of two did so
-    in a suite run, which then ran one experiment at a time for an hour)."""
+    in a suite run, which then ran one experiment at a time). The worker count DVC prints is not reliable
+    under load (a busy worker may not answer: "1 active" with two experiments running), so a worker counts
+    if either it or an experiment running shows it."""
     if "Queued" not in status:
         return 0
     found = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
     workers = int(found[1]) + int(found[2]) if found else 0
-    return max(jobs - workers, 0)
+    running = len(re.findall(r"\bRunning\s*$", status, flags=re.MULTILINE))
+    return max(jobs - max(workers, running), 0)
 
 
 def wait_for_queue(jobs: int, poll: float = 20.0) -> None:
     """Until nothing is queued or running in two polls in a row (between two tasks a worker can show
-    neither: once the ablation's table was written with experiments still queued); workers that stopped
-    with experiments still queued are replaced. A failed experiment is reported by the table as left out."""
+    neither: once the ablation's table was written with experiments still queued); workers missing in two
+    polls in a row (not a worker between two tasks) are replaced. A failed experiment is reported by the
+    table as left out."""
     quiet = 0
+    missing_before = 0
     while quiet < 2:
         time.sleep(poll)
         status = dvc("queue", "status", capture=True)
         quiet = 0 if "Queued" in status or "Running" in status else quiet + 1
         missing = workers_missing(status, jobs)
-        if missing:
-            dvc("queue", "start", "-j", str(missing))
+        if missing and missing_before:
+            dvc("queue", "start", "-j", str(min(missing, missing_before)))
+            missing = 0
+        missing_before = missing
 
 
 def git_commit(rev: str) -> str:
