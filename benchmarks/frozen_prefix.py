@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -35,15 +36,9 @@ HUB_CLASSES = 804  # MTIL Order I's classes before SUN397
 BATCH = 64
 
 
-class NoReuse:
+def no_reuse():
     """Within the block, no prompt set keeps its frozen prefix: every encoding runs the whole tower."""
-
-    def __enter__(self) -> None:
-        self.kept = moder.prompts.KEPT_PREFIX_FLOATS
-        moder.prompts.KEPT_PREFIX_FLOATS = 0
-
-    def __exit__(self, *exc: object) -> None:
-        moder.prompts.KEPT_PREFIX_FLOATS = self.kept
+    return mock.patch.object(moder.prompts, "KEPT_PREFIX_FLOATS", 0)
 
 
 def mtil_classes(dataset: str) -> tuple[list[str], list[str]]:
@@ -82,7 +77,7 @@ def main() -> None:
     kept = factory.prompts(names, keep_prefix=True)
     keeping = seconds(lambda: factory.prompts(names, keep_prefix=True), args.repeats)
     step = seconds(lambda: train_experts(tower, kept, experts, features, labels, config, seed=0), args.repeats)
-    with NoReuse():
+    with no_reuse():
         prompts = factory.prompts(names)
         full = seconds(lambda: train_experts(tower, prompts, experts, features, labels, config, seed=0), args.repeats)
     task = f"{len(names)} classes x {len(templates)} templates"
@@ -105,7 +100,7 @@ def main() -> None:
 
         inside = seconds(compose(prompts), args.repeats)
         given = seconds(compose(kept), args.repeats)
-        with NoReuse():
+        with no_reuse():
             full = seconds(compose(prompts), args.repeats)
         what = f"composition of {len(names)} classes x {len(templates)} templates, {space} space, k={k}"
         print(f"| {what}, states kept | {full:.1f} | {given:.1f} | {full / given:.1f}x |")
@@ -119,7 +114,7 @@ def main() -> None:
         compose_prototypes(tower, prompt_set, bank, factory.null(), indices, weights, "parameter")
 
     reused = seconds(head, args.repeats)
-    with NoReuse():
+    with no_reuse():
         full = seconds(head, args.repeats)
     what = f"zero-shot + composition of {len(names)} classes, parameter space (moder classify's head)"
     print(f"| {what} | {full:.1f} | {reused:.1f} | {full / reused:.1f}x |")
