@@ -30,6 +30,10 @@ class UnsupportedTextTower(ValueError):
 class TextTower:
     """A view on a frozen open_clip model's text encoder."""
 
+    # The last block computes only the position pooling reads; False runs every position through it, as
+    # open_clip does (the reference tests/test_text.py compares with).
+    pool_last_block = True
+
     def __init__(self, model: nn.Module, tokenizer: Any) -> None:
         # open_clip's towers are read by attribute; they carry no type information
         text: Any = model.text if hasattr(model, "text") else model
@@ -122,11 +126,7 @@ class TextTower:
         """The shortest prefix that holds every sequence's pooled position."""
         if self.attn_mask is None or self.pool_type not in ("argmax", "eos"):
             return tokens.shape[1]  # bidirectional or last-token pooling reads the padding
-        if self.pool_type == "argmax":
-            last = tokens.argmax(dim=-1)
-        else:
-            last = torch.eq(tokens, cast(int, self.eos_id)).int().argmax(dim=-1)
-        return int(last.max()) + 1
+        return int(cast(Tensor, self._pooled_positions(tokens)).max()) + 1
 
     def prefix(self, tokens: Tensor, layers: int) -> Tensor:
         """Hidden states of `tokens` entering block `layers` (after the embedding and the blocks before it),
@@ -180,7 +180,8 @@ class TextTower:
             x, mask = hidden[:, :length], self._mask(length, hidden.dtype)
         lora = group if isinstance(group, LoraExperts) else None
         # the pooled feature reads one position: the last block computes only that position's output
-        pooled = self._pooled_positions(tokens) if start < self.n_layers else None
+        pooled = self._pooled_positions(tokens) if start < self.n_layers and self.pool_last_block else None
+        pooled = None if pooled is None else pooled.to(x.device)
         for layer in range(start, self.n_layers):
             last = layer == self.n_layers - 1
             x = self._block(self.blocks[layer], layer, x, mask, lora, pooled if last else None)
@@ -229,7 +230,7 @@ class TextTower:
         every position's keys and values are needed, but nothing else past the last block."""
         attended = self._attention(block, layer, block.ln_1(x), mask, lora, pooled)
         if pooled is not None:
-            x = x[torch.arange(x.shape[0], device=x.device), pooled.to(x.device)].unsqueeze(1)
+            x = x[torch.arange(x.shape[0], device=x.device), pooled].unsqueeze(1)
         x = x + block.ls_1(attended)
         h = self._linear(block, layer, _LORA_FC, block.ln_2(x), lora)
         return x + block.ls_2(self._linear(block, layer, _LORA_PROJ, block.mlp.gelu(h), lora))
@@ -263,7 +264,6 @@ class TextTower:
         q, k, v = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
         if pooled is not None:  # the pooled positions' queries, each with its row of the mask
             rows = torch.arange(batch, device=x.device)
-            pooled = pooled.to(x.device)
             q = q[rows, :, pooled].unsqueeze(2)
             mask = None if mask is None else mask[pooled].view(batch, 1, 1, length)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
