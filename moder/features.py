@@ -18,6 +18,7 @@ from moder.io import atomic_path
 UNIT_TOLERANCE = 1e-3  # how far a stored feature's norm may be from 1 (float32 rounding is ~1e-7)
 _MODEL_KEY, _DATASET_KEY, _CLASSES_KEY = b"moder.model", b"moder.dataset", b"moder.classes"
 _TEMPLATES_KEY = b"moder.templates"
+_SHOTS_KEY = b"moder.shots"
 
 
 class FeatureFileError(UserError, ValueError):
@@ -34,6 +35,10 @@ class FeatureTable:
     dataset: str
     model: str  # ModelIdentity JSON of the producing model
     templates: tuple[str, ...] = ()  # prototype tables: the prompt templates they were encoded from
+    # a few-shot training split (extract.shots): images kept per class, and their positions in the split's
+    # full listing (moder/shots.py), so that anyone can check which images every method trained on
+    shots: int | None = None
+    kept: tuple[int, ...] = ()
 
     def select(self, classes: list[int]) -> tuple[Tensor, Tensor]:
         """The rows of `classes` only, labelled by position in `classes` (a task's slice of its dataset)."""
@@ -62,6 +67,11 @@ def write_features(path: Path | str, table: FeatureTable) -> None:
             _DATASET_KEY: table.dataset.encode(),
             _CLASSES_KEY: json.dumps(table.class_names).encode(),
             **({_TEMPLATES_KEY: json.dumps(list(table.templates)).encode()} if table.templates else {}),
+            **(
+                {_SHOTS_KEY: json.dumps({"shots": table.shots, "kept": list(table.kept)}).encode()}
+                if table.shots is not None
+                else {}
+            ),
         }
     )
     with atomic_path(path) as temporary:
@@ -102,8 +112,12 @@ def read_features(path: Path | str, model: str | None = None, dataset: str | Non
     try:
         class_names = json.loads(metadata[_CLASSES_KEY])
         templates = tuple(json.loads(metadata[_TEMPLATES_KEY])) if _TEMPLATES_KEY in metadata else ()
+        draw = json.loads(metadata[_SHOTS_KEY]) if _SHOTS_KEY in metadata else {"shots": None, "kept": []}
+        shots, kept = draw["shots"], tuple(int(i) for i in draw["kept"])
     except ValueError as error:
-        raise FeatureFileError(f"{path}: its class list or templates are not valid JSON ({error})") from None
+        raise FeatureFileError(f"{path}: its class list, templates or shots are not valid JSON ({error})") from None
+    except (KeyError, TypeError) as error:
+        raise FeatureFileError(f"{path}: its shots record is malformed ({error!r})") from None
     if not np.isfinite(vectors).all():
         raise FeatureFileError(
             f"{path}: {int((~np.isfinite(vectors)).any(1).sum())} feature rows have non-finite values"
@@ -119,7 +133,14 @@ def read_features(path: Path | str, model: str | None = None, dataset: str | Non
     if outside.size:
         raise FeatureFileError(f"{path}: label {int(outside[0])} is outside its {len(class_names)} classes")
     return FeatureTable(
-        torch.from_numpy(vectors.copy()), torch.from_numpy(labels), class_names, tagged, producer, templates
+        torch.from_numpy(vectors.copy()),
+        torch.from_numpy(labels),
+        class_names,
+        tagged,
+        producer,
+        templates,
+        shots,
+        kept,
     )
 
 

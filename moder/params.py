@@ -322,6 +322,8 @@ class ExtractParams(_Section):
     precision: Literal["fp32", "bf16", "fp16"]  # autocast of the image tower (bf16/fp16: GPU)
     # An image file that cannot be decoded fails the stage naming it; true skips it and reports the count.
     skip_bad_images: StrictBool
+    # Few-shot protocols: training images kept per class, drawn from the seed (moder/shots.py); null: all.
+    shots: Int | None = Field(None, ge=1)
 
 
 class BenchmarkParams(_Section):

@@ -38,6 +38,7 @@ SUITE = (
     "embedded-mtil-recurring",
     "embedded-mtil-novel",
     "embedded-mtil-disjoint",
+    "embedded-mtil-5shot",
     "embedded-classil",
     "embedded-classil-many-tasks",
     "embedded-classil-few-tasks",

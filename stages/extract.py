@@ -3,12 +3,15 @@
 An embedded dataset is rendered from the world; an image dataset is read from `datasets.<name>.root`
 by its adapter (moder.datasets) and preprocessed with the backbone's own open_clip transform. An image
 file that cannot be decoded fails the stage naming it, or with `extract.skip_bad_images` is left out
-(with its label), and the stage prints how many were left out per split.
+(with its label), and the stage prints how many were left out per split. With `extract.shots` the training
+split keeps that many images per class, drawn from the seed before any image is decoded (moder/shots.py),
+and the training feature file records which.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from moder.features import FeatureTable, write_features
 from moder.io import atomic_directory
 from moder.params import DatasetParams, Params, ParamsError
 from moder.prompts import zeroshot_prototypes
+from moder.shots import draw_shots
 from moder.text import TextTower
 from moder.world import World, dataset_classes, render, seed_for
 from stages.common import parser, run_cli
@@ -31,22 +35,36 @@ USES_DEVICE = True
 SHOWN_SKIPPED = 3  # undecodable images named in the stage's output, per split
 
 
-def rendered_splits(
-    params: Params, dataset: str, clip: LoadedClip
-) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
-    """An embedded dataset: its class names, and per split (features, labels) of freshly rendered images."""
+Splits = dict[Split, tuple[Tensor, Tensor]]  # per split: (features, labels)
+
+
+def kept_shots(
+    params: Params, dataset: str, split: Split, labels: list[int], names: list[str], where: str
+) -> list[int] | None:
+    """Positions of the images a split keeps: the few-shot draw of the training split, else None (all)."""
+    if split != "train" or params.extract.shots is None:
+        return None
+    return draw_shots(labels, names, params.extract.shots, params.seed, dataset, where)
+
+
+def rendered_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[list[str], Splits, list[int] | None]:
+    """An embedded dataset: its class names, per split (features, labels) of freshly rendered images, and
+    the positions of the rendered training images kept (None: all)."""
     world, spec = World.of(params.world, params.seed), params.datasets[dataset]
     classes = dataset_classes(world, spec.classes, dataset, spec.class_offset)
-    splits = {}
+    names = [world.class_names[i] for i in classes]
+    splits, train_kept = {}, None
     for split, per_class in zip(SPLITS, (params.extract.train_per_class, params.extract.test_per_class), strict=True):
         labels = torch.arange(len(classes)).repeat_interleave(per_class)
         generator = torch.Generator().manual_seed(seed_for(params.seed, "render", dataset, split))
-        images = normalize_images(
-            render(world, spec, dataset, classes[labels], generator), clip.identity.mean, clip.identity.std
-        )
-        batches = images.split(params.extract.batch_size)
+        # every image is rendered, so that the kept ones are those of the full split
+        rendered = render(world, spec, dataset, classes[labels], generator)
+        kept = kept_shots(params, dataset, split, labels.tolist(), names, f"the {split} split of {dataset}")
+        if kept is not None:
+            rendered, labels, train_kept = rendered[kept], labels[kept], kept
+        batches = normalize_images(rendered, clip.identity.mean, clip.identity.std).split(params.extract.batch_size)
         splits[split] = (encode_images(clip.model, batches, params.model.device, params.extract.precision), labels)
-    return [world.class_names[i] for i in classes], splits
+    return names, splits, train_kept
 
 
 def encode_split(params: Params, clip: LoadedClip, data: ImageSplit, where: str) -> tuple[Tensor, Tensor, list[str]]:
@@ -72,20 +90,23 @@ def report_skipped(where: str, skipped: list[str]) -> None:
         print(f"skipped {len(skipped)} undecodable image(s) of {where}: {', '.join(skipped[:SHOWN_SKIPPED])}{more}")
 
 
-def image_splits(
-    params: Params, spec: DatasetParams, clip: LoadedClip
-) -> tuple[list[str], dict[Split, tuple[Tensor, Tensor]]]:
-    """An image dataset on disk: its class names, and per split (features, labels)."""
-    splits, names = {}, []
+def image_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[list[str], Splits, list[int] | None]:
+    """An image dataset on disk: its class names, per split (features, labels), and the positions of the
+    training images kept in the adapter's listing (None: all); only the kept images are decoded."""
+    spec = params.datasets[dataset]
+    splits, names, train_kept = {}, [], None
     for split in SPLITS:
         assert spec.root is not None  # params validation requires a root for image datasets
-        data = load_split(spec.source, spec.root, split).with_transform(clip.preprocess)
+        data = load_split(spec.source, spec.root, split)
         where = f"the {split} split of {spec.root}"
-        features, labels, skipped = encode_split(params, clip, data, where)
+        kept = kept_shots(params, dataset, split, data.labels, data.class_names, where)
+        if kept is not None:
+            data, train_kept = data.subset(kept), kept
+        features, labels, skipped = encode_split(params, clip, data.with_transform(clip.preprocess), where)
         report_skipped(where, skipped)
         splits[split] = (features, labels)
         names = data.class_names
-    return names, splits
+    return names, splits, train_kept
 
 
 def templates_of(params: Params, spec: DatasetParams) -> list[str]:
@@ -104,14 +125,17 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
     clip = load_frozen_clip(params, model)
     identity = clip.identity.to_json()
     spec = params.datasets[dataset]
-    names, splits = (
-        rendered_splits(params, dataset, clip) if spec.source == "embedded" else image_splits(params, spec, clip)
+    names, splits, kept = (
+        rendered_splits(params, dataset, clip) if spec.source == "embedded" else image_splits(params, dataset, clip)
     )
     templates = templates_of(params, spec)
     prototypes = zeroshot_prototypes(TextTower(clip.model, clip.tokenizer), names, templates)
     with atomic_directory(out, owner="extract") as directory:
         for split, (features, labels) in splits.items():
-            write_features(directory / f"{split}.parquet", FeatureTable(features, labels, names, dataset, identity))
+            table = FeatureTable(features, labels, names, dataset, identity)
+            if split == "train" and kept is not None:
+                table = replace(table, shots=params.extract.shots, kept=tuple(kept))
+            write_features(directory / f"{split}.parquet", table)
         write_features(
             directory / "classes.parquet",
             FeatureTable(prototypes, torch.arange(len(names)), names, dataset, identity, tuple(templates)),

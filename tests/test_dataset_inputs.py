@@ -242,20 +242,20 @@ def test_bad_image_fails_extraction_with_one_line_naming_it(workers, clip, tmp_p
     truncated = _truncated_jpeg(root / "test" / "blue_cross" / "1b.jpg")
     params = _params(root, workers=workers)
     with pytest.raises(BadImage, match=f"cannot decode image {truncated}") as error:
-        image_splits(params, params.datasets["shapes"], clip)
+        image_splits(params, "shapes", clip)
     assert "\n" not in str(error.value) and "skip_bad_images" in str(error.value)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_skip_bad_images_keeps_features_and_labels_aligned_and_says_so(workers, clip, tmp_path, capsys):
     root = _imagefolder_root(tmp_path)
-    names, clean = image_splits(_params(root), _params(root).datasets["shapes"], clip)
+    names, clean, _ = image_splits(_params(root), "shapes", clip)
     # One bad image in the middle of a batch (batch_size 3), one alone at the end.
     bad = [_truncated_jpeg(root / "train" / "blue_circle" / "0b.jpg"), root / "train" / "blue_cross" / "9.png"]
     bad[1].write_bytes(b"not an image at all")
     params = _params(root, workers=workers, skip_bad_images=True)
     capsys.readouterr()
-    skipped_names, skipping = image_splits(params, params.datasets["shapes"], clip)
+    skipped_names, skipping, _ = image_splits(params, "shapes", clip)
     assert skipped_names == names
     for split in ("train", "test"):
         features, labels = skipping[split]
@@ -271,7 +271,7 @@ def test_split_of_nothing_but_bad_images_is_refused(clip, tmp_path):
         image.write_bytes(b"garbage")
     params = _params(root, skip_bad_images=True)
     with pytest.raises(DatasetFormatError, match=f"none of the 4 images of the test split of {root}"):
-        image_splits(params, params.datasets["shapes"], clip)
+        image_splits(params, "shapes", clip)
 
 
 def test_extract_stage_prints_one_error_line_for_a_bad_image_in_a_worker(clip, tmp_path, monkeypatch):

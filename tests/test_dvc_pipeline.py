@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,17 +10,24 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from flows.graph import pipeline
+from flows.runner import run_call
+from moder.features import read_features
 from moder.params import parse_params
 from moder.results import METHODS
 from stages.compose import compose_text
 from tests.conftest import (
     ALWAYS_RUN,
+    DATA,
     FULL,
     MINI,
     MINI_B,
     MINI_STAGES,
+    MODEL,
+    REPO,
     dvc,
     params_text,
     ran_stages,
@@ -80,6 +88,8 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     evaluation = {"evaluate@a", "evaluate@b", "params"}  # `params` validates the whole file at any change
     hubs = {"hub@a", "hub@b"}  # they keep the settings they compose with, for `moder classify`
     assert _changed(root, {**FULL, "retrieval": {**FULL["retrieval"], "k": 2}}) == evaluation | hubs
+    # a few-shot draw: the features onward, not the backbone nor the scans
+    assert _changed(root, {**FULL, "extract": {**FULL["extract"], "shots": 2}}) == {"extract@a", "extract@b", "params"}
     assert _changed(root, {**FULL, "train": {**FULL["train"], "lr": 0.01}}) == {
         "train@a",
         "train@b",
@@ -99,6 +109,30 @@ def test_each_change_invalidates_exactly_the_stages_that_read_it(project):
     new = {"extract@c", "train@c", "finetune", "hub@c", "evaluate@c", "report"}
     assert _changed(root, appended) == new | evaluation | hubs
     assert _changed(root, FULL) == set()
+
+
+def test_a_few_shot_draw_is_the_same_under_dvc_and_the_flow(project, tmp_path):
+    """`dvc repro` runs extract@a as its own process, from dvc.yaml; the flow's runner (flows/runner.py, what each
+    Prefect task runs) runs the same stage instance in this process: the same images kept, recorded alike."""
+    root, _ = project
+    few = {**FULL, "extract": {**FULL["extract"], "shots": 2}}
+    (root / "params.yaml").write_text(params_text(few))
+    try:
+        dvc(root, "repro", "extract@a")
+        by_dvc = read_features(root / DATA / "features" / "a" / "train.parquet")
+    finally:  # the workspace back at the fixture's committed run
+        run_command(["git", "checkout", "--", "params.yaml", "dvc.lock"], root)
+        dvc(root, "checkout")
+    flow_root = tmp_path / "flow"
+    (flow_root / MODEL).parent.mkdir(parents=True)
+    shutil.copy(root / MODEL, flow_root / MODEL)
+    params = parse_params(few)
+    run_call(pipeline(REPO / "dvc.yaml", params.model_dump(mode="json"))["extract@a"], params, flow_root)
+    by_flow = read_features(flow_root / DATA / "features" / "a" / "train.parquet")
+    assert by_dvc.shots == by_flow.shots == 2 and len(by_dvc.kept) == 2 * FULL["datasets"]["a"]["classes"]
+    assert by_dvc.kept == by_flow.kept and torch.equal(by_dvc.labels, by_flow.labels)
+    assert torch.allclose(by_dvc.vectors, by_flow.vectors, atol=1e-6)
+    assert stale_stages(root) == set()
 
 
 def test_switching_the_benchmark_makes_stale_only_what_reads_the_change(project):
