@@ -82,6 +82,18 @@ def git_commit(rev: str) -> str:
     return subprocess.run(["git", "rev-parse", rev], check=True, text=True, capture_output=True).stdout.strip()
 
 
+def commits_back_to(since: str, rev: str) -> int:
+    """How many first-parent commits from `rev` back to `since`, both included: what `dvc exp show --rev rev -n`
+    must cover to show the experiments of both (a case queued at a later commit than the rest)."""
+    ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", since, rev], capture_output=True)
+    if ancestor.returncode != 0:
+        raise ValueError(f"--since {since} is not an ancestor of {rev}")
+    count = subprocess.run(
+        ["git", "rev-list", "--count", "--first-parent", f"{since}..{rev}"], check=True, text=True, capture_output=True
+    )
+    return int(count.stdout) + 1
+
+
 def run_queued(experiments: list[Experiment], jobs: int) -> str:
     """Queue the experiments, run them `jobs` at a time and wait; returns the commit they hang under, so that
     commits made meanwhile do not hide them from `dvc exp show`."""
@@ -134,6 +146,11 @@ def main() -> None:
         default="HEAD",
         help="with --table-only or --resume: the commit the experiments were queued on (default: HEAD)",
     )
+    parser.add_argument(
+        "--since",
+        help="with --table-only: also the experiments of the commits from --rev back to this one (first parents), "
+        "for a case run at a later commit than the rest",
+    )
     args = parser.parse_args()
     try:
         if args.resume:
@@ -149,8 +166,9 @@ def main() -> None:
             suite = [(f"{case}-s{seed}", case, [f"seed={seed}"]) for case in args.cases for seed in args.seeds]
             args.rev = run_queued(suite, args.jobs)
             run_at_two_threads(args.cases[0], args.seeds[0])
-        show = dvc("exp", "show", "--json", "--rev", args.rev, capture=True)
-    except (subprocess.CalledProcessError, ParamsError) as error:
+        back = ["-n", str(commits_back_to(args.since, args.rev))] if args.since else []
+        show = dvc("exp", "show", "--json", "--rev", args.rev, *back, capture=True)
+    except (subprocess.CalledProcessError, ParamsError, ValueError) as error:
         sys.exit(f"error: {error}")
     write_table(["scripts/suite_table.py", "--cases", *args.cases, "--csv", str(args.csv)], show, args.out)
 

@@ -1,7 +1,10 @@
 """scripts/run_suite.py's replacement of stopped queue workers, on `dvc queue status` output as DVC prints it."""
 
+import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -74,3 +77,22 @@ def test_workers_are_started_only_when_missing_in_two_polls_in_a_row(monkeypatch
     monkeypatch.setattr(run_suite.time, "sleep", lambda seconds: None)
     run_suite.wait_for_queue(2)
     assert started == [("queue", "start", "-j", "1")]
+
+
+def test_the_table_reaches_back_to_a_given_commit_along_first_parents_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], check=True, text=True, capture_output=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    commits = []
+    for n in range(3):
+        git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", f"c{n}")
+        commits.append(git("rev-parse", "HEAD"))
+    git("checkout", "-q", "-b", "side", commits[0])
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "side")
+    assert run_suite.commits_back_to(commits[0], commits[2]) == 3
+    assert run_suite.commits_back_to(commits[2], commits[2]) == 1
+    with pytest.raises(ValueError, match=f"--since {commits[2]} is not an ancestor of side"):
+        run_suite.commits_back_to(commits[2], "side")
