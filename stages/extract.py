@@ -141,7 +141,8 @@ def extract(params: Params, dataset: str, model: Path, out: Path) -> None:
             FeatureTable(prototypes, torch.arange(len(names)), names, dataset, identity, tuple(templates)),
         )
     sizes = ", ".join(f"{len(labels)} {split}" for split, (_, labels) in splits.items())
-    print(f"extracted {dataset}: {len(names)} classes, {sizes} images, {len(templates)} templates")
+    drawn = "" if kept is None else f" (train: {params.extract.shots} per class, drawn from seed {params.seed})"
+    print(f"extracted {dataset}: {len(names)} classes, {sizes} images{drawn}, {len(templates)} templates")
 
 
 def cli() -> argparse.ArgumentParser:
