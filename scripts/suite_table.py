@@ -86,10 +86,10 @@ def collect(show: object, cases: tuple[str, ...]) -> tuple[Runs, dict[str, tuple
         case = (params.get("benchmark") or {}).get("name")
         if case not in runs:
             continue
-        if not all(isinstance(metrics.get(m), dict) for m in (*METHODS, *EFFECTS)):
+        seed = params.get("seed")
+        if not isinstance(seed, int) or not all(isinstance(metrics.get(m), dict) for m in (*METHODS, *EFFECTS)):
             skipped.append(name)
             continue
-        seed = params.get("seed")
         if name.endswith(THREADS):
             threads[case] = (seed, metrics)
             continue
