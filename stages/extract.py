@@ -104,6 +104,9 @@ def image_splits(params: Params, dataset: str, clip: LoadedClip) -> tuple[list[s
             data, train_kept = data.subset(kept), kept
         features, labels, skipped = encode_split(params, clip, data.with_transform(clip.preprocess), where)
         report_skipped(where, skipped)
+        if kept is not None and skipped:  # the record lists the kept images the file holds rows of
+            gone = set(skipped)
+            train_kept = [position for position, image in zip(kept, data.images, strict=True) if str(image) not in gone]
         splits[split] = (features, labels)
         names = data.class_names
     return names, splits, train_kept

@@ -120,3 +120,19 @@ def test_a_few_shot_rendered_dataset_keeps_rendered_images_of_the_full_split(cli
     assert few.shots == 3 and len(few.kept) == 3 * MINI["datasets"]["a"]["classes"]
     assert torch.equal(few.labels, whole.labels[list(few.kept)])
     assert torch.allclose(few.vectors, whole.vectors[list(few.kept)], atol=1e-6)
+
+
+def test_a_kept_image_that_cannot_be_decoded_leaves_the_record_and_the_rows_alike(clip, tmp_path):
+    root = tmp_path / "images"
+    imagefolder.write(root, n_classes=2, per_class=3)
+    model = tmp_path / "clip.safetensors"
+    save_backbone(clip, model, "tag:test")
+    params = _imagefolder_params(root, 3)  # every training image kept
+    bad = sorted((root / "train").rglob("*.png"))[1]
+    bad.write_bytes(b"not an image")
+    skipping = parse_params(
+        params.model_dump(mode="json") | {"extract": {**params.extract.model_dump(), "skip_bad_images": True}}
+    )
+    extract(skipping, "shapes", model, tmp_path / "out")
+    table = read_features(tmp_path / "out" / "train.parquet")
+    assert table.shots == 3 and len(table.kept) == len(table.labels) == 5 and 1 not in table.kept
