@@ -82,6 +82,7 @@ def test_gains_effects_and_every_method_per_case(tmp_path):
     assert "| b | 0 | 30.0-30.0 | -1.0 | -1.0 | - | -1.0 | -1.0 |" in table
     # composition 0.5, 0.5, -0.5: its interval includes 0, not bold
     assert "| a | +0.2 ± 1.4 | +0.2 ± 1.4 | +0.0 ± 0.0 | +0.0 ± 0.0 |" in table
+    assert "Cases of the suite not run for this table: embedded-mtil, " in table  # a and b stand in for them
     assert "Case a: shared shifts. Two lines." in table and "(no description in the preset)" in table
     assert "| moder | 48.0 ± 9.9 | 47.0 ± 9.9 | 49.0 ± 9.9 | 50.0 ± 9.9 |" in table
     assert (
