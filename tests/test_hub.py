@@ -5,7 +5,7 @@ import torch
 from conftest import random_lora
 
 from moder.experts import ContextExperts
-from moder.hub import NULL_EXPERT, ExpertHub, HubEntry
+from moder.hub import NULL_EXPERT, ExpertHub, HubEntry, HubFileError
 
 
 def _keys(*vectors):
@@ -82,7 +82,6 @@ def test_hub_grows_and_round_trips_as_an_index_over_the_experts_files(tmp_path, 
 
 
 def test_hub_index_refuses_another_backbone_a_changed_experts_file_and_a_missing_index(tmp_path):
-    from moder.hub import HubFileError
 
     hub = ExpertHub(json.dumps({"architecture": "one"}))
     with pytest.raises(ValueError, match="2 classes, 3 keys and 3 experts"):
@@ -116,3 +115,8 @@ def test_a_loaded_hub_reads_each_classs_own_prototype_from_its_experts_file(tmp_
     loaded = ExpertHub.load_index(tmp_path / "hub.parquet", tmp_path / "experts", identity)
     torch.testing.assert_close(loaded.moves(), own - hub.keys, atol=0, rtol=0)
     torch.testing.assert_close(hub.moves(), own - hub.keys, atol=0, rtol=0)  # keys are renormalised on append
+    # an experts file without own prototypes (an older version's) is named, not a bare ValueError
+    save_experts(tmp_path / "experts/e/split-2.safetensors", experts, ["a", "b", "c"], identity, {})
+    hub.append(2, ["a", "b", "c"], keys, experts, HubEntry(2, "t", "e", "e/split-2.safetensors"))
+    with pytest.raises(HubFileError, match=r"^experts files e/split-2.safetensors hold no own prototypes"):
+        hub.moves()
