@@ -105,9 +105,9 @@ def step_prototypes(
                 f"task {data.task.name}: trained prototypes {list(task.prototypes.shape)} "
                 f"for zero-shot prototypes {list(data.zeroshot.shape)}"
             )
-        own.update(zip(_keys(data), task.prototypes, strict=True))
-    seen = [key for data in sequence[: step + 1] for key in _keys(data)]
-    zeroshot = {key: p for data in sequence for key, p in zip(_keys(data), data.zeroshot, strict=True)}
+        own.update(zip(class_keys(data), task.prototypes, strict=True))
+    seen = [key for data in sequence[: step + 1] for key in class_keys(data)]
+    zeroshot = {key: p for data in sequence for key, p in zip(class_keys(data), data.zeroshot, strict=True)}
     own_seen = {key: smooth_toward_zeroshot(own[key], zeroshot[key], settings.composition.alpha) for key in seen}
     moder, oracle, no_composition = dict(own_seen), dict(own_seen), {**zeroshot, **own_seen}
     retrieved: dict[ClassKey, str] = {}
@@ -115,7 +115,7 @@ def step_prototypes(
     for data in sequence[step + 1 :]:
         task_prompts = factory.prompts(data.class_names, list(data.templates))
         composed = compose_unseen(factory, task_prompts, hub, data.zeroshot, settings)
-        keys = _keys(data)
+        keys = class_keys(data)
         retrieved.update(zip(keys, _describe(composed, hub), strict=True))
         similarity.update(zip(keys, composed.best_similarity.tolist(), strict=True))
         moder.update(zip(keys, composed.prototypes, strict=True))
@@ -192,7 +192,8 @@ def compose_unseen(
     return Composed(prototypes, retrieval, opened, best)
 
 
-def _keys(data: TaskData) -> list[ClassKey]:
+def class_keys(data: TaskData) -> list[ClassKey]:
+    """(dataset, class name) of each class of a task, in its order: how prototypes are keyed across tasks."""
     return [(data.task.dataset, name) for name in data.class_names]
 
 
@@ -243,7 +244,7 @@ def _unseen_class_rows(
                 prototypes.similarity[key],
                 prototypes.retrieved[key],
             )
-            for key in _keys(data)
+            for key in class_keys(data)
         ]
     return rows
 

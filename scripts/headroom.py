@@ -41,7 +41,7 @@ from flows.graph import pipeline  # noqa: E402
 from flows.runner import inputs_of, run_graph  # noqa: E402
 from flows.store import Store  # noqa: E402
 from moder.compose import compose_prototypes, displace_prototypes, expert_prototypes, smooth_toward_zeroshot  # noqa: E402
-from moder.evaluation import ClassKey, accuracy_rows, compose_unseen, step_prototypes  # noqa: E402
+from moder.evaluation import ClassKey, accuracy_rows, class_keys, compose_unseen, step_prototypes  # noqa: E402
 from moder.factory import ExpertFactory  # noqa: E402
 from moder.hub import ExpertHub  # noqa: E402
 from moder.params import EvaluationSettings, Params  # noqa: E402
@@ -119,7 +119,7 @@ def variant_rows(
         update={"composition": settings.composition.model_copy(update={"space": "displacement"})}
     )
     for data, task in zip(sequence[step + 1 :], trained[step + 1 :], strict=True):
-        keys = _keys(data)
+        keys = class_keys(data)
         prompts = factory.prompts(data.class_names, list(data.templates))
         shared = shared_prototypes(factory, prompts, hub, data.task.dataset)
         if shared is not None:
@@ -141,10 +141,6 @@ def variant_rows(
         for name, table in tables.items()
         for row in accuracy_rows(sequence, step, protocol, name, table, base.offsets)
     ]
-
-
-def _keys(data: TaskData) -> list[ClassKey]:
-    return [(data.task.dataset, name) for name in data.class_names]
 
 
 def case_figures(params: Params, store: Store) -> dict[str, dict[str, float]]:
