@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from moder.clip import load_clip
+from moder.clip import OpenClipModel, load_clip
 from moder.params import Params, load_params
 from moder.text import TextTower
 
@@ -21,13 +22,13 @@ def committed() -> Params:
     return load_params(Path(__file__).resolve().parents[1] / "params.yaml")
 
 
-def vit_b16(device: str = "cpu") -> tuple[torch.nn.Module, TextTower]:
+def vit_b16(device: str = "cpu") -> tuple[OpenClipModel, TextTower]:
     """ViT-B-16 with random weights (timing does not depend on their values) and its text tower."""
     clip = load_clip("ViT-B-16", device=device, seed=0)
     return clip.model, TextTower(clip.model, clip.tokenizer)
 
 
-def median_seconds(fn, repeats: int = 5, warmup: int = 1) -> float:
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []

@@ -135,7 +135,8 @@ class StageRunner:
     """Runs each stage function in a fresh process, prints a line per stage as it ends, keeps the results."""
 
     def __init__(self, cap_gb: float) -> None:
-        self.cap_gb, self.results = cap_gb, []
+        self.cap_gb = cap_gb
+        self.results: list[StageResult] = []
 
     def run(self, name: str, group: str, fn: Callable[..., Any], *args: Any, keep_value: bool = False) -> StageResult:
         started = time.perf_counter()

@@ -1,8 +1,8 @@
 """One batched forward of N = 100 per-class experts vs a loop over experts (target >= 5x).
 
 Baseline: the loop a naive implementation runs, one forward per class with that class's
-expert. Both use the same truncation; the experts are rank-4 LoRA on every linear map of
-the ViT-B-16 text tower (and, second, 4-token context experts).
+expert. Both use the same truncation; the experts are the committed expert settings
+(params.yaml's `expert`) as LoRA on the ViT-B-16 text tower and, second, as context experts.
 """
 
 from __future__ import annotations
@@ -10,20 +10,22 @@ from __future__ import annotations
 import torch
 from _common import CLASS_NAMES, TEMPLATE, committed, median_seconds, vit_b16
 
+from moder.experts import ContextExperts, Experts, LoraExperts
 from moder.factory import ExpertFactory
+from moder.text import TextTower
 
 
-def compare(tower, factory, experts, label: str) -> None:
+def compare(tower: TextTower, factory: ExpertFactory, experts: Experts, label: str) -> None:
     prompts = factory.prompts(CLASS_NAMES)
     n = len(CLASS_NAMES)
     one = torch.zeros(1, dtype=torch.long)
 
-    def looped():
+    def looped() -> torch.Tensor:
         return torch.cat(
             [tower.encode(prompts.tokens[c : c + 1], experts.select(torch.tensor([c])), one) for c in range(n)]
         )
 
-    def batched():
+    def batched() -> torch.Tensor:
         return tower.encode(prompts.tokens, experts, torch.arange(n))
 
     with torch.no_grad():
@@ -40,15 +42,19 @@ def compare(tower, factory, experts, label: str) -> None:
 def main() -> None:
     _, tower = vit_b16()
     generator = torch.Generator().manual_seed(0)
-    lora = ExpertFactory(tower, committed().expert.model_copy(update={"kind": "lora"}), [TEMPLATE])
+    settings = committed().expert
+    lora = ExpertFactory(tower, settings.model_copy(update={"kind": "lora"}), [TEMPLATE])
     experts = lora.new(len(CLASS_NAMES), generator)
+    assert isinstance(experts, LoraExperts)
     for target, b in experts.b.items():
         experts.b[target] = torch.randn(b.shape, generator=generator) * 0.01
-    compare(tower, lora, experts, "LoRA rank 4, all layers and modules")
-    context = ExpertFactory(tower, committed().expert.model_copy(update={"kind": "context"}), [TEMPLATE])
+    where = f"layers {settings.lora.layers} ({', '.join(settings.lora.modules)})"
+    compare(tower, lora, experts, f"LoRA rank {settings.lora.rank}, {where}")
+    context = ExpertFactory(tower, settings.model_copy(update={"kind": "context"}), [TEMPLATE])
     ctx = context.new(len(CLASS_NAMES), generator)
+    assert isinstance(ctx, ContextExperts)
     ctx.ctx += 0.01 * torch.randn(ctx.ctx.shape, generator=generator)
-    compare(tower, context, ctx, "context tokens (4)")
+    compare(tower, context, ctx, f"context tokens ({ctx.ctx.shape[1]})")
 
 
 if __name__ == "__main__":

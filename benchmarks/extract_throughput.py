@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -34,16 +35,16 @@ def write_image(path_and_seed: tuple[str, int]) -> None:
     path, seed = path_and_seed
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)  # upsampled: compresses like a photo, not noise
-    Image.fromarray(small).resize((500, 375), Image.BICUBIC).save(path, quality=90)
+    Image.fromarray(small).resize((500, 375), Image.Resampling.BICUBIC).save(path, quality=90)
 
 
 class WholeInWorkers:
     """open_clip's preprocess, hidden from UintPreprocess.of: the workers convert to float and normalise."""
 
-    def __init__(self, preprocess):
+    def __init__(self, preprocess: Callable[[Image.Image], torch.Tensor]) -> None:
         self.preprocess = preprocess
 
-    def __call__(self, image):
+    def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.preprocess(image)
 
 

@@ -16,18 +16,22 @@ Random ViT-B-16 weights: time does not depend on their values. CPU float timings
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from _common import committed, median_seconds, vit_b16
+from torch import Tensor
 
 import moder.prompts
 from moder.compose import compose_prototypes
 from moder.datasets import catalog
+from moder.experts import LoraExperts
 from moder.factory import ExpertFactory
-from moder.prompts import frozen_prototypes
+from moder.prompts import PromptSet, frozen_prototypes
 from moder.train import train_experts
 from stages.compose import compose_data
 
@@ -36,7 +40,7 @@ HUB_CLASSES = 804  # MTIL Order I's classes before SUN397
 BATCH = 64
 
 
-def no_reuse():
+def no_reuse() -> AbstractContextManager[object]:
     """Within the block, no prompt set keeps its frozen prefix: every encoding runs the whole tower."""
     return mock.patch.object(moder.prompts, "KEPT_PREFIX_FLOATS", 0)
 
@@ -48,7 +52,7 @@ def mtil_classes(dataset: str) -> tuple[list[str], list[str]]:
     return list(catalog(spec["source"]).class_names), list(templates)
 
 
-def seconds(fn, repeats: int) -> float:
+def seconds(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of `fn`; no warm-up run: each call takes seconds, far above any first-call cost."""
     return median_seconds(fn, repeats=repeats, warmup=0)
 
@@ -87,6 +91,7 @@ def main() -> None:
     names, templates = mtil_classes("sun397")
     factory = ExpertFactory(tower, params.expert, templates)
     bank = factory.new(HUB_CLASSES, generator)
+    assert isinstance(bank, LoraExperts)  # the committed expert
     for b in bank.b.values():  # trained experts are not zero: the composed deltas really change the encoder
         b.normal_(0, 0.02, generator=generator)
     k = params.retrieval.k
@@ -95,7 +100,7 @@ def main() -> None:
     prompts, kept = factory.prompts(names), factory.prompts(names, keep_prefix=True)
     for space in ("parameter", "output"):
 
-        def compose(prompt_set, space=space):
+        def compose(prompt_set: PromptSet, space: str = space) -> Callable[[], Tensor]:
             return lambda: compose_prototypes(tower, prompt_set, bank, factory.null(), indices, weights, space)
 
         inside = seconds(compose(prompts), args.repeats)
@@ -106,7 +111,7 @@ def main() -> None:
         print(f"| {what}, states kept | {full:.1f} | {given:.1f} | {full / given:.1f}x |")
         print(f"| {what}, states computed inside | {full:.1f} | {inside:.1f} | {full / inside:.1f}x |")
 
-    def head():
+    def head() -> None:
         """What `moder classify` does for names it has not trained: zero-shot prototypes (retrieval's queries),
         then composition, from one prompt set (keeping its states where reuse is on)."""
         prompt_set = factory.prompts(names, keep_prefix=True)

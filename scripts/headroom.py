@@ -83,16 +83,17 @@ def hindsight_prototypes(
 ) -> Tensor:
     """Each query class composed from the k hub experts whose single-expert prototype of it is closest to `own`
     (its own expert's prototype), weighted softmax(key similarity / temperature) as retrieval weighs."""
+    experts = hub.experts
+    assert experts is not None and hub.keys is not None  # only asked of a hub with rows
     queries = prompts.n_classes
     closeness = torch.empty(queries, len(hub))
     for row in range(len(hub)):
-        single = expert_prototypes(factory.tower, prompts, hub.experts.select(torch.full((queries,), row)))
+        single = expert_prototypes(factory.tower, prompts, experts.select(torch.full((queries,), row)))
         closeness[:, row] = (F.normalize(single, dim=-1) * F.normalize(own, dim=-1)).sum(dim=1)
     indices = closeness.topk(min(k, len(hub)), dim=1).indices
-    assert hub.keys is not None
     similarity = F.normalize(zeroshot.float(), dim=-1) @ hub.keys.T
     weights = torch.softmax(similarity.gather(1, indices) / temperature, dim=1)
-    return compose_prototypes(factory.tower, prompts, hub.experts, factory.null(), indices, weights, "parameter")
+    return compose_prototypes(factory.tower, prompts, experts, factory.null(), indices, weights, "parameter")
 
 
 def variant_rows(
