@@ -38,7 +38,7 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest $(TWO_WORKERS) -m "not slow"
 
-# ruff (lint and format) on everything, mypy on the library (settings in pyproject.toml)
+# ruff (lint and format) and mypy on everything (settings in pyproject.toml)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
