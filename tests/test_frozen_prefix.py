@@ -90,7 +90,11 @@ def test_training_from_the_kept_prefix_equals_training_through_the_whole_tower(t
     with monkeypatch.context() as full:
         without_reuse(full)
         reference = train()
-    assert reused.losses == pytest.approx(reference.losses, rel=1e-5)  # logits are scaled by 100
+    # the first step's loss sees the same parameters through both encodings: equal to the float detail (logits
+    # are scaled by 100); later steps see parameters that the float noise has moved (below), and so do their
+    # losses (2.3e-5 relative on step 5 on one CPU)
+    assert reused.losses[0] == pytest.approx(reference.losses[0], rel=1e-5)
+    assert reused.losses == pytest.approx(reference.losses, rel=1e-4)
     # Adam divides each update by the gradient's running scale: float noise of 1e-6 grows to 1e-4 in six steps
     for mine, theirs in zip(reused.experts.parameters(), reference.experts.parameters(), strict=True):
         assert torch.allclose(mine, theirs, atol=1e-3, rtol=0)
