@@ -1,4 +1,4 @@
-"""Time and peak memory of one optimisation step: a 100-class task, rank-4 LoRA experts, ViT-B-16 text tower.
+"""Time and peak memory of one optimisation step: a 100-class task, the committed experts, ViT-B-16 text tower.
 
 Baseline: the naive step, which runs one forward per class (each with its own expert)
 before a single backward. Runs on the CPU; peak memory is the growth of the process's peak
@@ -68,8 +68,10 @@ def main() -> None:
         output = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True).stdout
         results[variant] = [float(v) for v in output.split()[-2:]]
     (loop_ms, loop_mib), (batch_ms, batch_mib) = results["loop"], results["batched"]
+    lora = committed().expert.lora
     print(
-        f"training step, {len(CLASS_NAMES)} classes, rank-4 LoRA on all 48 linear maps of the ViT-B-16 text tower, "
+        f"training step, {len(CLASS_NAMES)} classes, rank-{lora.rank} LoRA on layers {lora.layers} "
+        f"({', '.join(lora.modules)}) of the ViT-B-16 text tower, "
         f"batch {BATCH}, mean of {STEPS} steps, {torch.get_num_threads()} threads, each variant in a fresh process"
     )
     print(f"  baseline per-class loop  : {loop_ms:8.1f} ms/step, peak RSS growth {loop_mib:7.1f} MiB")
