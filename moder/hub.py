@@ -149,17 +149,15 @@ class ExpertHub:
         """[rows, d]: what each hub class's own expert did to its prototype (own minus its zero-shot key)."""
         if self.keys is None:
             return torch.empty(0, 0)
-        lacking = {step for step, own in zip(dict.fromkeys(self.steps), self._own, strict=True) if own is None}
+        # a step's experts file is the source of its first row; steps are appended in order, one `_own` each
+        lacking = [
+            self._sources[self.steps.index(step)][0] or f"step {step}"
+            for step, own in zip(dict.fromkeys(self.steps), self._own, strict=True)
+            if own is None
+        ]
         if lacking:
-            files = sorted(
-                {
-                    name or f"step {step}"
-                    for (name, _), step in zip(self._sources, self.steps, strict=True)
-                    if step in lacking
-                }
-            )
             raise HubFileError(
-                f"experts files {', '.join(files)} hold no own prototypes (written by an older version): "
+                f"experts files {', '.join(lacking)} hold no own prototypes (written by an older version): "
                 "re-run the train stage"
             )
         return torch.cat([own for own in self._own if own is not None]) - self.keys

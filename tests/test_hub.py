@@ -82,7 +82,6 @@ def test_hub_grows_and_round_trips_as_an_index_over_the_experts_files(tmp_path, 
 
 
 def test_hub_index_refuses_another_backbone_a_changed_experts_file_and_a_missing_index(tmp_path):
-
     hub = ExpertHub(json.dumps({"architecture": "one"}))
     with pytest.raises(ValueError, match="2 classes, 3 keys and 3 experts"):
         hub.append(1, ["a", "b"], torch.randn(3, 3), _context(3))
