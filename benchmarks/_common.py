@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from moder.clip import OpenClipModel, load_clip
-from moder.params import Params, load_params
+from moder.params import LoraParams, Params, load_params
 from moder.text import TextTower
 
 CLASS_NAMES = Path(__file__).with_name("cifar100_classes.txt").read_text().split("\n")[:100]
@@ -20,6 +20,11 @@ TEMPLATE = "a photo of a {}."
 def committed() -> Params:
     """The committed settings (params.yaml, composed from conf/): the expert and training they measure."""
     return load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+
+
+def lora_label(lora: LoraParams) -> str:
+    """The LoRA expert a benchmark measures, as its output names it."""
+    return f"rank-{lora.rank} LoRA on layers {lora.layers} ({', '.join(lora.modules)})"
 
 
 def vit_b16(device: str = "cpu") -> tuple[OpenClipModel, TextTower]:

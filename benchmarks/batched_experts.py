@@ -8,7 +8,7 @@ expert. Both use the same truncation; the experts are the committed expert setti
 from __future__ import annotations
 
 import torch
-from _common import CLASS_NAMES, TEMPLATE, committed, median_seconds, vit_b16
+from _common import CLASS_NAMES, TEMPLATE, committed, lora_label, median_seconds, vit_b16
 
 from moder.experts import ContextExperts, Experts, LoraExperts
 from moder.factory import ExpertFactory
@@ -48,8 +48,7 @@ def main() -> None:
     assert isinstance(experts, LoraExperts)
     for target, b in experts.b.items():
         experts.b[target] = torch.randn(b.shape, generator=generator) * 0.01
-    where = f"layers {settings.lora.layers} ({', '.join(settings.lora.modules)})"
-    compare(tower, lora, experts, f"LoRA rank {settings.lora.rank}, {where}")
+    compare(tower, lora, experts, lora_label(settings.lora))
     context = ExpertFactory(tower, settings.model_copy(update={"kind": "context"}), [TEMPLATE])
     ctx = context.new(len(CLASS_NAMES), generator)
     assert isinstance(ctx, ContextExperts)

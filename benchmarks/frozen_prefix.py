@@ -23,7 +23,7 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from _common import committed, median_seconds, vit_b16
+from _common import committed, lora_label, median_seconds, vit_b16
 from torch import Tensor
 
 import moder.prompts
@@ -72,8 +72,7 @@ def main() -> None:
     labels = torch.randint(0, len(names), (BATCH,), generator=generator)
     config = params.train.model_copy(update={"epochs": 1, "batch_size": BATCH, "anchor_earlier": 0.0})
     print(
-        f"ViT-B-16 text tower (random weights), expert: rank-{params.expert.lora.rank} LoRA on layers "
-        f"{params.expert.lora.layers} ({', '.join(params.expert.lora.modules)}), the first block it changes "
+        f"ViT-B-16 text tower (random weights), expert: {lora_label(params.expert.lora)}, the first block it changes "
         f"{factory.first_layer} of {tower.n_layers}; {torch.get_num_threads()} threads; median of {args.repeats}\n"
     )
     print("| measured | without reuse s | with reuse s | ratio |")

@@ -14,7 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import CLASS_NAMES, TEMPLATE, committed, vit_b16
+from _common import CLASS_NAMES, TEMPLATE, committed, lora_label, vit_b16
 
 from moder.factory import ExpertFactory
 from moder.prompts import encode_prototypes
@@ -68,10 +68,8 @@ def main() -> None:
         output = subprocess.run([sys.executable, __file__, variant], capture_output=True, text=True, check=True).stdout
         results[variant] = [float(v) for v in output.split()[-2:]]
     (loop_ms, loop_mib), (batch_ms, batch_mib) = results["loop"], results["batched"]
-    lora = committed().expert.lora
     print(
-        f"training step, {len(CLASS_NAMES)} classes, rank-{lora.rank} LoRA on layers {lora.layers} "
-        f"({', '.join(lora.modules)}) of the ViT-B-16 text tower, "
+        f"training step, {len(CLASS_NAMES)} classes, {lora_label(committed().expert.lora)} of the ViT-B-16 text tower, "
         f"batch {BATCH}, mean of {STEPS} steps, {torch.get_num_threads()} threads, each variant in a fresh process"
     )
     print(f"  baseline per-class loop  : {loop_ms:8.1f} ms/step, peak RSS growth {loop_mib:7.1f} MiB")
