@@ -5,6 +5,8 @@ from `dvc exp show --json` (scripts/suite_table.py).
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python scripts/run_suite.py --jobs 2   # make suite: 9 cases x seeds 0-4
     python scripts/run_suite.py --table-only    # rewrite docs/suite.md and docs/suite.csv from the experiments run
     python scripts/run_suite.py --resume --jobs 2   # a queue left by a stopped run: restart its workers, wait, table
+    python scripts/run_suite.py --variant filing --set retrieval.k=16 --jobs 2 --since <suite's commit>
+                                                    # every case and seed again under other settings, compared
 
 Each experiment is queued as `dvc exp run --queue -S benchmark=<case> -S seed=<seed>`: DVC composes its
 params.yaml from conf/ (Hydra), the workspace's params.yaml is left alone. Experiments run on the code in
@@ -12,7 +14,9 @@ the workspace; the backbone of a seed is pre-trained once and restored from DVC'
 cases. On 2 cores, run two experiments at once with one thread each (as `make suite` does): two of PyTorch's
 default two-thread processes on two cores run about 2.5x slower than one. CPU float results depend on the
 thread count: `<case>-s<seed>-threads2` repeats one run with every stage forced at two threads, and the table
-says how far its figures moved.
+says how far its figures moved. `--variant NAME --set KEY=VALUE ...` queues `<case>-s<seed>-NAME` with those
+overrides, and the table compares each with the suite's run of its case and seed (the suite's experiments
+must be under --rev or --since).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moder.io import atomic_path  # noqa: E402
 from moder.params import ParamsError  # noqa: E402
-from scripts.suite_table import SUITE  # noqa: E402
+from scripts.suite_table import SUITE, THREADS  # noqa: E402
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -139,6 +143,8 @@ def main() -> None:
         help="finish the queue a stopped run left (its workers restarted), then the two-thread repeat and the table",
     )
     parser.add_argument("--jobs", type=int, default=1, help="experiments run at once (dvc queue start -j)")
+    parser.add_argument("--variant", help="queue the cases and seeds again as <case>-s<seed>-VARIANT with --set")
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="the variant's overrides (-S)")
     parser.add_argument("--out", type=Path, default=Path("docs/suite.md"))
     parser.add_argument("--csv", type=Path, default=Path("docs/suite.csv"), help="every seed's figures")
     parser.add_argument(
@@ -152,6 +158,16 @@ def main() -> None:
         "for a case run at a later commit than the rest",
     )
     args = parser.parse_args()
+    if args.variant is not None and not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", args.variant):
+        parser.error(f"--variant {args.variant!r}: lower-case letters, digits and single hyphens only")
+    if args.variant == THREADS.removeprefix("-"):
+        parser.error(f"--variant {args.variant}: the two-thread repeat's name")
+    if args.set and not args.variant:
+        parser.error("--set needs --variant: the name its experiments are queued under")
+    if args.variant and not args.set and not args.table_only:
+        parser.error(f"--variant {args.variant} needs --set: the settings it changes")
+    if any(item.split("=")[0] in ("seed", "benchmark") for item in args.set):
+        parser.error("--set cannot change seed or benchmark: a variant is compared with its case and seed")
     try:
         if args.resume:
             wait_for_queue(args.jobs)
@@ -160,6 +176,13 @@ def main() -> None:
                 run_at_two_threads(args.cases[0], args.seeds[0])
             else:
                 print(f"the two-thread repeat left out: the workspace is not at {args.rev}", file=sys.stderr)
+        elif args.variant and not args.table_only:
+            variant = [
+                (f"{case}-s{seed}-{args.variant}", case, [f"seed={seed}", *args.set])
+                for case in args.cases
+                for seed in args.seeds
+            ]
+            args.rev = run_queued(variant, args.jobs)
         elif not args.table_only:
             # case-major: the first experiments pre-train each seed's backbone once (in parallel under --jobs),
             # the later ones restore it from DVC's run cache

@@ -5,10 +5,12 @@ figures so that each claim can be checked.
 
     dvc exp show --json | python scripts/suite_table.py --configs conf/benchmark --csv docs/suite.csv > docs/suite.md
 
-Experiments are matched to cases by params.yaml's `benchmark.name`; an experiment without this version's
-metrics (failed, still queued, or older) is named on stderr and left out, and a case with no finished seed
-is an error. An experiment named `<case>-s<seed>-threads2` is the same run at two threads instead of one
-(scripts/run_suite.py --threads-check): it is not a seed of the table, only how far the figures move.
+Experiments are matched to cases by params.yaml's `benchmark.name` and `seed`, and count by name: `<case>-s<seed>`
+is a seed of the suite; `<case>-s<seed>-threads2` the same run at two threads instead of one (how far the
+figures move, not a seed); `<case>-s<seed>-<variant>` the same case and seed under other settings
+(scripts/run_suite.py --variant), compared seed by seed with the suite's run; any other name (the ablation's,
+say) is not read. A named experiment without this version's metrics (failed, still queued, or older) is
+named on stderr and left out, and a case with no finished seed is an error.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 import statistics
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from scipy import stats
@@ -75,31 +78,69 @@ def file_data(data: dict, kind: str, name: str) -> dict:
 Runs = dict[str, dict[int, dict]]  # case -> seed -> metrics.json
 
 
-def collect(show: object, cases: tuple[str, ...]) -> tuple[Runs, dict[str, tuple[int, dict]], list[str]]:
-    """{case: {seed: metrics}}, the two-thread repeats {case: (seed, metrics)}, and the names of experiments
-    left out (no metrics of this version)."""
-    runs: Runs = {case: {} for case in cases}
-    threads: dict[str, tuple[int, dict]] = {}
-    skipped = []
+@dataclass
+class Suite:
+    """What `collect` reads: the suite's runs, the two-thread repeats {case: (seed, metrics)}, the variants
+    {variant: {case: {seed: metrics}}}, each variant's settings that differ from the suite's run of the same
+    case and seed {variant: {dotted key: (suite's value, variant's value)}}, and the names left out."""
+
+    runs: Runs
+    threads: dict[str, tuple[int, dict]] = field(default_factory=dict)
+    variants: dict[str, Runs] = field(default_factory=dict)
+    settings: dict[str, dict[str, tuple[object, object]]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+
+def flat(params: dict, prefix: str = "") -> dict[str, object]:
+    """Nested params as {dotted key: value}."""
+    out: dict[str, object] = {}
+    for key, item in params.items():
+        if isinstance(item, dict):
+            out |= flat(item, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = item
+    return out
+
+
+def collect(show: object, cases: tuple[str, ...]) -> Suite:
+    """The suite's experiments of `cases` in `dvc exp show --json` output, by name (the module's docstring)."""
+    suite = Suite({case: {} for case in cases})
+    found: dict[tuple[str, str, int], tuple[str, dict, dict]] = {}  # (variant or "", case, seed) -> name, ...
     for name, data in experiments(show):
         params, metrics = file_data(data, "params", "params.yaml"), file_data(data, "metrics", "metrics.json")
-        case = (params.get("benchmark") or {}).get("name")
-        if case not in runs:
+        case, seed = (params.get("benchmark") or {}).get("name"), params.get("seed")
+        if case not in suite.runs or not isinstance(seed, int) or not name.startswith(f"{case}-s{seed}"):
             continue
-        seed = params.get("seed")
-        if not isinstance(seed, int) or not all(isinstance(metrics.get(m), dict) for m in (*METHODS, *EFFECTS)):
-            skipped.append(name)
+        variant = name.removeprefix(f"{case}-s{seed}")
+        if variant and not variant.startswith("-"):
+            continue  # another seed's prefix: <case>-s1 of <case>-s10
+        variant = variant.removeprefix("-")
+        if not all(isinstance(metrics.get(m), dict) for m in (*METHODS, *EFFECTS)):
+            suite.skipped.append(name)
             continue
-        if name.endswith(THREADS):
-            threads[case] = (seed, metrics)
-            continue
-        if seed in runs[case]:
-            raise SuiteTableError(f"two experiments of {case} with seed {seed} (one is {name}): remove one")
-        runs[case][seed] = metrics
-    missing = [case for case, seeds in runs.items() if not seeds]
+        if (variant, case, seed) in found:
+            raise SuiteTableError(f"two experiments of {case} with seed {seed} named {name}: remove one")
+        found[variant, case, seed] = (name, params, metrics)
+    for (variant, case, seed), (name, params, metrics) in sorted(found.items()):
+        if variant == "":
+            suite.runs[case][seed] = metrics
+        elif "-" + variant == THREADS:
+            suite.threads[case] = (seed, metrics)
+        elif ("", case, seed) not in found:
+            raise SuiteTableError(f"{name} has no suite run of {case} with seed {seed} to be compared with")
+        else:
+            suite.variants.setdefault(variant, {}).setdefault(case, {})[seed] = metrics
+            ours, theirs = flat(found["", case, seed][1]), flat(params)
+            keys = sorted(ours.keys() | theirs.keys())
+            differing = {k: (ours.get(k), theirs.get(k)) for k in keys if ours.get(k) != theirs.get(k)}
+            if suite.settings.setdefault(variant, differing) != differing:
+                raise SuiteTableError(
+                    f"{name} differs from the suite's run in other settings than the other {variant} runs"
+                )
+    missing = [case for case, seeds in suite.runs.items() if not seeds]
     if missing:
         raise SuiteTableError(f"no finished experiment for {', '.join(missing)}")
-    return runs, threads, skipped
+    return suite
 
 
 def value(metrics: dict, group: str, key: str) -> float | None:
@@ -178,7 +219,39 @@ def threads_note(runs: Runs, threads: dict[str, tuple[int, dict]]) -> list[str]:
     return notes
 
 
-def render(runs: Runs, threads: dict[str, tuple[int, dict]], configs: Path) -> str:
+def variant_section(suite: Suite, variant: str) -> list[str]:
+    """The suite's runs against the same case and seed under the variant's settings, seed by seed."""
+    settings = suite.settings[variant]
+    changed = "; ".join(f"`{key}` {theirs!r} (the suite: {ours!r})" for key, (ours, theirs) in settings.items())
+    out = [
+        "",
+        f"## Against variant `{variant}`",
+        "",
+        f"Experiments `<case>-s<seed>-{variant}` set {changed or 'nothing else'}. Cells: MoDER in the suite's run",
+        "minus MoDER in the variant's of the same case and seed, mean ± 95% interval, then the lowest seed; a pair",
+        "with identical zero-shot figures shares its backbone and features.",
+        "",
+        "| case | seeds | Last | Avg | Transfer | Transfer, new names | lowest seed: Last, Avg | zero-shot identical |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for case, seeds in suite.variants[variant].items():
+        pairs = [(suite.runs[case][seed], theirs) for seed, theirs in sorted(seeds.items())]
+        moves = {
+            metric: [_difference(value(a, "moder", metric), value(b, "moder", metric)) for a, b in pairs]
+            for metric in ("last", "avg", "transfer", "transfer_new")
+        }
+        lowest = ", ".join(f"{min(v for v in moves[m] if v is not None):+.2f}" for m in ("last", "avg"))
+        same = sum(a["zeroshot"] == b["zeroshot"] for a, b in pairs)
+        out.append(
+            f"| {case} | {', '.join(map(str, sorted(seeds)))} | "
+            + " | ".join(cell(values, digits=2) for values in moves.values())
+            + f" | {lowest} | {same} of {len(pairs)} |"
+        )
+    return out
+
+
+def render(suite: Suite, configs: Path) -> str:
+    runs, threads = suite.runs, suite.threads
     seeds_used = sorted({seed for seeds in runs.values() for seed in seeds})
     not_run = [case for case in SUITE if case not in runs]
     out = [
@@ -255,6 +328,8 @@ def render(runs: Runs, threads: dict[str, tuple[int, dict]], configs: Path) -> s
                 f"| {method} | " + " | ".join(cell([value(s, method, m) for s in runs_], False) for m in metrics) + " |"
             )
         out.append("| MoDER − zero-shot | " + " | ".join(cell([gain(s, m) for s in runs_]) for m in metrics) + " |")
+    for variant in suite.variants:
+        out += variant_section(suite, variant)
     return "\n".join(out) + "\n"
 
 
@@ -264,10 +339,19 @@ def _title(metric: str) -> str:
     )
 
 
-def per_seed_csv(runs: Runs, threads: dict[str, tuple[int, dict]]) -> str:
-    """One row per experiment (case, seed, threads) with every figure of its metrics.json, dotted keys as columns."""
-    rows = [(case, seed, 1, metrics) for case, seeds in runs.items() for seed, metrics in sorted(seeds.items())]
-    rows += [(case, seed, 2, metrics) for case, (seed, metrics) in threads.items()]
+def per_seed_csv(suite: Suite) -> str:
+    """One row per experiment (case, seed, threads, variant: empty for the suite's settings) with every figure
+    of its metrics.json, dotted keys as columns."""
+    rows = [
+        (case, seed, 1, "", metrics) for case, seeds in suite.runs.items() for seed, metrics in sorted(seeds.items())
+    ]
+    rows += [(case, seed, 2, "", metrics) for case, (seed, metrics) in suite.threads.items()]
+    rows += [
+        (case, seed, 1, variant, metrics)
+        for variant, cases in suite.variants.items()
+        for case, seeds in cases.items()
+        for seed, metrics in sorted(seeds.items())
+    ]
     columns = list(
         dict.fromkeys(
             f"{group}.{key}"
@@ -278,10 +362,10 @@ def per_seed_csv(runs: Runs, threads: dict[str, tuple[int, dict]]) -> str:
     )
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["case", "seed", "threads", *columns])
-    for case, seed, count, metrics in rows:
+    writer.writerow(["case", "seed", "threads", "variant", *columns])
+    for case, seed, count, variant, metrics in rows:
         found = [(metrics.get(c.split(".")[0]) or {}).get(c.split(".", 1)[1]) for c in columns]
-        writer.writerow([case, seed, count, *("" if v is None else v for v in found)])
+        writer.writerow([case, seed, count, variant, *("" if v is None else v for v in found)])
     return text.getvalue()
 
 
@@ -292,15 +376,15 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, help="also write every seed's figures here")
     args = parser.parse_args()
     try:
-        runs, threads, skipped = collect(json.load(sys.stdin), tuple(args.cases))
-        table = render(runs, threads, args.configs)
+        suite = collect(json.load(sys.stdin), tuple(args.cases))
+        table = render(suite, args.configs)
     except (SuiteTableError, json.JSONDecodeError, OSError) as error:
         sys.exit(f"error: {error}")
-    for name in skipped:
+    for name in suite.skipped:
         print(f"left out {name}: no metrics of this version (failed, not run, or older)", file=sys.stderr)
     if args.csv is not None:
         with atomic_path(args.csv) as temporary:
-            temporary.write_text(per_seed_csv(runs, threads))
+            temporary.write_text(per_seed_csv(suite))
     sys.stdout.write(table)
 
 

@@ -96,3 +96,35 @@ def test_the_table_reaches_back_to_a_given_commit_along_first_parents_only(tmp_p
     assert run_suite.commits_back_to(commits[2], commits[2]) == 1
     with pytest.raises(ValueError, match=f"--since {commits[2]} is not an ancestor of side"):
         run_suite.commits_back_to(commits[2], "side")
+
+
+def test_a_variant_queues_every_case_and_seed_under_its_name_and_overrides(monkeypatch):
+    queued, tables = [], []
+    monkeypatch.setattr(run_suite, "run_queued", lambda experiments, jobs: queued.extend(experiments) or "abc")
+    monkeypatch.setattr(run_suite, "dvc", lambda *args, capture=False: " ".join(args))
+    monkeypatch.setattr(run_suite, "write_table", lambda script, show, out: tables.append((script, show)))
+    argv = ["run_suite.py", "--cases", "a", "b", "--seeds", "0", "3", "--variant", "wide", "--set", "retrieval.k=16"]
+    monkeypatch.setattr(sys, "argv", argv)
+    run_suite.main()
+    assert queued == [
+        (f"{case}-s{seed}-wide", case, [f"seed={seed}", "retrieval.k=16"]) for case in ("a", "b") for seed in (0, 3)
+    ]
+    assert tables[0][1] == "exp show --json --rev abc"  # the table reads the commit the variant was queued at
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--variant", "wide"], "--variant wide needs --set: the settings it changes"),
+        (["--set", "retrieval.k=16"], "--set needs --variant: the name its experiments are queued under"),
+        (["--variant", "threads2", "--set", "a=1"], "--variant threads2: the two-thread repeat's name"),
+        (["--variant", "Wide", "--set", "a=1"], "--variant 'Wide': lower-case letters, digits and single hyphens"),
+        (["--variant", "w", "--set", "seed=3"], "--set cannot change seed or benchmark"),
+    ],
+)
+def test_a_variant_is_refused_in_one_line_before_anything_is_queued(monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(run_suite, "dvc", lambda *args, capture=False: pytest.fail("nothing may run"))
+    monkeypatch.setattr(sys, "argv", ["run_suite.py", *argv])
+    with pytest.raises(SystemExit):
+        run_suite.main()
+    assert message in capsys.readouterr().err

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from scripts.suite_table import SuiteTableError, cell, collect, interval, per_seed_csv, render  # noqa: E402
+from scripts.suite_table import SuiteTableError, cell, collect, flat, interval, per_seed_csv, render  # noqa: E402
 
 
 def _metrics(zeroshot: float, moder: float, composition: float = 0.5) -> dict:
@@ -25,8 +25,9 @@ def _metrics(zeroshot: float, moder: float, composition: float = 0.5) -> dict:
     return metrics
 
 
-def _experiment(name: str, case: str, seed: int, metrics: dict | None) -> dict:
-    data = {"params": {"params.yaml": {"data": {"seed": seed, "benchmark": {"name": case}}}}}
+def _experiment(name: str, case: str, seed: int, metrics: dict | None, k: int = 4) -> dict:
+    params = {"seed": seed, "benchmark": {"name": case}, "retrieval": {"k": k, "temperature": 1.0}}
+    data = {"params": {"params.yaml": {"data": params}}}
     if metrics is not None:
         data["metrics"] = {"metrics.json": {"data": metrics}}
     return {"executor": None, "name": name, "revs": [{"rev": "abc", "name": name, "data": data, "experiments": None}]}
@@ -53,8 +54,10 @@ SHOW = [
             _experiment("a-s0-threads2", "a", 0, _metrics(41.0, 44.5)),
             _experiment("b-s0", "b", 0, _metrics(30.0, 29.0)),
             _experiment("b-s1", "b", 1, None),
-            _experiment("old", "b", 2, {m: {"transfer": 1.0} for m in ("zeroshot", "finetune", "oracle", "moder")}),
+            _experiment("b-s2", "b", 2, {m: {"transfer": 1.0} for m in ("zeroshot", "finetune", "oracle", "moder")}),
             _experiment("other", "not-in-suite", 0, _metrics(0.0, 0.0)),
+            _experiment("a-moder-s1", "a", 1, _metrics(0.0, 0.0)),  # the ablation's: not the suite's
+            _experiment("a-s10", "a", 1, _metrics(0.0, 0.0)),  # named for another seed: not read
         ],
     },
 ]
@@ -72,10 +75,12 @@ def test_interval_is_students_t_over_the_seeds():
 def test_gains_effects_and_every_method_per_case(tmp_path):
     (tmp_path / "a.yaml").write_text("# Case a: shared shifts.\n# Two lines.\nbenchmark: {}\n")
     (tmp_path / "b.yaml").write_text("benchmark: {}\n")
-    runs, threads, skipped = collect(SHOW, ("a", "b"))
+    suite = collect(SHOW, ("a", "b"))
+    runs, threads = suite.runs, suite.threads
     assert sorted(runs["a"]) == [0, 1, 2] and sorted(runs["b"]) == [0]  # the workspace is not an experiment
-    assert skipped == ["b-s1", "old"] and threads == {"a": (0, _metrics(41.0, 44.5))}
-    table = render(runs, threads, tmp_path)
+    assert runs["a"][1] == _metrics(50.0, 52.0)  # not the ablation's a-moder-s1 nor a-s10
+    assert suite.skipped == ["b-s1", "b-s2"] and threads == {"a": (0, _metrics(41.0, 44.5))}
+    assert suite.variants == {} and "Against variant" not in (table := render(suite, tmp_path))
     # a: gains 4, 2, 3 -> 3.0 ± 2.5, bold; b: one seed, no interval
     bold = "**+3.0 ± 2.5**"
     assert f"| a | 0, 1, 2 | 40.0-50.0 | {bold} | {bold} | - | {bold} | {bold} |" in table
@@ -92,14 +97,13 @@ def test_gains_effects_and_every_method_per_case(tmp_path):
 
 
 def test_per_seed_csv_holds_every_figure_of_every_run():
-    runs, threads, _ = collect(SHOW, ("a", "b"))
-    rows = list(csv.DictReader(io.StringIO(per_seed_csv(runs, threads))))
-    assert [(r["case"], r["seed"], r["threads"]) for r in rows] == [
-        ("a", "0", "1"),
-        ("a", "1", "1"),
-        ("a", "2", "1"),
-        ("b", "0", "1"),
-        ("a", "0", "2"),
+    rows = list(csv.DictReader(io.StringIO(per_seed_csv(collect(SHOW, ("a", "b"))))))
+    assert [(r["case"], r["seed"], r["threads"], r["variant"]) for r in rows] == [
+        ("a", "0", "1", ""),
+        ("a", "1", "1", ""),
+        ("a", "2", "1", ""),
+        ("b", "0", "1", ""),
+        ("a", "0", "2", ""),
     ]
     assert rows[2]["moder.transfer"] == "48.0" and rows[2]["composition.transfer"] == "-0.5"
     assert rows[0]["headroom.moder"] == str(4.0 / 50.0) and "moder.transfer_recurring" not in rows[0]
@@ -111,17 +115,14 @@ def test_a_case_without_a_finished_experiment_is_an_error():
 
 
 def test_duplicate_seeds_and_non_finite_metrics_are_refused(tmp_path):
-    twice = [
-        {"experiments": [_experiment("x", "a", 0, _metrics(1.0, 1.0)), _experiment("y", "a", 0, _metrics(1.0, 1.0))]}
-    ]
-    with pytest.raises(SuiteTableError, match="two experiments of a with seed 0"):
+    twice = [{"experiments": [_experiment("a-s0", "a", 0, _metrics(1.0, 1.0))]}] * 2  # at two commits
+    with pytest.raises(SuiteTableError, match="two experiments of a with seed 0 named a-s0"):
         collect(twice, ("a",))
     (tmp_path / "a.yaml").write_text("benchmark: {}\n")
     bad = _metrics(1.0, 1.0)
     bad["moder"]["last"] = float("nan")
-    runs, threads, _ = collect([{"experiments": [_experiment("x", "a", 0, bad)]}], ("a",))
     with pytest.raises(SuiteTableError, match="moder.last is nan"):
-        render(runs, threads, tmp_path)
+        render(collect([{"experiments": [_experiment("a-s0", "a", 0, bad)]}], ("a",)), tmp_path)
 
 
 def test_command_line_reads_stdin_writes_the_csv_and_fails_in_one_line(tmp_path):
@@ -135,6 +136,44 @@ def test_command_line_reads_stdin_writes_the_csv_and_fails_in_one_line(tmp_path)
         check=True,
     )
     assert done.stdout.startswith("# The suite") and "| a | 0, 1, 2 |" in done.stdout
-    assert (tmp_path / "suite.csv").read_text().startswith("case,seed,threads,moder.transfer,")
+    assert (tmp_path / "suite.csv").read_text().startswith("case,seed,threads,variant,moder.transfer,")
     failed = subprocess.run([*script, "--cases", "zzz"], input=json.dumps(SHOW), capture_output=True, text=True)
     assert failed.returncode == 1 and failed.stderr.strip() == "error: no finished experiment for zzz"
+
+
+def test_a_variant_is_compared_seed_by_seed_with_the_suites_run_of_its_case_and_seed(tmp_path):
+    for case in ("a", "b"):
+        (tmp_path / f"{case}.yaml").write_text("# A case.\n")
+    wide = [
+        _experiment("a-s0-wide", "a", 0, _metrics(40.0, 43.0), k=16),  # the suite's a-s0: moder 44.0
+        _experiment("a-s1-wide", "a", 1, _metrics(50.5, 53.5), k=16),  # a-s1: 52.0, another zero-shot
+        _experiment("a-s2-wide", "a", 2, _metrics(45.0, 46.0), k=16),  # a-s2: 48.0
+    ]
+    suite = collect([*SHOW, {"experiments": wide}], ("a", "b"))
+    assert sorted(suite.runs["a"]) == [0, 1, 2] and suite.runs["a"][0] == _metrics(40.0, 44.0)
+    assert suite.variants == {
+        "wide": {"a": {0: _metrics(40.0, 43.0), 1: _metrics(50.5, 53.5), 2: _metrics(45.0, 46.0)}}
+    }
+    assert suite.settings == {"wide": {"retrieval.k": (4, 16)}}
+    table = render(suite, tmp_path)
+    # the suite minus the variant: +1.0, -1.5, +2.0 on every metric (the fixture moves them together)
+    moved = "+0.50 ± 4.48"  # sd 1.80, t(0.975, 2) 4.303 / sqrt 3
+    assert "## Against variant `wide`" in table and "set `retrieval.k` 16 (the suite: 4)." in table
+    assert f"| a | 0, 1, 2 | {moved} | {moved} | {moved} | {moved} | -1.50, -1.50 | 2 of 3 |" in table
+    rows = list(csv.DictReader(io.StringIO(per_seed_csv(suite))))
+    assert [(r["seed"], r["variant"], r["moder.transfer"]) for r in rows if r["variant"]] == [
+        ("0", "wide", "43.0"),
+        ("1", "wide", "53.5"),
+        ("2", "wide", "46.0"),
+    ]
+
+
+def test_a_variant_needs_the_suites_run_and_one_set_of_settings():
+    alone = [{"experiments": [_experiment("b-s3-wide", "b", 3, _metrics(1.0, 1.0), k=16)]}]
+    with pytest.raises(SuiteTableError, match="b-s3-wide has no suite run of b with seed 3 to be compared with"):
+        collect([*SHOW, *alone], ("a", "b"))
+    mixed = [_experiment("a-s0-wide", "a", 0, _metrics(1.0, 1.0), k=16)]
+    mixed.append(_experiment("a-s1-wide", "a", 1, _metrics(1.0, 1.0), k=8))
+    with pytest.raises(SuiteTableError, match="a-s1-wide differs from the suite's run in other settings"):
+        collect([*SHOW, {"experiments": mixed}], ("a", "b"))
+    assert flat({"a": {"b": 1, "c": {"d": None}}, "e": [1]}) == {"a.b": 1, "a.c.d": None, "e": [1]}
