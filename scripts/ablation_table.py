@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.suite_table import SuiteTableError, cell, experiments, file_data, gain, value  # noqa: E402
+from scripts.suite_table import SuiteTableError, cell, experiments, file_data, gain, subtract, value  # noqa: E402
 
 BOTH = ("embedded-mtil", "embedded-classil")
 CLASSIL = ("embedded-classil",)  # one task per dataset in MTIL: negatives and calibration cannot act there
@@ -140,8 +140,34 @@ def markdown(table: dict[str, dict[str, dict[int, dict]]]) -> str:
                 + " | ".join(deltas)
                 + " |"
             )
-        lines.append("")
+        lines += against_defaults(rows, metrics)
     return "\n".join(lines)
+
+
+def against_defaults(rows: dict[str, dict[int, dict]], metrics: list[str]) -> list[str]:
+    """Each row's MoDER minus the `moder` row's, seed by seed over the seeds both ran: what the row's change
+    does, without the spread between seeds that the table above carries."""
+    defaults = rows.get("moder")
+    if defaults is None:
+        return [""]
+    lines = [
+        "",
+        "Each row minus the defaults (`moder`), seed by seed over the seeds both ran, mean ± 95% interval, bold",
+        "where it excludes 0:",
+        "",
+        "| row | seeds | " + " | ".join(m.capitalize() for m in metrics) + " |",
+        "|---" * (2 + len(metrics)) + "|",
+    ]
+    for row in ROWS:
+        if row == "moder" or row not in rows:
+            continue
+        seeds = sorted(rows[row].keys() & defaults.keys())
+        moves = [
+            cell([subtract(value(rows[row][s], "moder", m), value(defaults[s], "moder", m)) for s in seeds])
+            for m in metrics
+        ]
+        lines.append(f"| {row} | {', '.join(map(str, seeds))} | " + " | ".join(moves) + " |")
+    return lines + [""]
 
 
 def main() -> None:

@@ -153,13 +153,13 @@ def value(metrics: dict, group: str, key: str) -> float | None:
     return float(found)
 
 
-def _difference(a: float | None, b: float | None) -> float | None:
+def subtract(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
 def gain(metrics: dict, metric: str) -> float | None:
     """MoDER minus zero-shot in one run."""
-    return _difference(value(metrics, "moder", metric), value(metrics, "zeroshot", metric))
+    return subtract(value(metrics, "moder", metric), value(metrics, "zeroshot", metric))
 
 
 def interval(values: list[float]) -> tuple[float, float | None]:
@@ -237,7 +237,7 @@ def variant_section(suite: Suite, variant: str) -> list[str]:
     for case, seeds in suite.variants[variant].items():
         pairs = [(suite.runs[case][seed], theirs) for seed, theirs in sorted(seeds.items())]
         moves = {
-            metric: [_difference(value(a, "moder", metric), value(b, "moder", metric)) for a, b in pairs]
+            metric: [subtract(value(a, "moder", metric), value(b, "moder", metric)) for a, b in pairs]
             for metric in ("last", "avg", "transfer", "transfer_new")
         }
         lowest = ", ".join(f"{min(v for v in moves[m] if v is not None):+.2f}" for m in ("last", "avg"))
@@ -311,9 +311,7 @@ def render(suite: Suite, configs: Path) -> str:
                     cell([value(m, "calibration", "transfer_new") for m in runs_]),
                     cell([value(m, "headroom", "moder") for m in runs_], False, 100.0, 0),
                     cell([value(m, "headroom", "composition") for m in runs_], False, 100.0, 0),
-                    cell(
-                        [_difference(value(m, "oracle", "transfer"), value(m, "zeroshot", "transfer")) for m in runs_]
-                    ),
+                    cell([subtract(value(m, "oracle", "transfer"), value(m, "zeroshot", "transfer")) for m in runs_]),
                 ]
             )
             + " |"

@@ -40,6 +40,8 @@ SHOW = [
             _exp("embedded-mtil-moder-s2", "embedded-mtil", 99.0, executor={"state": "running"}),  # not finished
             _exp("embedded-mtil-no-anchors-s0", "embedded-classil", 10.0),  # name and params disagree: skipped
             _exp("unrelated", "embedded-mtil", 1.0),
+            _exp("embedded-mtil-no-smoothing-s0", "embedded-mtil", 66.0),
+            _exp("embedded-mtil-no-smoothing-s1", "embedded-mtil", 72.0),
         ],
     },
 ]
@@ -48,7 +50,7 @@ SHOW = [
 def test_rows_average_over_seeds_and_skip_unfinished_or_mismatched_experiments():
     table, skipped = ablation_table.collect(SHOW)
     assert skipped == ["embedded-mtil-moder-s2", "embedded-mtil-no-anchors-s0"]
-    assert set(table) == {"embedded-mtil"} and set(table["embedded-mtil"]) == {"moder"}
+    assert set(table) == {"embedded-mtil"} and set(table["embedded-mtil"]) == {"moder", "no-smoothing"}
     assert sorted(table["embedded-mtil"]["moder"]) == [0, 1]
     text = ablation_table.markdown(table)
     assert "## embedded-mtil (seeds 0, 1)" in text
@@ -57,6 +59,9 @@ def test_rows_average_over_seeds_and_skip_unfinished_or_mismatched_experiments()
     # deltas against zero-shot's 50, bold where the interval excludes 0
     assert "| 65.0 ± 63.5 |" in moder and moder.endswith("| **+2.0 ± 0.0** | **+10.0 ± 0.0** | +15.0 ± 63.5 |")
     assert "| zeroshot | 40.0 ± 0.0 | 45.0 ± 0.0 | 50.0 ± 0.0 |" in text
+    # paired with the defaults seed by seed: Last 66 - 60, 72 - 70 -> +4.0 ± 12.706 * 2; the spread between
+    # the seeds' levels (60 against 70) does not widen it
+    assert "| no-smoothing | 0, 1 | +0.0 ± 0.0 | +0.0 ± 0.0 | +4.0 ± 25.4 |" in text
 
 
 def test_rows_know_their_overrides_and_the_cli_refuses_a_non_finite_metric():
