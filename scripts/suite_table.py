@@ -229,12 +229,15 @@ def variant_section(suite: Suite, variant: str) -> list[str]:
         "",
         f"Experiments `<case>-s<seed>-{variant}` set {changed or 'nothing else'}. Cells: MoDER in the suite's run",
         "minus MoDER in the variant's of the same case and seed, mean ± 95% interval, then the lowest seed; a pair",
-        "with identical zero-shot figures shares its backbone and features.",
+        "with identical zero-shot figures shares its backbone and features. Last column: composition's own effect",
+        "on new names within the variant's runs (the suite's is in the table of what the gain is made of).",
         "",
-        "| case | seeds | Last | Avg | Transfer | Transfer, new names | lowest seed: Last, Avg | zero-shot identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | seeds | Last | Avg | Transfer | Transfer, new names | lowest seed: Last, Avg | zero-shot identical "
+        "| the variant's composition: new names |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for case, seeds in suite.variants[variant].items():
+    for case in (case for case in suite.runs if case in suite.variants[variant]):  # the suite's order
+        seeds = suite.variants[variant][case]
         pairs = [(suite.runs[case][seed], theirs) for seed, theirs in sorted(seeds.items())]
         moves = {
             metric: [subtract(value(a, "moder", metric), value(b, "moder", metric)) for a, b in pairs]
@@ -245,7 +248,9 @@ def variant_section(suite: Suite, variant: str) -> list[str]:
         out.append(
             f"| {case} | {', '.join(map(str, sorted(seeds)))} | "
             + " | ".join(cell(values, digits=2) for values in moves.values())
-            + f" | {lowest} | {same} of {len(pairs)} |"
+            + f" | {lowest} | {same} of {len(pairs)} | "
+            + cell([value(b, "composition", "transfer_new") for _, b in pairs])
+            + " |"
         )
     return out
 

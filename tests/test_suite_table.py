@@ -145,21 +145,22 @@ def test_a_variant_is_compared_seed_by_seed_with_the_suites_run_of_its_case_and_
     for case in ("a", "b"):
         (tmp_path / f"{case}.yaml").write_text("# A case.\n")
     wide = [
-        _experiment("a-s0-wide", "a", 0, _metrics(40.0, 43.0), k=16),  # the suite's a-s0: moder 44.0
-        _experiment("a-s1-wide", "a", 1, _metrics(50.5, 53.5), k=16),  # a-s1: 52.0, another zero-shot
-        _experiment("a-s2-wide", "a", 2, _metrics(45.0, 46.0), k=16),  # a-s2: 48.0
+        _experiment("a-s0-wide", "a", 0, _metrics(40.0, 43.0, 4.0), k=16),  # the suite's a-s0: moder 44.0
+        _experiment("a-s1-wide", "a", 1, _metrics(50.5, 53.5, 2.0), k=16),  # a-s1: 52.0, another zero-shot
+        _experiment("a-s2-wide", "a", 2, _metrics(45.0, 46.0, 3.0), k=16),  # a-s2: 48.0
     ]
     suite = collect([*SHOW, {"experiments": wide}], ("a", "b"))
     assert sorted(suite.runs["a"]) == [0, 1, 2] and suite.runs["a"][0] == _metrics(40.0, 44.0)
     assert suite.variants == {
-        "wide": {"a": {0: _metrics(40.0, 43.0), 1: _metrics(50.5, 53.5), 2: _metrics(45.0, 46.0)}}
+        "wide": {"a": {0: _metrics(40.0, 43.0, 4.0), 1: _metrics(50.5, 53.5, 2.0), 2: _metrics(45.0, 46.0, 3.0)}}
     }
     assert suite.settings == {"wide": {"retrieval.k": (4, 16)}}
     table = render(suite, tmp_path)
     # the suite minus the variant: +1.0, -1.5, +2.0 on every metric (the fixture moves them together)
     moved = "+0.50 ± 4.48"  # sd 1.80, t(0.975, 2) 4.303 / sqrt 3
     assert "## Against variant `wide`" in table and "set `retrieval.k` 16 (the suite: 4)." in table
-    assert f"| a | 0, 1, 2 | {moved} | {moved} | {moved} | {moved} | -1.50, -1.50 | 2 of 3 |" in table
+    composed = "**+3.0 ± 2.5**"  # the variant's composition on new names, 4, 2, 3 (the suite's: 0.5, 0.5, -0.5)
+    assert f"| a | 0, 1, 2 | {moved} | {moved} | {moved} | {moved} | -1.50, -1.50 | 2 of 3 | {composed} |" in table
     rows = list(csv.DictReader(io.StringIO(per_seed_csv(suite))))
     assert [(r["seed"], r["variant"], r["moder.transfer"]) for r in rows if r["variant"]] == [
         ("0", "wide", "43.0"),
