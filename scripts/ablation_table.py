@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from scripts.suite_table import SuiteTableError, cell, experiments, file_data, gain, subtract, value  # noqa: E402
+from scripts.suite_table import SuiteTableError, cell, experiments, file_data, gain, paired_moves, value  # noqa: E402
 
 BOTH = ("embedded-mtil", "embedded-classil")
 CLASSIL = ("embedded-classil",)  # one task per dataset in MTIL: negatives and calibration cannot act there
@@ -162,10 +162,7 @@ def against_defaults(rows: dict[str, dict[int, dict]], metrics: list[str]) -> li
         if row == "moder" or row not in rows:
             continue
         seeds = sorted(rows[row].keys() & defaults.keys())
-        moves = [
-            cell([subtract(value(rows[row][s], "moder", m), value(defaults[s], "moder", m)) for s in seeds])
-            for m in metrics
-        ]
+        moves = [cell(paired_moves(rows[row], defaults, m)) for m in metrics]
         lines.append(f"| {row} | {', '.join(map(str, seeds))} | " + " | ".join(moves) + " |")
     return lines + [""]
 

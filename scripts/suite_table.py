@@ -157,6 +157,12 @@ def subtract(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def paired_moves(ours: dict[int, dict], theirs: dict[int, dict], metric: str) -> list[float | None]:
+    """MoDER's `metric` in `ours` minus in `theirs` (seed -> metrics), seed by seed over the seeds both ran."""
+    seeds = sorted(ours.keys() & theirs.keys())
+    return [subtract(value(ours[s], "moder", metric), value(theirs[s], "moder", metric)) for s in seeds]
+
+
 def gain(metrics: dict, metric: str) -> float | None:
     """MoDER minus zero-shot in one run."""
     return subtract(value(metrics, "moder", metric), value(metrics, "zeroshot", metric))
@@ -239,10 +245,7 @@ def variant_section(suite: Suite, variant: str) -> list[str]:
     for case in (case for case in suite.runs if case in suite.variants[variant]):  # the suite's order
         seeds = suite.variants[variant][case]
         pairs = [(suite.runs[case][seed], theirs) for seed, theirs in sorted(seeds.items())]
-        moves = {
-            metric: [subtract(value(a, "moder", metric), value(b, "moder", metric)) for a, b in pairs]
-            for metric in ("last", "avg", "transfer", "transfer_new")
-        }
+        moves = {m: paired_moves(suite.runs[case], seeds, m) for m in ("last", "avg", "transfer", "transfer_new")}
         lowest = ", ".join(f"{min(v for v in moves[m] if v is not None):+.2f}" for m in ("last", "avg"))
         same = sum(a["zeroshot"] == b["zeroshot"] for a, b in pairs)
         out.append(
