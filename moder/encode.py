@@ -1,9 +1,15 @@
 """Image features from the frozen image tower: one encoding loop for rendered images, image datasets read from
-disk (DataLoader workers, undecodable files named or skipped) and a user's image files."""
+disk (DataLoader workers, undecodable files named or skipped) and a user's image files.
+
+Image files are decoded in the DataLoader workers with PIL, open_clip's own preprocessing (`decode="workers"`),
+or, with `decode="device"`, JPEG files are only read there and decoded and resized on the model's device
+(TorchCodec's decode_jpeg, torchvision's successor: nvJPEG on a GPU), which frees extraction from the CPU's
+decoding rate (BENCHMARKS.md). The two differ by at most one level of 255 in a resized pixel on the CPU
+(libjpeg-turbo both, torch's bicubic resize against PIL's), a little more on a GPU (nvJPEG's own IDCT)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -12,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
+from torchcodec.decoders import decode_jpeg
 from torchvision import transforms
 from tqdm.auto import tqdm
 
@@ -19,6 +26,8 @@ from moder.clip import LoadedClip, OpenClipModel
 from moder.datasets import BadImage, DatasetFormatError, ImageSplit
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Decode = Literal["workers", "device"]  # where image files are decoded (module docstring)
+JPEG_START = b"\xff\xd8\xff"  # start-of-image marker and the next marker's first byte
 _AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -59,6 +68,7 @@ class UintPreprocess:
     ToTensor + Normalize."""
 
     to_uint8: Callable[[Any], Tensor]
+    resize: Callable[[Tensor], Tensor]  # the steps before ToTensor (resize, crop), here on uint8 [3, H, W] tensors
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -72,11 +82,29 @@ class UintPreprocess:
         if not (isinstance(to_tensor, transforms.ToTensor) and isinstance(normalize, transforms.Normalize)):
             return None
         to_uint8 = transforms.Compose([*head, transforms.PILToTensor()])
-        return cls(to_uint8, tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)))
+        mean, std = tuple(map(float, normalize.mean)), tuple(map(float, normalize.std))
+        return cls(to_uint8, transforms.Compose(head), mean, std)
+
+    def check_resize_takes_tensors(self) -> None:
+        """Decoding on the device resizes decoded tensors with the preprocess's own steps: torchvision's
+        Resize and CenterCrop take tensors (open_clip's mode conversion passes them through); refuse others."""
+        steps = f"the preprocess steps {_step_names(self.resize)}"
+        try:
+            resized = self.resize(torch.zeros(3, 4, 4, dtype=torch.uint8))
+        except (TypeError, AttributeError) as error:
+            raise ValueError(f"decode on the device: {steps} do not take tensors ({error})") from None
+        if not isinstance(resized, Tensor) or resized.dtype != torch.uint8 or resized.dim() != 3:
+            raise ValueError(f"decode on the device: {steps} do not give uint8 [3, H, W] tensors")
 
     def finish(self, images: Tensor) -> Tensor:
         images = images.float().div(255)
         return transforms.functional.normalize(images, list(self.mean), list(self.std))
+
+
+def _step_names(transform: Callable | None) -> str:
+    """A transform in one line: its steps' class names (a Compose's repr spans lines)."""
+    steps = transform.transforms if isinstance(transform, transforms.Compose) else [transform]
+    return ", ".join(type(step).__name__ for step in steps)
 
 
 @dataclass(frozen=True)
@@ -89,31 +117,97 @@ class Unreadable:
     message: str
 
 
-class _Decoded(Dataset):
-    """An ImageSplit whose undecodable images come back as (Unreadable, label) instead of raising."""
+@dataclass(frozen=True)
+class JpegFile:
+    """A JPEG file's bytes, read by a DataLoader worker and decoded on the device (`DeviceDecode`)."""
 
-    def __init__(self, data: ImageSplit):
-        self.data = data
+    path: str
+    data: Tensor  # uint8 [bytes]
+
+
+class _Decoded(Dataset):
+    """An ImageSplit whose undecodable images come back as (Unreadable, label) instead of raising; with
+    `jpeg_bytes`, a JPEG file comes back as its bytes (JpegFile), any other image as the split gives it."""
+
+    def __init__(self, data: ImageSplit, jpeg_bytes: bool = False):
+        self.data, self.jpeg_bytes = data, jpeg_bytes
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
+        label = self.data.labels[index]
+        path = self.data.file(index) if self.jpeg_bytes else None
+        if path is not None:
+            try:
+                raw = Path(path).read_bytes()
+            except OSError as error:
+                return Unreadable(path, f"cannot decode image {path}: {error}"), label
+            if raw.startswith(JPEG_START):
+                return JpegFile(path, torch.frombuffer(bytearray(raw), dtype=torch.uint8)), label
         try:
             return self.data[index]
         except BadImage as error:
-            return Unreadable(str(self.data.images[index]), str(error)), self.data.labels[index]
+            return Unreadable(str(self.data.images[index]), str(error)), label
 
 
-def _collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | None, Tensor, list[Unreadable]]:
+def _collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | list[Any] | None, Tensor, list[Unreadable]]:
     """(images, labels) of a batch's decodable items, so each label stays with its image, and its
-    undecodable ones; images is None when no item of the batch could be decoded."""
+    undecodable ones; images is None when no item of the batch could be decoded, and a list (not one
+    tensor) when it holds JPEG bytes to decode on the device."""
     good = [(image, label) for image, label in items if not isinstance(image, Unreadable)]
     bad = [image for image, _ in items if isinstance(image, Unreadable)]
     if not good:
         return None, torch.empty(0, dtype=torch.long), bad
+    if any(isinstance(image, JpegFile) for image, _ in good):
+        return [image for image, _ in good], torch.tensor([label for _, label in good]), bad
     images, labels = default_collate(good)
     return images, labels, bad
+
+
+@dataclass(frozen=True)
+class DeviceDecode:
+    """Decodes a batch's JPEG files on `device` in one call and resizes them there with the preprocess's
+    own steps. A file the device's decoder refuses (nvJPEG lacks some JPEG variants) is decoded as the
+    workers would (PIL), so only a file PIL cannot decode either is undecodable, with PIL's message."""
+
+    cut: UintPreprocess
+    read: Callable[[str], Any]  # the split's reader (PIL), for the files the device refuses
+    device: str
+
+    def _decode(self, jpegs: list[JpegFile]) -> list[Tensor]:
+        decoded = decode_jpeg([jpeg.data for jpeg in jpegs], mode="RGB", device=self.device)
+        assert isinstance(decoded, list)  # a list of files in, a list of images out
+        return [self.cut.resize(image) for image in decoded]
+
+    def _one(self, jpeg: JpegFile) -> Tensor | Unreadable:
+        try:
+            return self._decode([jpeg])[0]
+        except RuntimeError:
+            try:
+                return self.cut.to_uint8(self.read(jpeg.path)).to(self.device)
+            except BadImage as error:
+                return Unreadable(jpeg.path, str(error))
+
+    def __call__(self, items: Sequence[Tensor | JpegFile]) -> tuple[Tensor | None, Tensor, list[Unreadable]]:
+        """The batch's images as one uint8 tensor on the device (None if none decodes), the positions in
+        `items` it holds, and the undecodable files."""
+        jpegs = [item for item in items if isinstance(item, JpegFile)]
+        decoded: list[Tensor | Unreadable]
+        try:
+            decoded = list(self._decode(jpegs))
+        except RuntimeError:  # one file the decoder refuses fails the whole call: one by one, to find it
+            decoded = [self._one(jpeg) for jpeg in jpegs]
+        next_decoded = iter(decoded)
+        images, kept, bad = [], [], []
+        for position, item in enumerate(items):
+            image = next(next_decoded) if isinstance(item, JpegFile) else item.to(self.device)
+            if isinstance(image, Unreadable):
+                bad.append(image)
+            else:
+                images.append(image)
+                kept.append(position)
+        return (torch.stack(images) if images else None), torch.tensor(kept, dtype=torch.long), bad
 
 
 def encode_image_split(
@@ -128,16 +222,25 @@ def encode_image_split(
     where: str,
     skip_hint: str,
     progress: bool = False,
+    decode: Decode = "workers",
 ) -> tuple[Tensor, Tensor, list[str]]:
     """Features and labels of the decodable images of `data` (`where` names it in errors), and the
     undecodable images skipped: none unless `skip_bad_images`, else the first fails naming it (and
     `skip_hint` says how to skip instead). `data` carries its preprocessing (ImageSplit.with_transform);
-    open_clip's is finished on the device (UintPreprocess)."""
+    open_clip's is finished on the device (UintPreprocess), and with `decode="device"` its JPEG files are
+    decoded and resized there too (DeviceDecode)."""
     cut = UintPreprocess.of(data.transform)
     if cut is not None:
         data = data.with_transform(cut.to_uint8)
+    on_device = None
+    if decode == "device":
+        if cut is None:
+            needs = "open_clip's preprocess (ending in ToTensor, Normalize)"
+            raise ValueError(f"decode on the device needs {needs}, not {_step_names(data.transform)}")
+        cut.check_resize_takes_tensors()
+        on_device = DeviceDecode(cut, data.read, device)
     loader = DataLoader(
-        _Decoded(data),
+        _Decoded(data, jpeg_bytes=on_device is not None),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.startswith("cuda"),
@@ -148,6 +251,10 @@ def encode_image_split(
 
     def batches() -> Iterator[Tensor]:
         for images, batch_labels, bad in tqdm(loader, desc=f"encode {where}", disable=not progress, leave=False):
+            if isinstance(images, list):
+                assert on_device is not None  # only _Decoded with jpeg_bytes gives lists
+                images, kept, refused = on_device(images)
+                batch_labels, bad = batch_labels[kept], bad + refused
             if bad and not skip_bad_images:
                 raise BadImage(f"{bad[0].message}; {skip_hint}")
             skipped.extend(unreadable.image for unreadable in bad)

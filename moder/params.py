@@ -319,6 +319,8 @@ class ExtractParams(_Section):
     test_per_class: Int = Field(ge=1)
     batch_size: Int = Field(ge=1)
     workers: Int = Field(ge=0)  # DataLoader worker processes decoding image datasets
+    # JPEG files decoded in the workers with PIL (open_clip's own), or on model.device (moder/encode.py)
+    decode: Literal["workers", "device"]
     precision: Literal["fp32", "bf16", "fp16"]  # autocast of the image tower (bf16/fp16: GPU)
     # An image file that cannot be decoded fails the stage naming it; true skips it and reports the count.
     skip_bad_images: StrictBool

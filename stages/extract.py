@@ -80,6 +80,7 @@ def encode_split(params: Params, clip: LoadedClip, data: ImageSplit, where: str)
         skip_bad_images=params.extract.skip_bad_images,
         where=where,
         skip_hint="extract.skip_bad_images: true in params.yaml skips such images",
+        decode=params.extract.decode,
     )
 
 

@@ -151,6 +151,7 @@ MINI = with_conf(
             "test_per_class": 3,
             "batch_size": 16,
             "workers": 0,
+            "decode": "workers",
             "precision": "fp32",
             "skip_bad_images": False,
         },

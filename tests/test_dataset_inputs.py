@@ -92,10 +92,15 @@ def test_csv_with_only_a_header_is_refused_naming_it(tmp_path):
     assert str(root / "train.csv") in str(error.value)
 
 
-def _imagefolder_root(tmp_path: Path) -> Path:
+def _imagefolder_root(tmp_path: Path, suffix: str = ".png") -> Path:
     root = tmp_path / "data"
-    imagefolder.write(root, n_classes=2, per_class=2)
+    imagefolder.write(root, n_classes=2, per_class=2, suffix=suffix)
     return root
+
+
+# (workers, decode): the workers decode with PIL, or read JPEG files for the device (the CPU here) to decode;
+# with decode on the device the clean images are JPEG files, so that the device's decoder meets them.
+DECODERS = [(0, "workers"), (2, "workers"), (0, "device"), (2, "device")]
 
 
 def test_imagefolder_class_folder_symlinked_out_of_the_root_is_refused_naming_it(tmp_path):
@@ -236,24 +241,24 @@ def _params(root: Path, **extract) -> object:
     return parse_params(data | {"extract": {**MINI["extract"], "batch_size": 3, **extract}})
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_bad_image_fails_extraction_with_one_line_naming_it(workers, clip, tmp_path):
-    root = _imagefolder_root(tmp_path)
+@pytest.mark.parametrize(("workers", "decode"), DECODERS)
+def test_bad_image_fails_extraction_with_one_line_naming_it(workers, decode, clip, tmp_path):
+    root = _imagefolder_root(tmp_path, ".jpg" if decode == "device" else ".png")
     truncated = _truncated_jpeg(root / "test" / "blue_cross" / "1b.jpg")
-    params = _params(root, workers=workers)
+    params = _params(root, workers=workers, decode=decode)
     with pytest.raises(BadImage, match=f"cannot decode image {truncated}") as error:
         image_splits(params, "shapes", clip)
     assert "\n" not in str(error.value) and "skip_bad_images" in str(error.value)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_skip_bad_images_keeps_features_and_labels_aligned_and_says_so(workers, clip, tmp_path, capsys):
-    root = _imagefolder_root(tmp_path)
-    names, clean, _ = image_splits(_params(root), "shapes", clip)
+@pytest.mark.parametrize(("workers", "decode"), DECODERS)
+def test_skip_bad_images_keeps_features_and_labels_aligned_and_says_so(workers, decode, clip, tmp_path, capsys):
+    root = _imagefolder_root(tmp_path, ".jpg" if decode == "device" else ".png")
+    names, clean, _ = image_splits(_params(root, decode=decode), "shapes", clip)
     # One bad image in the middle of a batch (batch_size 3), one alone at the end.
     bad = [_truncated_jpeg(root / "train" / "blue_circle" / "0b.jpg"), root / "train" / "blue_cross" / "9.png"]
     bad[1].write_bytes(b"not an image at all")
-    params = _params(root, workers=workers, skip_bad_images=True)
+    params = _params(root, workers=workers, decode=decode, skip_bad_images=True)
     capsys.readouterr()
     skipped_names, skipping, _ = image_splits(params, "shapes", clip)
     assert skipped_names == names

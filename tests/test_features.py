@@ -92,3 +92,92 @@ def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(cli
     assert torch.equal(features, whole) and labels.tolist() == [0, 1, 0, 1, 0] and skipped == []
     assert UintPreprocess.of(transforms.Compose([transforms.ToTensor()])) is None
     assert UintPreprocess.of(lambda image: image) is None
+
+
+def test_jpeg_files_decoded_on_the_device_match_pil_within_one_level(clip, tmp_path):
+    """decode="device": the workers only read JPEG files, which are decoded and resized on the device (the
+    CPU here: libjpeg-turbo, PIL's decoder too). A resized pixel differs from PIL's by at most one level of
+    255 (torch's bicubic against PIL's), grayscale and CMYK files included; other files take PIL's way, bit
+    for bit; labels stay with their images."""
+    from PIL import Image
+
+    from moder.datasets import ImageSplit
+    from moder.encode import DeviceDecode, JpegFile, UintPreprocess, _Decoded, encode_image_split
+
+    generator = torch.Generator().manual_seed(0)
+    files = []
+    for i, (size, mode) in enumerate(
+        [
+            ((40, 30), "RGB"),
+            ((17, 50), "RGB"),
+            ((64, 64), "L"),
+            ((33, 21), "CMYK"),
+            ((90, 45), "RGB"),
+            ((20, 20), "RGB"),
+        ]
+    ):
+        pixels = torch.randint(0, 256, (size[1] // 4 + 1, size[0] // 4 + 1, 3), generator=generator, dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy()).resize(size, Image.Resampling.BICUBIC).convert(mode)
+        files.append(tmp_path / (f"{i}.png" if i == 5 else f"{i}.jpg"))
+        image.save(files[-1])
+    labels = [0, 1, 0, 1, 1, 0]
+    data = ImageSplit([str(f) for f in files], labels, ["a", "b"], transform=clip.preprocess)
+    cut = UintPreprocess.of(clip.preprocess)
+    assert cut is not None
+    items = [_Decoded(data.with_transform(cut.to_uint8), jpeg_bytes=True)[i][0] for i in range(len(data))]
+    assert [isinstance(item, JpegFile) for item in items] == [True] * 5 + [False]
+    images, kept, bad = DeviceDecode(cut, data.read, "cpu")(items)
+    pil = torch.stack([cut.to_uint8(data.read(str(f))) for f in files])
+    assert images is not None and kept.tolist() == list(range(6)) and bad == []
+    assert images.dtype == torch.uint8 and images.shape == pil.shape
+    assert (images.int() - pil.int()).abs().max() <= 1 and torch.equal(images[5], pil[5])
+
+    def encode(decode):
+        return encode_image_split(
+            clip.model,
+            data,
+            batch_size=4,
+            workers=0,
+            device="cpu",
+            precision="fp32",
+            skip_bad_images=False,
+            where="test",
+            skip_hint="",
+            decode=decode,
+        )
+
+    (device, device_labels, _), (workers, workers_labels, _) = encode("device"), encode("workers")
+    assert device_labels.tolist() == workers_labels.tolist() == labels
+    cosine = (device * workers).sum(1)
+    assert not torch.equal(device, workers) and cosine.min() > 0.9999, (
+        cosine
+    )  # 1 - 1.5e-6 on the machine it was written on
+
+
+def test_decoding_on_the_device_refuses_a_preprocess_that_cannot_take_tensors(clip):
+    from torchvision import transforms
+
+    from moder.datasets import ImageSplit
+    from moder.encode import encode_image_split
+
+    pil_only = transforms.Compose(
+        [transforms.Lambda(lambda image: image.convert("RGB")), *clip.preprocess.transforms[-2:]]
+    )
+    for transform, message in (
+        (pil_only, r"^decode on the device: the preprocess steps Lambda do not take tensors \('Tensor' object"),
+        (clip.preprocess.transforms[-1], "^decode on the device needs open_clip's preprocess .*, not Normalize$"),
+    ):
+        data = ImageSplit(["a.jpg"], [0], ["a"], transform=transform)
+        with pytest.raises(ValueError, match=message):
+            encode_image_split(
+                clip.model,
+                data,
+                batch_size=1,
+                workers=0,
+                device="cpu",
+                precision="fp32",
+                skip_bad_images=False,
+                where="test",
+                skip_hint="",
+                decode="device",
+            )

@@ -48,6 +48,7 @@ def real_project(tmp_path_factory):
                     "test_per_class": 32,
                     "batch_size": 8,
                     "workers": 0,
+                    "decode": "workers",
                     "precision": "fp32",
                     "skip_bad_images": False,
                 },

@@ -195,6 +195,13 @@ class ImageSplit(Dataset):
         image = self.read(self.images[index])
         return (image if self.transform is None else self.transform(image)), self.labels[index]
 
+    def file(self, index: int) -> str | None:
+        """The file item `index` is decoded from, where the split reads image files itself (`_read_rgb`), so
+        that a caller may decode its bytes another way (moder.encode, decode on the device); None for an
+        image in memory or a split with its own reader."""
+        item = self.images[index]
+        return str(item) if self.read is _read_rgb and isinstance(item, str | Path) else None
+
     def with_transform(self, transform: Callable | None) -> ImageSplit:
         return ImageSplit(self.images, self.labels, self.class_names, self.read, transform)
 

@@ -23,9 +23,9 @@ def save_image(path: Path, rng: np.random.Generator, size: int = 8) -> None:
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
 
 
-def write(root: Path, n_classes: int, per_class: int, seed: int = 0) -> None:
+def write(root: Path, n_classes: int, per_class: int, seed: int = 0, suffix: str = ".png") -> None:
     rng = np.random.default_rng(seed)
     for split in ("train", "test"):
         for name in class_names(n_classes):
             for k in range(per_class):
-                save_image(root / split / name.replace(" ", "_") / f"{k}.png", rng)
+                save_image(root / split / name.replace(" ", "_") / f"{k}{suffix}", rng)
