@@ -9,6 +9,7 @@ decoding rate (BENCHMARKS.md). The two differ by at most one level of 255 in a r
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from PIL import ExifTags, Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 from torchcodec.decoders import decode_jpeg
@@ -143,12 +145,23 @@ class _Decoded(Dataset):
                 raw = Path(path).read_bytes()
             except OSError as error:
                 return Unreadable(path, f"cannot decode image {path}: {error}"), label
-            if raw.startswith(JPEG_START):
+            if raw.startswith(JPEG_START) and not _exif_turned(raw):
                 return JpegFile(path, torch.frombuffer(bytearray(raw), dtype=torch.uint8)), label
         try:
             return self.data[index]
         except BadImage as error:
             return Unreadable(str(self.data.images[index]), str(error)), label
+
+
+def _exif_turned(raw: bytes) -> bool:
+    """Whether a JPEG file's EXIF asks for a rotation or mirroring. TorchCodec's decoder applies it and PIL's
+    does not (nor, then, open_clip's preprocess), so such a file takes PIL's way and both decoders see the
+    same image. Reading the header alone: about 40 microseconds a file."""
+    try:
+        with Image.open(io.BytesIO(raw)) as image:
+            return image.getexif().get(ExifTags.Base.Orientation, 1) != 1
+    except Exception:  # a header PIL cannot read: its way then names the file as undecodable
+        return True
 
 
 def _collate_readable(items: list[tuple[Any, int]]) -> tuple[Tensor | list[Any] | None, Tensor, list[Unreadable]]:

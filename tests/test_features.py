@@ -97,9 +97,10 @@ def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(cli
 def test_jpeg_files_decoded_on_the_device_match_pil_within_one_level(clip, tmp_path):
     """decode="device": the workers only read JPEG files, which are decoded and resized on the device (the
     CPU here: libjpeg-turbo, PIL's decoder too). A resized pixel differs from PIL's by at most one level of
-    255 (torch's bicubic against PIL's), grayscale and CMYK files included; other files take PIL's way, bit
-    for bit; labels stay with their images."""
-    from PIL import Image
+    255 (torch's bicubic against PIL's), grayscale and CMYK files included; other files, and JPEG files whose
+    EXIF asks for a rotation (which TorchCodec applies and PIL does not), take PIL's way, bit for bit; labels
+    stay with their images."""
+    from PIL import ExifTags, Image
 
     from moder.datasets import ImageSplit
     from moder.encode import DeviceDecode, JpegFile, UintPreprocess, _Decoded, encode_image_split
@@ -120,17 +121,21 @@ def test_jpeg_files_decoded_on_the_device_match_pil_within_one_level(clip, tmp_p
         image = Image.fromarray(pixels.numpy()).resize(size, Image.Resampling.BICUBIC).convert(mode)
         files.append(tmp_path / (f"{i}.png" if i == 5 else f"{i}.jpg"))
         image.save(files[-1])
-    labels = [0, 1, 0, 1, 1, 0]
+    turned = Image.Exif()
+    turned[ExifTags.Base.Orientation] = 6  # "rotate 90 degrees to display"
+    image.resize((30, 20)).save(tmp_path / "6.jpg", exif=turned.tobytes())
+    files.append(tmp_path / "6.jpg")
+    labels = [0, 1, 0, 1, 1, 0, 1]
     data = ImageSplit([str(f) for f in files], labels, ["a", "b"], transform=clip.preprocess)
     cut = UintPreprocess.of(clip.preprocess)
     assert cut is not None
     items = [_Decoded(data.with_transform(cut.to_uint8), jpeg_bytes=True)[i][0] for i in range(len(data))]
-    assert [isinstance(item, JpegFile) for item in items] == [True] * 5 + [False]
+    assert [isinstance(item, JpegFile) for item in items] == [True] * 5 + [False, False]
     images, kept, bad = DeviceDecode(cut, data.read, "cpu")(items)
     pil = torch.stack([cut.to_uint8(data.read(str(f))) for f in files])
-    assert images is not None and kept.tolist() == list(range(6)) and bad == []
+    assert images is not None and kept.tolist() == list(range(7)) and bad == []
     assert images.dtype == torch.uint8 and images.shape == pil.shape
-    assert (images.int() - pil.int()).abs().max() <= 1 and torch.equal(images[5], pil[5])
+    assert (images.int() - pil.int()).abs().max() <= 1 and torch.equal(images[5:], pil[5:])
 
     def encode(decode):
         return encode_image_split(
