@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from moder.clip import LoadedClip, OpenClipModel
 from moder.datasets import BadImage, DatasetFormatError, ImageSplit
+from moder.errors import UserError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Decode = Literal["workers", "device"]  # where image files are decoded (module docstring)
@@ -61,6 +62,13 @@ def encode_images(
     return torch.cat(out)
 
 
+class DecodeUnsupported(UserError, ValueError):
+    """Decoding on the device asked of a preprocess it cannot finish there; the message names its steps."""
+
+
+_WORKERS_INSTEAD = "set extract.decode: workers"
+
+
 @dataclass(frozen=True)
 class UintPreprocess:
     """open_clip's preprocess cut before its float conversion: DataLoader workers hand over uint8 images,
@@ -90,13 +98,13 @@ class UintPreprocess:
     def check_resize_takes_tensors(self) -> None:
         """Decoding on the device resizes decoded tensors with the preprocess's own steps: torchvision's
         Resize and CenterCrop take tensors (open_clip's mode conversion passes them through); refuse others."""
-        steps = f"the preprocess steps {_step_names(self.resize)}"
+        steps = f"extract.decode: device: the preprocess steps {_step_names(self.resize)}"
         try:
             resized = self.resize(torch.zeros(3, 4, 4, dtype=torch.uint8))
         except (TypeError, AttributeError) as error:
-            raise ValueError(f"decode on the device: {steps} do not take tensors ({error})") from None
+            raise DecodeUnsupported(f"{steps} do not take tensors ({error}); {_WORKERS_INSTEAD}") from None
         if not isinstance(resized, Tensor) or resized.dtype != torch.uint8 or resized.dim() != 3:
-            raise ValueError(f"decode on the device: {steps} do not give uint8 [3, H, W] tensors")
+            raise DecodeUnsupported(f"{steps} do not give uint8 [3, H, W] tensors; {_WORKERS_INSTEAD}")
 
     def finish(self, images: Tensor) -> Tensor:
         images = images.float().div(255)
@@ -249,7 +257,9 @@ def encode_image_split(
     if decode == "device":
         if cut is None:
             needs = "open_clip's preprocess (ending in ToTensor, Normalize)"
-            raise ValueError(f"decode on the device needs {needs}, not {_step_names(data.transform)}")
+            raise DecodeUnsupported(
+                f"extract.decode: device needs {needs}, not {_step_names(data.transform)}; {_WORKERS_INSTEAD}"
+            )
         cut.check_resize_takes_tensors()
         on_device = DeviceDecode(cut, data.read, device)
     loader = DataLoader(

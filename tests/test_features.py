@@ -163,17 +163,18 @@ def test_decoding_on_the_device_refuses_a_preprocess_that_cannot_take_tensors(cl
     from torchvision import transforms
 
     from moder.datasets import ImageSplit
-    from moder.encode import encode_image_split
+    from moder.encode import DecodeUnsupported, encode_image_split
+    from moder.errors import UserError
 
     pil_only = transforms.Compose(
         [transforms.Lambda(lambda image: image.convert("RGB")), *clip.preprocess.transforms[-2:]]
     )
     for transform, message in (
-        (pil_only, r"^decode on the device: the preprocess steps Lambda do not take tensors \('Tensor' object"),
-        (clip.preprocess.transforms[-1], "^decode on the device needs open_clip's preprocess .*, not Normalize$"),
+        (pil_only, r"^extract.decode: device: the preprocess steps Lambda do not take tensors \('Tensor' object"),
+        (clip.preprocess.transforms[-1], "^extract.decode: device needs open_clip's .*, not Normalize; set extract"),
     ):
         data = ImageSplit(["a.jpg"], [0], ["a"], transform=transform)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(DecodeUnsupported, match=message) as error:
             encode_image_split(
                 clip.model,
                 data,
@@ -186,3 +187,4 @@ def test_decoding_on_the_device_refuses_a_preprocess_that_cannot_take_tensors(cl
                 skip_hint="",
                 decode="device",
             )
+        assert "\n" not in str(error.value) and isinstance(error.value, UserError)  # a stage prints it in one line
