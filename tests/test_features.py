@@ -56,6 +56,24 @@ def test_select_keeps_a_tasks_rows_labelled_by_position():
     assert torch.equal(vectors, _table().vectors[[0, 1, 4, 5]])
 
 
+def _encode_on_cpu(clip, data, batch_size, decode="workers"):
+    """encode_image_split in this process on the CPU, failing on the first undecodable image."""
+    from moder.encode import encode_image_split
+
+    return encode_image_split(
+        clip.model,
+        data,
+        batch_size=batch_size,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        skip_bad_images=False,
+        where="test",
+        skip_hint="",
+        decode=decode,
+    )
+
+
 def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(clip, tmp_path):
     """encode_image_split hands uint8 images to the device and normalises there (UintPreprocess):
     bit for bit what open_clip's whole preprocess in the workers gives."""
@@ -63,7 +81,7 @@ def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(cli
     from torchvision import transforms
 
     from moder.datasets import ImageSplit
-    from moder.encode import UintPreprocess, encode_image_split, encode_images
+    from moder.encode import UintPreprocess, encode_images
 
     generator = torch.Generator().manual_seed(0)
     files = []
@@ -78,17 +96,7 @@ def test_open_clip_preprocess_finished_on_the_device_gives_the_same_features(cli
     assert cut.to_uint8(image).dtype == torch.uint8
     assert torch.equal(cut.finish(cut.to_uint8(image)[None])[0], clip.preprocess(image))
     whole = encode_images(clip.model, torch.stack([data[i][0] for i in range(len(data))]).split(2))
-    features, labels, skipped = encode_image_split(
-        clip.model,
-        data,
-        batch_size=2,
-        workers=0,
-        device="cpu",
-        precision="fp32",
-        skip_bad_images=False,
-        where="test",
-        skip_hint="",
-    )
+    features, labels, skipped = _encode_on_cpu(clip, data, batch_size=2)
     assert torch.equal(features, whole) and labels.tolist() == [0, 1, 0, 1, 0] and skipped == []
     assert UintPreprocess.of(transforms.Compose([transforms.ToTensor()])) is None
     assert UintPreprocess.of(lambda image: image) is None
@@ -103,7 +111,7 @@ def test_jpeg_files_decoded_on_the_device_match_pil_within_one_level(clip, tmp_p
     from PIL import ExifTags, Image
 
     from moder.datasets import ImageSplit
-    from moder.encode import DeviceDecode, JpegFile, UintPreprocess, _Decoded, encode_image_split
+    from moder.encode import DeviceDecode, JpegFile, UintPreprocess, _Decoded
 
     generator = torch.Generator().manual_seed(0)
     files = []
@@ -137,33 +145,19 @@ def test_jpeg_files_decoded_on_the_device_match_pil_within_one_level(clip, tmp_p
     assert images.dtype == torch.uint8 and images.shape == pil.shape
     assert (images.int() - pil.int()).abs().max() <= 1 and torch.equal(images[5:], pil[5:])
 
-    def encode(decode):
-        return encode_image_split(
-            clip.model,
-            data,
-            batch_size=4,
-            workers=0,
-            device="cpu",
-            precision="fp32",
-            skip_bad_images=False,
-            where="test",
-            skip_hint="",
-            decode=decode,
-        )
-
-    (device, device_labels, _), (workers, workers_labels, _) = encode("device"), encode("workers")
+    device, device_labels, _ = _encode_on_cpu(clip, data, batch_size=4, decode="device")
+    workers, workers_labels, _ = _encode_on_cpu(clip, data, batch_size=4)
     assert device_labels.tolist() == workers_labels.tolist() == labels
     cosine = (device * workers).sum(1)
-    assert not torch.equal(device, workers) and cosine.min() > 0.9999, (
-        cosine
-    )  # 1 - 1.5e-6 on the machine it was written on
+    # 1 - 1.5e-6 on the machine it was written on
+    assert not torch.equal(device, workers) and cosine.min() > 0.9999, cosine
 
 
 def test_decoding_on_the_device_refuses_a_preprocess_that_cannot_take_tensors(clip):
     from torchvision import transforms
 
     from moder.datasets import ImageSplit
-    from moder.encode import DecodeUnsupported, encode_image_split
+    from moder.encode import DecodeUnsupported
     from moder.errors import UserError
 
     pil_only = transforms.Compose(
@@ -175,16 +169,5 @@ def test_decoding_on_the_device_refuses_a_preprocess_that_cannot_take_tensors(cl
     ):
         data = ImageSplit(["a.jpg"], [0], ["a"], transform=transform)
         with pytest.raises(DecodeUnsupported, match=message) as error:
-            encode_image_split(
-                clip.model,
-                data,
-                batch_size=1,
-                workers=0,
-                device="cpu",
-                precision="fp32",
-                skip_bad_images=False,
-                where="test",
-                skip_hint="",
-                decode="device",
-            )
+            _encode_on_cpu(clip, data, batch_size=1, decode="device")
         assert "\n" not in str(error.value) and isinstance(error.value, UserError)  # a stage prints it in one line
