@@ -214,9 +214,9 @@ class DeviceDecode:
         """The batch's images as one uint8 tensor on the device (None if none decodes), the positions in
         `items` it holds, and the undecodable files."""
         jpegs = [item for item in items if isinstance(item, JpegFile)]
-        decoded: list[Tensor | Unreadable]
+        decoded: Sequence[Tensor | Unreadable]
         try:
-            decoded = list(self._decode(jpegs))
+            decoded = self._decode(jpegs)
         except RuntimeError:  # one file the decoder refuses fails the whole call: one by one, to find it
             decoded = [self._one(jpeg) for jpeg in jpegs]
         next_decoded = iter(decoded)
